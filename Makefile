@@ -1,0 +1,36 @@
+# The README's two commands, `make demo` and `make test`, do all the set-up on a fresh
+# machine that has only python3: .venv is built here, uv is installed into it when the
+# machine has none, and the locked environment is synced from uv.lock.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mlgate-installed
+
+.PHONY: install demo test lint format clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml uv.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if command -v uv >/dev/null 2>&1; then UV=uv; \
+	 else test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet "uv==0.13.9"; UV=$(BIN)/uv; fi; \
+	 VIRTUAL_ENV=$(abspath $(VENV)) UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)) $$UV sync --frozen --python $(BIN)/python
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m flows.demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean-demo:
+	rm -rf .mlgate

@@ -1,0 +1,276 @@
+"""Champion-vs-challenger gate: evidence, not a point estimate.
+
+Both models are scored on the same holdout. The challenger must clear a floor on the
+primary metric, and the lower bound of a paired bootstrap confidence interval of
+(challenger - champion) must clear minus the allowed regression. Slices and guard metrics
+(calibration, latency, size) add their own checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from checks.result import CheckRow, GateResult, GateStatus, fmt_number, worst_status
+from models.config import ChampionGateConfig
+from models.metrics import metric_value
+
+NAME = "champion"
+
+
+@dataclass(frozen=True)
+class ScoredModel:
+    """A model's scores on the holdout plus the guard measurements taken on it."""
+
+    scores: np.ndarray
+    version: str | None = None
+    latency_us_per_row: float = math.nan
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    delta: float
+    low: float
+    high: float
+    resamples_used: int
+
+
+def paired_bootstrap(
+    y: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    metric: str,
+    resamples: int,
+    confidence: float,
+    seed: int,
+) -> BootstrapInterval:
+    """Percentile interval of metric(a) - metric(b), resampling rows jointly for both models
+    so that the noise they share cancels. Resamples where the metric is undefined (a single
+    class drawn) are dropped and counted."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    deltas = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        d = metric_value(metric, y[idx], a[idx]) - metric_value(metric, y[idx], b[idx])
+        if math.isfinite(d):
+            deltas.append(d)
+    delta = metric_value(metric, y, a) - metric_value(metric, y, b)
+    if len(deltas) < resamples // 2:
+        return BootstrapInterval(delta, math.nan, math.nan, len(deltas))
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(np.asarray(deltas), [alpha, 1.0 - alpha])
+    return BootstrapInterval(delta, float(low), float(high), len(deltas))
+
+
+def _floor_check(value: float, cfg: ChampionGateConfig) -> CheckRow:
+    status = GateStatus.PASS if math.isfinite(value) and value >= cfg.floor else GateStatus.FAIL
+    detail = "" if math.isfinite(value) else "metric is NaN (undefined on this holdout)"
+    return CheckRow(
+        check=f"{cfg.primary_metric} floor",
+        status=status,
+        value=fmt_number(value),
+        bound=f">= {fmt_number(cfg.floor)}",
+        detail=detail,
+    )
+
+
+def _regression_check(ci: BootstrapInterval, cfg: ChampionGateConfig) -> CheckRow:
+    bound = -cfg.max_regression
+    if not math.isfinite(ci.low):
+        status, detail = GateStatus.INCONCLUSIVE, "bootstrap interval undefined"
+    elif ci.low >= bound:
+        status = GateStatus.PASS
+        if ci.low > 0:
+            detail = "challenger better (interval above 0)"
+        else:
+            detail = "no detectable difference" if ci.high >= 0 else "worse, within allowance"
+    else:
+        status, detail = GateStatus.FAIL, "possible regression beyond the allowance"
+    pct = int(round(cfg.confidence * 100))
+    return CheckRow(
+        check=f"{cfg.primary_metric} vs champion ({pct}% CI of difference)",
+        status=status,
+        value=f"{ci.delta:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]",
+        bound=f"lower >= {bound:+.4f}",
+        detail=detail,
+    )
+
+
+def _slice_checks(
+    y: np.ndarray,
+    challenger: np.ndarray,
+    champion: np.ndarray | None,
+    slices: pd.DataFrame,
+    cfg: ChampionGateConfig,
+) -> list[CheckRow]:
+    rows = []
+    for col in slices.columns:
+        values = slices[col].astype(str).to_numpy()
+        for value in sorted(set(values)):
+            mask = values == value
+            n = int(mask.sum())
+            name = f"slice {col}={value} (n={n})"
+            chal = metric_value(cfg.primary_metric, y[mask], challenger[mask])
+            if n < cfg.min_slice_rows:
+                rows.append(
+                    CheckRow(
+                        name,
+                        GateStatus.INCONCLUSIVE,
+                        fmt_number(chal),
+                        f"n >= {cfg.min_slice_rows}",
+                        "slice too small to judge",
+                    )
+                )
+                continue
+            if not math.isfinite(chal):
+                rows.append(
+                    CheckRow(name, GateStatus.INCONCLUSIVE, "nan", "defined", "one class only")
+                )
+                continue
+            if champion is None:
+                status = GateStatus.PASS if chal >= cfg.floor else GateStatus.FAIL
+                rows.append(CheckRow(name, status, fmt_number(chal), f">= {cfg.floor}"))
+                continue
+            champ = metric_value(cfg.primary_metric, y[mask], champion[mask])
+            delta = chal - champ
+            status = GateStatus.PASS if delta >= -cfg.max_slice_regression else GateStatus.FAIL
+            rows.append(
+                CheckRow(
+                    name,
+                    status,
+                    f"{fmt_number(chal)} ({delta:+.4f} vs champion)",
+                    f"diff >= {-cfg.max_slice_regression:+.4f}",
+                )
+            )
+    return rows
+
+
+def _guard_checks(
+    y: np.ndarray, challenger: ScoredModel, cfg: ChampionGateConfig
+) -> tuple[list[CheckRow], dict[str, float]]:
+    rows, metrics = [], {}
+    guards = [
+        ("brier", metric_value("neg_brier", y, challenger.scores) * -1, cfg.max_brier, ""),
+        ("latency_us_per_row", challenger.latency_us_per_row, cfg.max_latency_us_per_row, "µs"),
+        ("model_mb", challenger.size_bytes / 1e6, cfg.max_model_mb, "MB"),
+    ]
+    for name, value, bound, unit in guards:
+        metrics[name] = value
+        if bound is None:
+            continue
+        ok = math.isfinite(value) and value <= bound
+        rows.append(
+            CheckRow(
+                f"guard {name}",
+                GateStatus.PASS if ok else GateStatus.FAIL,
+                f"{fmt_number(value)}{unit}",
+                f"<= {fmt_number(bound)}{unit}",
+            )
+        )
+    return rows, metrics
+
+
+def compare_to_champion(
+    y: np.ndarray,
+    challenger: ScoredModel,
+    champion: ScoredModel | None,
+    cfg: ChampionGateConfig,
+    *,
+    holdout_hash: str,
+    slices: pd.DataFrame | None = None,
+    champion_error: str | None = None,
+) -> GateResult:
+    """`champion=None` with no `champion_error` means there is no champion yet (floor only);
+    with `champion_error` the champion exists but could not be scored, which is never a pass."""
+    try:
+        return _compare(y, challenger, champion, cfg, holdout_hash, slices, champion_error)
+    except Exception as err:  # a gate fails closed
+        return GateResult(
+            name=NAME,
+            status=GateStatus.FAIL,
+            reason=f"champion gate error: {type(err).__name__}: {err}",
+            evidence={"holdout_hash": holdout_hash},
+        )
+
+
+def _compare(
+    y: np.ndarray,
+    challenger: ScoredModel,
+    champion: ScoredModel | None,
+    cfg: ChampionGateConfig,
+    holdout_hash: str,
+    slices: pd.DataFrame | None,
+    champion_error: str | None,
+) -> GateResult:
+    y = np.asarray(y)
+    evidence: dict[str, object] = {
+        "holdout_hash": holdout_hash,
+        "holdout_rows": len(y),
+        "primary_metric": cfg.primary_metric,
+        "champion_version": champion.version if champion else None,
+    }
+    if len(y) == 0:
+        return GateResult(NAME, GateStatus.FAIL, "empty holdout: nothing to judge", {}, evidence)
+
+    value = metric_value(cfg.primary_metric, y, challenger.scores)
+    metrics: dict[str, float] = {f"challenger_{cfg.primary_metric}": value}
+    rows = [_floor_check(value, cfg)]
+
+    if champion_error is not None:
+        rows.append(
+            CheckRow(
+                f"{cfg.primary_metric} vs champion",
+                GateStatus.FAIL,
+                "n/a",
+                "champion scored on the same holdout",
+                champion_error,
+            )
+        )
+    elif champion is not None:
+        champ_value = metric_value(cfg.primary_metric, y, champion.scores)
+        metrics[f"champion_{cfg.primary_metric}"] = champ_value
+        ci = paired_bootstrap(
+            y,
+            challenger.scores,
+            champion.scores,
+            cfg.primary_metric,
+            cfg.bootstrap_resamples,
+            cfg.confidence,
+            cfg.seed,
+        )
+        metrics.update({"delta": ci.delta, "delta_ci_low": ci.low, "delta_ci_high": ci.high})
+        evidence["bootstrap"] = {
+            "resamples": cfg.bootstrap_resamples,
+            "resamples_used": ci.resamples_used,
+            "confidence": cfg.confidence,
+            "seed": cfg.seed,
+        }
+        rows.append(_regression_check(ci, cfg))
+
+    if slices is not None and len(slices.columns):
+        rows += _slice_checks(
+            y, challenger.scores, champion.scores if champion else None, slices, cfg
+        )
+    guard_rows, guard_metrics = _guard_checks(y, challenger, cfg)
+    rows += guard_rows
+    metrics.update(guard_metrics)
+
+    status = worst_status([r.status for r in rows])
+    failed = [r for r in rows if r.status is not GateStatus.PASS]
+    if champion_error is not None:
+        head = f"champion exists but could not be scored ({champion_error})"
+    elif champion is None:
+        head = "first model: no champion yet, judged on the floor alone"
+    else:
+        head = f"compared with champion v{champion.version} on the same holdout"
+    if failed:
+        detail = "; ".join(f"{r.check}: {r.value} (needs {r.bound})" for r in failed)
+        reason = f"{head}; {len(failed)} check(s) not passed: {detail}"
+    else:
+        reason = f"{head}; all {len(rows)} checks passed"
+    return GateResult(NAME, status, reason, metrics, evidence, tuple(rows))

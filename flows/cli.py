@@ -1,0 +1,247 @@
+"""The `mlgate` command line: the contract scripts, CI and data scientists rely on.
+
+Exit status: 0 done (for `train`: the challenger was accepted), 1 an error, 2 bad usage or
+config, 3 the challenger was rejected by a gate (the run itself worked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+
+app = typer.Typer(
+    name="mlgate",
+    help=(
+        "Continuous training that never lets a bad model reach users: data gate, "
+        "champion-vs-challenger evidence, MLflow registry, ONNX serving.\n\n"
+        "Exit status: 0 done (train: challenger accepted), 1 error, 2 bad usage or config, "
+        "3 challenger rejected by a gate."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+gates_app = typer.Typer(help="Gate results of registered versions.", no_args_is_help=True)
+models_app = typer.Typer(help="Registered models, versions and aliases.", no_args_is_help=True)
+app.add_typer(gates_app, name="gates")
+app.add_typer(models_app, name="models")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Config file.", show_default=True)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(config: Path) -> Any:
+    from models.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
+    except ConfigError as err:
+        raise _fail(str(err), EXIT_USAGE) from None
+
+
+@app.command()
+def init(
+    data: Annotated[Path, typer.Option("--data", help="CSV or Parquet file to model.")],
+    target: Annotated[str, typer.Option("--target", help="Column to predict (binary).")],
+    positive: Annotated[
+        str | None, typer.Option("--positive", help="Positive class label (default: the rarer).")
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Config to write.")] = Path(
+        "mlgate.yaml"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+) -> None:
+    """Write a starter mlgate.yaml for any CSV/Parquet file, inferring the features."""
+    import yaml
+
+    from models.config import ConfigError, config_from_dict
+    from models.data import DataError, read_table
+    from models.starter import infer_dataset_config
+
+    if output.exists() and not force:
+        raise _fail(f"{output} exists; pass --force to overwrite it", EXIT_USAGE)
+    try:
+        df = read_table(data)
+        rel = os.path.relpath(data.resolve(), output.resolve().parent)
+        inferred = infer_dataset_config(df, target, rel, positive)
+    except DataError as err:
+        raise _fail(str(err), EXIT_USAGE) from None
+    skipped = inferred.pop("_skipped")
+    try:
+        config_from_dict(
+            {**inferred, "dataset": {**inferred["dataset"], "path": str(data)}}, output
+        )
+    except ConfigError as err:
+        raise _fail(str(err), EXIT_USAGE) from None
+    header = (
+        f"# mlgate starter config for {data.name} (written by `mlgate init`).\n"
+        "# Every other section (train, gates, registry, serving) has defaults: see the\n"
+        "# README. Review the feature lists, then run `mlgate train`.\n"
+    )
+    output.write_text(header + yaml.safe_dump(inferred, sort_keys=False))
+    ds = inferred["dataset"]
+    console.print(
+        f"wrote [bold]{output}[/]: target [bold]{target}[/] (positive {ds['positive_label']!r}), "
+        f"{len(ds['numeric_features'])} numeric and {len(ds['categorical_features'])} "
+        f"categorical features, id column {ds['id_column']!r}"
+    )
+    for col, why in skipped.items():
+        console.print(f"  skipped {col}: {why}")
+
+
+@app.command()
+def train(
+    config: ConfigOpt = Path("mlgate.yaml"),
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Train on this file instead of the config's.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the training flow: data gate, train, ONNX parity, champion gate, register."""
+    from flows.report import gate_tables
+    from models.config import ConfigError
+    from models.data import DataError
+
+    _load(config)
+    from flows.training import training_flow
+
+    try:
+        outcome = training_flow(config_path=str(config), data_path=str(data) if data else None)
+    except (ConfigError, DataError) as err:
+        raise _fail(str(err), EXIT_USAGE) from None
+    except Exception as err:
+        raise _fail(f"training flow failed: {type(err).__name__}: {err}") from None
+    if as_json:
+        print(json.dumps(outcome.to_dict(), indent=2, default=str))
+    else:
+        console.print(gate_tables(outcome.gates))
+        verdict = "[green]ACCEPTED[/]" if outcome.accepted else "[bold red]REJECTED[/]"
+        where = f" at the {outcome.stopped_at} gate" if outcome.stopped_at else ""
+        console.print(f"challenger {verdict}{where}: {outcome.reason}")
+        if outcome.version:
+            console.print(
+                f"registered version {outcome.version}; @champion is now "
+                f"{outcome.champion_after or outcome.champion_before or 'unset'}"
+            )
+    raise typer.Exit(EXIT_OK if outcome.accepted else EXIT_REJECTED)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = Path("mlgate.yaml"),
+    version: Annotated[
+        str | None, typer.Option("--version", help="Serve this version instead of the alias.")
+    ] = None,
+    alias: Annotated[str | None, typer.Option("--alias", help="Alias to serve.")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (default from config).")] = None,
+) -> None:
+    """Serve @champion (or a version) over HTTP with BentoML and ONNX Runtime."""
+    from services.launcher import start_service
+
+    cfg = _load(config)
+    chosen_alias = None if version else (alias or cfg.serving.alias)
+    port = port or cfg.serving.port
+    proc = start_service(config, alias=chosen_alias, version=version, port=port, host=cfg.serving.host)
+    try:
+        proc.wait_ready(timeout=180)
+        console.print(
+            f"serving {cfg.registry.model_name} "
+            f"{'@' + chosen_alias if chosen_alias else 'version ' + str(version)} on "
+            f"http://{cfg.serving.host}:{port}  (POST /predict; Ctrl-C stops)"
+        )
+        proc.wait()
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    except Exception as err:
+        raise _fail(f"service failed: {err}") from None
+    finally:
+        proc.stop()
+
+
+@gates_app.command("show")
+def gates_show(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Model version.")],
+    config: ConfigOpt = Path("mlgate.yaml"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the gate table of a registered version."""
+    from mlflow.exceptions import MlflowException
+
+    from flows import registry
+    from flows.report import gate_tables
+
+    cfg = _load(config)
+    client = registry.connect(cfg.registry)
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException:
+        raise _fail(f"no version {version} of model {name!r} in the registry") from None
+    results = registry.version_gate_results(client, mv)
+    if not results:
+        raise _fail(f"{name}/{version} has no gate evidence (tags: {registry.gate_tags(mv)})")
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    console.print(gate_tables(results))
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = Path("mlgate.yaml"), as_json: JsonOpt = False) -> None:
+    """Versions of the config's model with aliases, primary metric and gate statuses."""
+    from flows import registry
+
+    cfg = _load(config)
+    client = registry.connect(cfg.registry)
+    name = cfg.registry.model_name
+    rows = registry.list_versions(client, name)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print(f"no versions of {name!r} yet: run `mlgate train`")
+        return
+    gate_names = sorted({g for r in rows for g in r["gates"]})
+    table = Table(title=f"{name}: registered versions")
+    for col in ["version", "aliases", "outcome", "metric", *gate_names, "data hash", "commit"]:
+        table.add_column(col)
+    table.add_column("created")
+    for r in rows:
+        table.add_row(
+            r["version"],
+            ", ".join("@" + a for a in r["aliases"]),
+            r["outcome"],
+            f"{r['primary_metric']}={r['primary_metric_value']}",
+            *(r["gates"].get(g, "-") for g in gate_names),
+            r["data_hash"][:12],
+            r["git_commit"][:12],
+            r["created"],
+        )
+    console.print(table)
+
+
+def main() -> None:
+    app(prog_name="mlgate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""`training_flow`: data gate, train, evaluate, ONNX + parity, champion gate, register."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from checks.champion import ScoredModel, compare_to_champion
+from checks.data_quality import DataProfile, check_data_quality, profile_reference
+from checks.parity import check_parity
+from checks.result import GateResult
+from flows import registry
+from models.config import MlgateConfig, load_config
+from models.data import encode_target, hash_frame, load_dataset, split_data
+from models.metrics import evaluate
+from models.onnx_export import (
+    export_onnx,
+    latency_per_row_us,
+    make_session,
+    predict_proba_onnx,
+    predict_proba_with_schema,
+    write_model_dir,
+)
+from models.train import predict_proba, train_model
+from services.model_store import load_registered_model
+
+
+def _task(fn: Any, name: str, **kw: Any) -> Any:
+    # Inputs are DataFrames and fitted models: hashing them for a cache key costs more than
+    # the step, and a cached training step would hide a changed model.
+    return task(name=name, cache_policy=NO_CACHE, **kw)(fn)
+
+
+load_data = _task(load_dataset, "load-data")
+run_data_gate = _task(check_data_quality, "data-gate")
+split = _task(split_data, "split")
+train = _task(train_model, "train")
+export = _task(export_onnx, "export-onnx")
+run_parity_gate = _task(check_parity, "parity-gate")
+run_champion_gate = _task(compare_to_champion, "champion-gate")
+
+
+@dataclass(frozen=True)
+class ChampionState:
+    version: str | None
+    profile: DataProfile | None
+    scored: ScoredModel | None = None
+    error: str | None = None
+
+
+@dataclass
+class TrainingOutcome:
+    accepted: bool
+    stopped_at: str | None
+    reason: str
+    run_id: str | None = None
+    version: str | None = None
+    champion_before: str | None = None
+    champion_after: str | None = None
+    data_hash: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    gates: list[GateResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "gates"}
+        d["gates"] = [g.to_dict() for g in self.gates]
+        return d
+
+
+def _actor() -> str:
+    if flow_run.id:
+        return f"prefect:training_flow/{flow_run.name} ({flow_run.id})"
+    return registry.current_actor()
+
+
+def read_champion(client: MlflowClient, cfg: MlgateConfig) -> ChampionState:
+    """The current champion and its stored reference profile. A champion that exists but
+    cannot be read is reported as an error, never mistaken for 'no champion'."""
+    mv = registry.get_alias_version(client, cfg.registry.model_name, "champion")
+    if mv is None:
+        return ChampionState(version=None, profile=None)
+    try:
+        raw = registry.load_json_artifact(client, mv.run_id, registry.PROFILE_ARTIFACT)
+        profile = DataProfile.from_dict(raw)
+    except Exception as err:
+        return ChampionState(mv.version, None, error=f"reference profile unreadable: {err}")
+    return ChampionState(mv.version, profile)
+
+
+@task(name="score-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def score_champion(cfg: MlgateConfig, champion: ChampionState, holdout: pd.DataFrame) -> ChampionState:
+    if champion.version is None or champion.error:
+        return champion
+    try:
+        loaded = load_registered_model(
+            cfg.registry.resolved_tracking_uri(),
+            cfg.registry.model_name,
+            version=champion.version,
+        )
+        session = make_session(loaded.content)
+        scores = predict_proba_with_schema(session, holdout, loaded.schema)
+        return ChampionState(
+            champion.version,
+            champion.profile,
+            scored=ScoredModel(scores, version=champion.version, size_bytes=len(loaded.content)),
+        )
+    except Exception as err:
+        return ChampionState(
+            champion.version, champion.profile, error=f"{type(err).__name__}: {err}"
+        )
+
+
+def _finish(
+    client: MlflowClient, run_id: str, outcome: TrainingOutcome, status: str = "FINISHED"
+) -> TrainingOutcome:
+    registry.log_gate_results(client, run_id, outcome.gates)
+    client.set_tag(run_id, "mlgate.outcome", "accepted" if outcome.accepted else "rejected")
+    if outcome.stopped_at:
+        client.set_tag(run_id, "mlgate.stopped_at", outcome.stopped_at)
+    client.set_terminated(run_id, status)
+    return outcome
+
+
+def _rejected(stage: str, gates: list[GateResult], **kw: Any) -> TrainingOutcome:
+    failed = [g for g in gates if not g.passed]
+    reason = "; ".join(f"{g.name} gate {g.status.value}: {g.reason}" for g in failed)
+    return TrainingOutcome(False, stage, reason, gates=gates, **kw)
+
+
+@flow(name="training_flow", log_prints=True)
+def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None) -> TrainingOutcome:
+    """Train a challenger and let the gates decide whether it is registered and promoted."""
+    logger = get_run_logger()
+    cfg = load_config(config_path)
+    client = registry.connect(cfg.registry)
+    df = load_data(cfg.dataset, Path(data_path) if data_path else None)
+    data_hash = hash_frame(df)
+
+    champion = read_champion(client, cfg)
+    reference = champion.profile or profile_reference(df, cfg.dataset)
+    exp_id = registry.ensure_experiment(client, cfg.registry, cfg.registry.experiment)
+    run = client.create_run(
+        exp_id,
+        tags={
+            "data_hash": data_hash,
+            "git_commit": registry.git_commit(Path(config_path).resolve().parent),
+            "data_path": str(data_path or cfg.dataset.path),
+            "champion_version": str(champion.version),
+            "prefect_flow_run_id": str(flow_run.id),
+            "estimator": cfg.train.estimator,
+        },
+        run_name=f"{cfg.registry.model_name}-{cfg.train.estimator}",
+    )
+    run_id = run.info.run_id
+    common = {"run_id": run_id, "champion_before": champion.version, "data_hash": data_hash}
+    try:
+        registry.log_json_artifact(client, run_id, "config/mlgate.json", cfg.model_dump(mode="json"))
+        data_gate = run_data_gate(df, cfg.dataset, cfg.gates.data, reference)
+        gates = [data_gate]
+        if not data_gate.passed:
+            logger.warning("data gate %s: %s", data_gate.status.value, data_gate.reason)
+            return _finish(client, run_id, _rejected("data", gates, **common))
+
+        parts = split(df, cfg.dataset, cfg.train)
+        model = train(parts.train, cfg.dataset, cfg.train)
+        y = encode_target(parts.holdout, cfg.dataset)
+        sk_scores = predict_proba(model.pipeline, parts.holdout, cfg.dataset)
+        metrics = evaluate(y, sk_scores)
+        registry.log_params_metrics(
+            client,
+            run_id,
+            params={"estimator": model.estimator, **cfg.train.params},
+            metrics={**metrics, "fit_seconds": model.fit_seconds},
+        )
+        client.set_tag(run_id, "holdout_hash", parts.holdout_hash)
+
+        onnx_model = export(model.pipeline, cfg.dataset)
+        session = make_session(onnx_model.content)
+        onnx_scores = predict_proba_onnx(session, parts.holdout, cfg.dataset)
+        parity = run_parity_gate(sk_scores, onnx_scores, cfg.gates.parity)
+        gates.append(parity)
+        if not parity.passed:
+            return _finish(client, run_id, _rejected("parity", gates, metrics=metrics, **common))
+
+        champion = score_champion(cfg, champion, parts.holdout)
+        slices = parts.holdout[list(cfg.dataset.slice_columns)] if cfg.dataset.slice_columns else None
+        challenger = ScoredModel(
+            onnx_scores,
+            latency_us_per_row=latency_per_row_us(session, parts.holdout, cfg.dataset),
+            size_bytes=onnx_model.size_bytes,
+        )
+        champion_gate = run_champion_gate(
+            y,
+            challenger,
+            champion.scored,
+            cfg.gates.champion,
+            holdout_hash=parts.holdout_hash,
+            slices=slices,
+            champion_error=champion.error,
+        )
+        gates.append(champion_gate)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = write_model_dir(onnx_model, cfg.dataset, Path(tmp) / "model")
+            (model_dir / "model_card.md").write_text(
+                model_card(cfg, metrics, gates, data_hash, parts.holdout_hash)
+            )
+            client.log_artifacts(run_id, str(model_dir), registry.MODEL_ARTIFACT_DIR)
+        profile = profile_reference(df, cfg.dataset)
+        registry.log_json_artifact(client, run_id, registry.PROFILE_ARTIFACT, profile.to_dict())
+
+        accepted = champion_gate.passed
+        mv = registry.register_version(
+            client,
+            cfg.registry.model_name,
+            run_id,
+            onnx_model.sha256,
+            tags={
+                **{f"{registry.GATE_TAG_PREFIX}{g.name}": g.status.value for g in gates},
+                "data_hash": data_hash,
+                "holdout_hash": parts.holdout_hash,
+                "git_commit": client.get_run(run_id).data.tags.get("git_commit", "unknown"),
+                "estimator": cfg.train.estimator,
+                "primary_metric": cfg.gates.champion.primary_metric,
+                "primary_metric_value": f"{metrics.get(cfg.gates.champion.primary_metric, float('nan')):.6f}",
+                "mlgate.outcome": "accepted" if accepted else "rejected",
+            },
+            description=champion_gate.reason,
+        )
+        client.set_tag(run_id, "model_version", mv.version)
+        outcome_kw = {**common, "version": mv.version, "metrics": metrics}
+        if not accepted:
+            logger.warning("champion gate %s: %s", champion_gate.status.value, champion_gate.reason)
+            return _finish(client, run_id, _rejected("champion", gates, **outcome_kw))
+
+        reason = f"training run {run_id}: data, parity and champion gates passed"
+        evidence = {g.name: g.status.value for g in gates}
+        registry.move_alias(
+            client,
+            cfg.registry,
+            cfg.registry.model_name,
+            "challenger",
+            mv.version,
+            expected_from=_alias_version(client, cfg, "challenger"),
+            reason=reason,
+            evidence=evidence,
+            actor=_actor(),
+        )
+        # No canary stage exists yet, so a challenger that passed every offline gate becomes
+        # the champion directly; the move is compare-and-set against the champion we judged.
+        registry.move_alias(
+            client,
+            cfg.registry,
+            cfg.registry.model_name,
+            "champion",
+            mv.version,
+            expected_from=champion.version,
+            reason=reason,
+            evidence=evidence,
+            actor=_actor(),
+        )
+        outcome = TrainingOutcome(
+            True,
+            None,
+            "first model, floor passed" if champion.version is None else champion_gate.reason,
+            gates=gates,
+            champion_after=mv.version,
+            **outcome_kw,
+        )
+        return _finish(client, run_id, outcome)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+
+
+def _alias_version(client: MlflowClient, cfg: MlgateConfig, alias: str) -> str | None:
+    mv = registry.get_alias_version(client, cfg.registry.model_name, alias)
+    return mv.version if mv else None
+
+
+def model_card(
+    cfg: MlgateConfig,
+    metrics: dict[str, float],
+    gates: list[GateResult],
+    data_hash: str,
+    holdout_hash: str,
+) -> str:
+    from flows.report import gates_markdown
+
+    lines = [
+        f"# Model card: {cfg.registry.model_name}",
+        "",
+        f"- estimator: `{cfg.train.estimator}` with params `{json.dumps(cfg.train.params)}`",
+        f"- target: `{cfg.dataset.target}` (positive label `{cfg.dataset.positive_label}`)",
+        f"- features: {len(cfg.dataset.numeric_features)} numeric, "
+        f"{len(cfg.dataset.categorical_features)} categorical",
+        f"- data hash: `{data_hash}`; holdout hash: `{holdout_hash}`",
+        "",
+        "## Holdout metrics",
+        "",
+        *(f"- {k}: {v:.4f}" for k, v in metrics.items()),
+        "",
+        "## Gates",
+        "",
+        gates_markdown(gates),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""The one config object: `mlgate.yaml` validated into frozen pydantic models.
+
+Environment variables with the `MLGATE_` prefix override the file, nested fields joined by
+a double underscore (`MLGATE_REGISTRY__MODEL_NAME=churn2`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("mlgate.yaml")
+
+Estimator = Literal["logistic_regression", "gradient_boosting", "random_forest", "mlp"]
+PrimaryMetric = Literal["roc_auc", "pr_auc", "f1", "neg_log_loss", "neg_brier"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Section):
+    path: Path
+    target: str
+    positive_label: str | int | bool = 1
+    id_column: str | None = None
+    numeric_features: tuple[str, ...] = ()
+    categorical_features: tuple[str, ...] = ()
+    slice_columns: tuple[str, ...] = ()
+    timestamp_column: str | None = None
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.numeric_features + self.categorical_features
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> DatasetConfig:
+        if not self.features:
+            raise ValueError("at least one numeric or categorical feature is required")
+        overlap = set(self.numeric_features) & set(self.categorical_features)
+        if overlap:
+            raise ValueError(f"columns listed as both numeric and categorical: {sorted(overlap)}")
+        if self.target in self.features:
+            raise ValueError(f"target {self.target!r} is also listed as a feature")
+        if self.id_column is not None and self.id_column in self.features:
+            raise ValueError(f"id column {self.id_column!r} is also listed as a feature")
+        return self
+
+
+class TrainConfig(_Section):
+    estimator: Estimator = "gradient_boosting"
+    params: dict[str, Any] = Field(default_factory=dict)
+    test_size: float = Field(default=0.25, gt=0.0, lt=1.0)
+    seed: int = 42
+
+
+class DataGateConfig(_Section):
+    min_rows: int = Field(default=100, ge=1)
+    max_rows: int | None = None
+    max_null_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    null_share_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
+    range_tolerance: float = Field(default=0.1, ge=0.0)
+    min_category_share_known: float = Field(default=0.99, ge=0.0, le=1.0)
+    max_staleness_days: float | None = None
+
+
+class ChampionGateConfig(_Section):
+    primary_metric: PrimaryMetric = "roc_auc"
+    floor: float = 0.7
+    max_regression: float = Field(default=0.01, ge=0.0)
+    bootstrap_resamples: int = Field(default=1000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    seed: int = 7
+    min_slice_rows: int = Field(default=100, ge=1)
+    max_slice_regression: float = Field(default=0.05, ge=0.0)
+    max_brier: float | None = 0.25
+    max_latency_us_per_row: float | None = 5000.0
+    max_model_mb: float | None = 200.0
+
+
+class ParityGateConfig(_Section):
+    tolerance: float = Field(default=1e-4, gt=0.0)
+
+
+class GatesConfig(_Section):
+    data: DataGateConfig = DataGateConfig()
+    champion: ChampionGateConfig = ChampionGateConfig()
+    parity: ParityGateConfig = ParityGateConfig()
+
+
+class RegistryConfig(_Section):
+    store_dir: Path = Path(".mlgate")
+    tracking_uri: str | None = None
+    model_name: str = Field(default="churn", pattern=r"^[A-Za-z0-9_.-]+$")
+    experiment: str = "mlgate-training"
+
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{(self.store_dir / 'mlflow.db').resolve()}"
+
+    def artifact_location(self) -> str:
+        return (self.store_dir / "artifacts").resolve().as_uri()
+
+
+class ServingConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=3000, ge=1, le=65535)
+    alias: str = "champion"
+    max_batch_size: int = Field(default=256, ge=1)
+    max_latency_ms: int = Field(default=2000, ge=1)
+    max_rows_per_request: int = Field(default=1000, ge=1)
+    workers: int = Field(default=1, ge=1)
+
+
+class MlgateConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MLGATE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    dataset: DatasetConfig
+    train: TrainConfig = TrainConfig()
+    gates: GatesConfig = GatesConfig()
+    registry: RegistryConfig = RegistryConfig()
+    serving: ServingConfig = ServingConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file: CI and schedulers override single fields.
+        return (env_settings, init_settings)
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"invalid config {path}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (not allowed)"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths in the file are relative to the file, not to the working directory."""
+    dataset = raw.get("dataset")
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
+        p = Path(dataset["path"])
+        dataset["path"] = str(p if p.is_absolute() else base / p)
+    registry = raw.get("registry")
+    if isinstance(registry, dict) and isinstance(registry.get("store_dir"), str):
+        p = Path(registry["store_dir"])
+        registry["store_dir"] = str(p if p.is_absolute() else base / p)
+    elif "registry" not in raw or isinstance(registry, dict):
+        raw.setdefault("registry", {})
+        raw["registry"].setdefault("store_dir", str(base / ".mlgate"))
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: Path | str = "<dict>") -> MlgateConfig:
+    try:
+        return MlgateConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(Path(source), err)) from None
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> MlgateConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (create one with `mlgate init`)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_dict(_resolve_paths(raw, path.resolve().parent), path)
+
+
+def dump_config(cfg: MlgateConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,154 @@
+"""ONNX export of the fitted pipeline, and scoring it with ONNX Runtime.
+
+The ONNX graph takes one input per feature column, named after the column, shaped [N, 1]:
+float32 for numeric features, string for categorical ones. Output `probabilities` is [N, 2];
+column 1 is the positive class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.pipeline import Pipeline
+
+from models.config import DatasetConfig
+from models.train import prepare_columns, prepare_features
+
+PROBABILITIES = "probabilities"
+ONNX_FILENAME = "model.onnx"
+SCHEMA_FILENAME = "schema.json"
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    content: bytes
+    sha256: str
+    providers: tuple[str, ...] = ()
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.content)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_onnx(pipeline: Pipeline, dataset: DatasetConfig) -> OnnxModel:
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+
+    initial_types: list[tuple[str, Any]] = [
+        (c, FloatTensorType([None, 1])) for c in dataset.numeric_features
+    ] + [(c, StringTensorType([None, 1])) for c in dataset.categorical_features]
+    clf = pipeline.named_steps["clf"]
+    onx = to_onnx(
+        pipeline,
+        initial_types=initial_types,
+        options={id(clf): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+        final_types=None,
+    )
+    for out in onx.graph.output:
+        if out.name == "probabilities":
+            break
+    else:
+        # skl2onnx names it `probabilities` for every supported classifier; fail loudly if not.
+        names = [o.name for o in onx.graph.output]
+        raise RuntimeError(f"ONNX graph has no 'probabilities' output (outputs: {names})")
+    content = onx.SerializeToString()
+    return OnnxModel(content=content, sha256=sha256_bytes(content))
+
+
+def input_schema(dataset: DatasetConfig) -> dict[str, Any]:
+    """What a caller must send: stored with the model so the service needs no config."""
+    return {
+        "numeric": list(dataset.numeric_features),
+        "categorical": list(dataset.categorical_features),
+        "output": PROBABILITIES,
+    }
+
+
+def onnx_inputs_from_frame(X: pd.DataFrame, schema: dict[str, Any]) -> dict[str, np.ndarray]:
+    feeds: dict[str, np.ndarray] = {}
+    for c in schema["numeric"]:
+        feeds[c] = X[c].to_numpy(dtype=np.float32).reshape(-1, 1)
+    for c in schema["categorical"]:
+        feeds[c] = X[c].to_numpy(dtype=object).astype(str).reshape(-1, 1)
+    return feeds
+
+
+def gpu_present() -> bool:
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def make_session(content: bytes, prefer_gpu: bool = True, threads: int = 1) -> Any:
+    """ONNX Runtime session, CUDA first when present; one intra-op thread, spinning off,
+    because a serving worker shares the cores with its siblings."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # onnxruntime-gpu lists CUDA even without a GPU and then logs a loading error; ask for
+    # CUDA only where the NVIDIA driver is present.
+    wanted = ("CUDAExecutionProvider",) if prefer_gpu and gpu_present() else ()
+    available = ort.get_available_providers()
+    providers = [p for p in (*wanted, "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(content, sess_options=opts, providers=providers)
+
+
+def score_onnx(session: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    (probs,) = session.run([PROBABILITIES], feeds)
+    return np.asarray(probs[:, 1], dtype=np.float64)
+
+
+def predict_proba_onnx(session: Any, df: pd.DataFrame, dataset: DatasetConfig) -> np.ndarray:
+    X = prepare_features(df, dataset)
+    return score_onnx(session, onnx_inputs_from_frame(X, input_schema(dataset)))
+
+
+def predict_proba_with_schema(
+    session: Any, df: pd.DataFrame, schema: dict[str, Any]
+) -> np.ndarray:
+    """Score with the columns a registered model was trained on, whatever today's config says."""
+    X = prepare_columns(df, schema["numeric"], schema["categorical"])
+    return score_onnx(session, onnx_inputs_from_frame(X, schema))
+
+
+def latency_per_row_us(session: Any, df: pd.DataFrame, dataset: DatasetConfig) -> float:
+    """Median single-row ONNX Runtime latency over up to 200 rows, in microseconds."""
+    X = prepare_features(df.head(200), dataset)
+    schema = input_schema(dataset)
+    rows = [onnx_inputs_from_frame(X.iloc[[i]], schema) for i in range(len(X))]
+    if not rows:
+        return float("nan")
+    times = []
+    for feeds in rows:
+        t = time.perf_counter()
+        score_onnx(session, feeds)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e6)
+
+
+def write_model_dir(model: OnnxModel, dataset: DatasetConfig, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ONNX_FILENAME).write_bytes(model.content)
+    (out_dir / SCHEMA_FILENAME).write_text(json.dumps(input_schema(dataset), indent=2))
+    return out_dir

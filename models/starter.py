@@ -1,0 +1,101 @@
+"""`mlgate init`: infer a starter dataset config from any table."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pandas as pd
+
+from models.data import DataError
+
+_ID_NAME = re.compile(r"(^id$|_id$|^id_|^uuid$|^key$|customer.?id|account.?id)", re.IGNORECASE)
+# A text column with more distinct values than this share of the rows is an identifier or
+# free text, not a category a one-hot encoder should learn.
+MAX_CATEGORY_SHARE = 0.5
+MAX_CATEGORIES = 200
+
+
+def infer_id_column(df: pd.DataFrame, target: str) -> str | None:
+    candidates = [c for c in df.columns if c != target and df[c].notna().all() and df[c].is_unique]
+    by_name = [c for c in candidates if _ID_NAME.search(str(c))]
+    if by_name:
+        return str(by_name[0])
+    for c in candidates:
+        s = df[c]
+        if pd.api.types.is_integer_dtype(s) and s.is_monotonic_increasing and len(s) > 1:
+            return str(c)
+        if s.dtype == object and len(s) > 20:
+            return str(c)
+    return None
+
+
+def infer_positive_label(labels: pd.Series, positive: str | None) -> str | int | bool:
+    values = labels.dropna().unique().tolist()
+    if len(values) != 2:
+        raise DataError(
+            f"target column {labels.name!r} must have exactly 2 classes for a binary model, "
+            f"found {len(values)}: {sorted(map(str, values))[:10]}"
+        )
+    if positive is not None:
+        if positive not in {str(v) for v in values}:
+            raise DataError(
+                f"--positive {positive!r} is not a value of {labels.name!r} "
+                f"(values: {sorted(map(str, values))})"
+            )
+        return positive
+    if set(values) <= {0, 1} or set(values) <= {True, False}:
+        return 1 if not isinstance(values[0], bool) else True
+    # Without a hint the rarer class is the event worth predicting (churn, fraud, default).
+    return str(labels.value_counts().idxmin())
+
+
+def infer_dataset_config(
+    df: pd.DataFrame, target: str, data_path: str, positive: str | None = None
+) -> dict[str, Any]:
+    if target not in df.columns:
+        raise DataError(
+            f"target column {target!r} not found (columns: {', '.join(map(str, df.columns))})"
+        )
+    id_column = infer_id_column(df, target)
+    numeric, categorical, timestamp = [], [], None
+    skipped: dict[str, str] = {}
+    for col in df.columns:
+        if col in (target, id_column):
+            continue
+        s = df[col]
+        name = str(col)
+        if pd.api.types.is_datetime64_any_dtype(s):
+            timestamp = timestamp or name
+            skipped[name] = "timestamp"
+        elif pd.api.types.is_bool_dtype(s):
+            categorical.append(name)
+        elif pd.api.types.is_numeric_dtype(s):
+            if s.nunique(dropna=True) <= 1:
+                skipped[name] = "constant"
+            else:
+                numeric.append(name)
+        else:
+            n = s.nunique(dropna=True)
+            if n <= 1:
+                skipped[name] = "constant"
+            elif n > MAX_CATEGORIES or n > MAX_CATEGORY_SHARE * len(s):
+                skipped[name] = f"{n} distinct values: identifier or free text"
+            else:
+                categorical.append(name)
+    if not numeric and not categorical:
+        raise DataError("no usable feature columns found")
+    slices = [c for c in categorical if 2 <= df[c].nunique() <= 5][:1]
+    return {
+        "dataset": {
+            "path": data_path,
+            "target": target,
+            "positive_label": infer_positive_label(df[target], positive),
+            "id_column": id_column,
+            "numeric_features": numeric,
+            "categorical_features": categorical,
+            "slice_columns": slices,
+            "timestamp_column": timestamp,
+        },
+        "_skipped": skipped,
+    }
