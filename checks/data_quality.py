@@ -173,6 +173,7 @@ class _Check:
     outcome: _Outcome | None = None
     expectation: Any = None
     describe: Callable[[dict[str, Any]], _Outcome] | None = None
+    gx_result: dict[str, Any] | None = None
 
 
 def _check_data_quality(
@@ -214,18 +215,17 @@ def _check_data_quality(
 
     by_index: dict[int, dict[str, Any]] = {}
     for r in validated.results:
-        d = r.to_json_dict()
-        by_index[int(d["expectation_config"]["meta"][_META_KEY])] = d
-    gx_raw: dict[int, dict[str, Any]] = {}
+        # to_json_dict turns numpy scalars and timestamps into plain JSON values.
+        as_json: dict[str, Any] = r.to_json_dict()
+        by_index[int(as_json["expectation_config"]["meta"][_META_KEY])] = as_json
     for i, c in enumerate(gx_checks):
-        d = by_index.get(i)
-        if d is None:
-            c.outcome = _Outcome(False, "no result", "GX returned no result for this check")
-            continue
-        gx_raw[id(c)] = d
-        c.outcome = _read_gx_result(c, d)
+        c.gx_result = by_index.get(i)
+        if c.gx_result is None:
+            c.outcome = _Outcome(False, "no result", f"{c.check}: GX returned no result")
+        else:
+            c.outcome = _read_gx_result(c, c.gx_result)
 
-    return _assemble(checks, gx_raw, df, with_label, now_utc, gx.__version__, started)
+    return _assemble(checks, df, with_label, now_utc, gx.__version__, started)
 
 
 def _plan_checks(
@@ -245,11 +245,12 @@ def _plan_checks(
     frame: dict[str, pd.Series] = {}
     n = len(df)
 
+    rows_bound = _rows_bound(gate.min_rows, gate.max_rows)
     checks.append(
         _Check(
-            check=f"row count within [{fmt_number(gate.min_rows)}, {_fmt_max(gate.max_rows)}]",
+            check=f"row count {rows_bound}",
             column=None,
-            bound=f"[{fmt_number(gate.min_rows)}, {_fmt_max(gate.max_rows)}]",
+            bound=rows_bound,
             kind="rows",
             expectation=gxe.ExpectTableRowCountToBeBetween(
                 min_value=gate.min_rows, max_value=gate.max_rows
@@ -385,7 +386,6 @@ def _plan_checks(
 
 def _assemble(
     checks: list[_Check],
-    gx_raw: dict[int, dict[str, Any]],
     df: pd.DataFrame,
     with_label: bool,
     now: datetime,
@@ -400,10 +400,11 @@ def _assemble(
         if outcome is None:
             raise RuntimeError(f"check {c.check!r} has no outcome")
         status = GateStatus.PASS if outcome.success else GateStatus.FAIL
-        rows.append(CheckRow(c.check, status, outcome.value, c.bound, outcome.failure))
+        detail = "" if outcome.success else outcome.failure
+        rows.append(CheckRow(c.check, status, outcome.value, c.bound, detail))
         if not outcome.success:
             failures.append(outcome.failure or c.check)
-        raw = gx_raw.get(id(c))
+        raw = c.gx_result
         if raw is not None:
             kwargs = {
                 k: v for k, v in raw["expectation_config"]["kwargs"].items() if k != "batch_id"
@@ -616,7 +617,7 @@ def _describe_rows(lo: int, hi: int | None) -> Callable[[dict[str, Any]], _Outco
         elif seen is not None and hi is not None and seen > hi:
             failure = f"rows: {value} > {fmt_number(hi)} maximum"
         else:
-            failure = f"rows: {value} outside [{fmt_number(lo)}, {_fmt_max(hi)}]"
+            failure = f"rows: {value}, expected {_rows_bound(lo, hi)}"
         return _Outcome(True, value, failure, r)
 
     return describe
@@ -699,7 +700,7 @@ def _describe_fresh(
         newest = _to_utc(pd.Timestamp(seen).to_pydatetime())
         age = (now - newest).total_seconds() / 86400
         value = f"newest {newest.isoformat(timespec='seconds')} ({age:.1f} days old)"
-        failure = f"{col}: newest value is {age:.1f} days old > {fmt_number(max_days)} allowed"
+        failure = f"{col}: newest value is {age:.1f} days old > {fmt_number(max_days)} days allowed"
         return _Outcome(True, value, failure, r)
 
     return describe
@@ -749,8 +750,10 @@ def _pct(share: float) -> str:
     return f"{share:.{digits}%}"
 
 
-def _fmt_max(hi: int | None) -> str:
-    return "∞" if hi is None else fmt_number(hi)
+def _rows_bound(lo: int, hi: int | None) -> str:
+    if hi is None:
+        return f"≥ {fmt_number(lo)}"
+    return f"within [{fmt_number(lo)}, {fmt_number(hi)}]"
 
 
 def _mostly(share: float) -> float:

@@ -57,6 +57,7 @@ def infer_dataset_config(
         raise DataError(
             f"target column {target!r} not found (columns: {', '.join(map(str, df.columns))})"
         )
+    positive_label = infer_positive_label(df[target], positive)
     id_column = infer_id_column(df, target)
     numeric, categorical, timestamp = [], [], None
     skipped: dict[str, str] = {}
@@ -90,7 +91,7 @@ def infer_dataset_config(
         "dataset": {
             "path": data_path,
             "target": target,
-            "positive_label": infer_positive_label(df[target], positive),
+            "positive_label": positive_label,
             "id_column": id_column,
             "numeric_features": numeric,
             "categorical_features": categorical,

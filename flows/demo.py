@@ -1,0 +1,155 @@
+"""`make demo`: the whole loop on the bundled churn data with the embedded defaults.
+
+Trains a champion (or a challenger to the previous run's champion), then a deliberately
+small challenger that the champion gate should turn down, serves @champion with BentoML,
+sends real predictions and checks them against ONNX Runtime in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+
+from flows import registry
+from flows.report import gate_tables
+from flows.training import TrainingOutcome, training_flow
+from models.config import load_config
+from models.data import load_dataset
+from models.onnx_export import make_session, predict_proba_with_schema
+from services.launcher import start_service
+from services.model_store import load_registered_model
+
+console = Console(width=140)
+
+# A gradient-boosting model with five stumps: a plausible but underpowered challenger.
+SMALL_CHALLENGER = {
+    "MLGATE_TRAIN__ESTIMATOR": "gradient_boosting",
+    "MLGATE_TRAIN__PARAMS": json.dumps({"n_estimators": 5, "max_depth": 1}),
+}
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+
+def _run_training(title: str, config: Path, env: dict[str, str] | None = None) -> TrainingOutcome:
+    console.print(Rule(title))
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        t = time.perf_counter()
+        outcome = training_flow(config_path=str(config))
+        elapsed = time.perf_counter() - t
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    console.print(gate_tables(outcome.gates))
+    verdict = "[green]ACCEPTED[/]" if outcome.accepted else "[bold red]REJECTED[/]"
+    console.print(
+        f"{verdict} version={outcome.version} champion before={outcome.champion_before} "
+        f"after={outcome.champion_after or outcome.champion_before} ({elapsed:.1f}s)"
+    )
+    return outcome
+
+
+def main(config: Path = Path("mlgate.yaml")) -> int:
+    cfg = load_config(config)
+    first = _run_training("1. training flow on the bundled data", config)
+    second = _run_training(
+        "2. a second, smaller challenger (5 stumps) against the champion", config, SMALL_CHALLENGER
+    )
+
+    console.print(Rule("3. serving @champion (BentoML + ONNX Runtime)"))
+    port = _free_port(cfg.serving.port)
+    rows = load_dataset(cfg.dataset).sample(5, random_state=1)
+    features = list(cfg.dataset.features)
+    payload = {
+        "rows": [
+            {k: (None if v != v else v) for k, v in r.items()}
+            for r in rows[features].to_dict(orient="records")
+        ]
+    }
+    champion = load_registered_model(
+        cfg.registry.resolved_tracking_uri(), cfg.registry.model_name, alias="champion"
+    )
+    expected = predict_proba_with_schema(make_session(champion.content), rows, champion.schema)
+    t = time.perf_counter()
+    with start_service(config, alias="champion", version=None, port=port) as svc:
+        svc.wait_ready(timeout=180)
+        started = time.perf_counter() - t
+        url = f"http://127.0.0.1:{port}/predict"
+        resp = httpx.post(url, json=payload, timeout=30)
+        resp.raise_for_status()
+        body = resp.json()
+        bad = httpx.post(url, json={"rows": [{**payload["rows"][0], "tenure": "long"}]}, timeout=30)
+    scores = [p["score"] for p in body["predictions"]]
+    worst = max(abs(a - b) for a, b in zip(scores, expected, strict=True))
+    console.print(f"service ready in {started:.1f}s on {url}")
+    table = Table(title=f"predictions from {body['model_name']} v{body['model_version']}")
+    for col in ("customer", "contract", "tenure", "monthly_charges", "served score", "in-process"):
+        table.add_column(col)
+    for (_, r), s, e in zip(rows.iterrows(), scores, expected, strict=True):
+        table.add_row(
+            str(r.get(cfg.dataset.id_column or "", "")),
+            str(r["contract"]),
+            str(r["tenure"]),
+            str(r["monthly_charges"]),
+            f"{s:.6f}",
+            f"{e:.6f}",
+        )
+    console.print(table)
+    console.print(f"max |served - in-process| = {worst:.2e}")
+    console.print(f"a bad request (tenure='long') got HTTP {bad.status_code}: {bad.text[:200]}")
+
+    console.print(Rule("summary"))
+    client = registry.connect(cfg.registry)
+    versions = registry.list_versions(client, cfg.registry.model_name)
+    summary = Table(title=f"{cfg.registry.model_name}: newest versions")
+    for col in ("version", "aliases", "outcome", "estimator", "metric", "gates"):
+        summary.add_column(col)
+    for v in versions[:6]:
+        summary.add_row(
+            v["version"],
+            ", ".join("@" + a for a in v["aliases"]),
+            v["outcome"],
+            v["estimator"],
+            f"{v['primary_metric']}={v['primary_metric_value']}",
+            " ".join(f"{k}={s}" for k, s in sorted(v["gates"].items())),
+        )
+    console.print(summary)
+    console.print(
+        f"first challenger: {'accepted' if first.accepted else 'rejected'}; "
+        f"small challenger: {'accepted' if second.accepted else 'rejected'} "
+        f"({second.stopped_at or 'no'} gate)"
+    )
+    console.print(
+        "MLflow UI: .venv/bin/mlflow ui --backend-store-uri "
+        f"{cfg.registry.resolved_tracking_uri()} --port 5000"
+    )
+    ok = body["model_version"] == champion.version and worst < 1e-5 and 400 <= bad.status_code < 500
+    if not ok:
+        console.print("[bold red]demo check failed: served answers differ from in-process ONNX[/]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

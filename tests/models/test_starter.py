@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from models.config import config_from_dict
+from models.data import DataError
+from models.starter import infer_dataset_config
+
+
+def test_infers_churn_schema(churn_df):
+    raw = infer_dataset_config(churn_df, "churn", "data/churn.parquet")
+    ds = raw["dataset"]
+    assert ds["id_column"] == "customer_id"
+    assert ds["positive_label"] == "Yes"  # the rarer class
+    assert "tenure" in ds["numeric_features"] and "contract" in ds["categorical_features"]
+    assert "customer_id" not in ds["numeric_features"] + ds["categorical_features"]
+    config_from_dict({"dataset": ds})
+
+
+def test_other_table_with_free_text_and_timestamp():
+    df = pd.DataFrame(
+        {
+            "row": range(200),
+            "amount": [float(i % 17) for i in range(200)],
+            "city": ["a", "b", "c", "d"] * 50,
+            "note": [f"free text {i}" for i in range(200)],
+            "when": pd.date_range("2026-01-01", periods=200, freq="h"),
+            "flag": [0, 1] * 100,
+            "const": [1] * 200,
+        }
+    )
+    raw = infer_dataset_config(df, "flag", "x.csv")
+    ds = raw["dataset"]
+    assert ds["positive_label"] == 1
+    assert ds["id_column"] == "row"
+    assert ds["numeric_features"] == ["amount"]
+    assert ds["categorical_features"] == ["city"]
+    assert ds["timestamp_column"] == "when"
+    assert set(raw["_skipped"]) == {"note", "when", "const"}
+
+
+def test_target_errors_name_the_problem():
+    df = pd.DataFrame({"x": [1, 2, 3], "y": ["a", "b", "c"]})
+    with pytest.raises(DataError, match="'z' not found"):
+        infer_dataset_config(df, "z", "x.csv")
+    with pytest.raises(DataError, match="exactly 2 classes"):
+        infer_dataset_config(df, "y", "x.csv")
+    df2 = pd.DataFrame({"x": [1, 2, 3, 4], "y": ["a", "b", "a", "b"]})
+    with pytest.raises(DataError, match="--positive 'c'"):
+        infer_dataset_config(df2, "y", "x.csv", positive="c")
