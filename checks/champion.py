@@ -132,9 +132,17 @@ def _slice_checks(
                     CheckRow(name, GateStatus.INCONCLUSIVE, "nan", "defined", "one class only")
                 )
                 continue
+            # Within a slice the slice column itself no longer separates the classes, so a
+            # slice is held to its own floor (if set) and to the champion on the same rows,
+            # never to the overall floor.
+            if cfg.slice_floor is not None and chal < cfg.slice_floor:
+                rows.append(
+                    CheckRow(name, GateStatus.FAIL, fmt_number(chal), f">= {cfg.slice_floor}")
+                )
+                continue
             if champion is None:
-                status = GateStatus.PASS if chal >= cfg.floor else GateStatus.FAIL
-                rows.append(CheckRow(name, status, fmt_number(chal), f">= {cfg.floor}"))
+                bound = f">= {cfg.slice_floor}" if cfg.slice_floor is not None else "no floor"
+                rows.append(CheckRow(name, GateStatus.PASS, fmt_number(chal), bound, "no champion"))
                 continue
             champ = metric_value(cfg.primary_metric, y[mask], champion[mask])
             delta = chal - champ

@@ -82,37 +82,39 @@ class DataProfile:
 def profile_reference(df: pd.DataFrame, dataset: DatasetConfig) -> DataProfile:
     """Learn the data gate's bounds from reference (training) data.
 
-    Raises ValueError when the reference itself breaks the config: a profile learned from
-    broken data would let the same breakage pass the gate later.
+    Never raises for a data problem: a configured column the reference lacks, or a numeric
+    feature it does not hold as numbers, is left out of the profile, and the gate then
+    fails every batch on that column with a reason that says so. The training flow
+    profiles the very batch it is about to gate, so raising here would hide the gate's
+    explanation behind a crash.
     """
-    roles = _column_roles(dataset, with_label=True)
-    missing = [c for c in roles if c not in df.columns]
-    if missing:
-        raise ValueError(f"reference data lacks configured columns: {', '.join(missing)}")
-    not_numeric = [
-        f"{c} ({df[c].dtype})"
-        for c in dataset.numeric_features
-        if not pd.api.types.is_numeric_dtype(df[c])
-    ]
-    if not_numeric:
-        raise ValueError(f"reference numeric features are not numeric: {', '.join(not_numeric)}")
-
     n = len(df)
-    null_shares = {c: float(df[c].isna().mean()) if n else 0.0 for c in roles}
+    columns: dict[str, str] = {}
+    for col, role in _column_roles(dataset, with_label=True).items():
+        if col not in df.columns:
+            continue
+        if role == "numeric" and not _is_numeric(df[col]):
+            continue
+        columns[col] = role
+
     numeric_ranges: dict[str, tuple[float, float]] = {}
-    for c in dataset.numeric_features:
-        values = _as_float(df[c]).dropna()
-        # An all-null reference column has no range to learn; its null share still guards it.
-        if len(values):
-            numeric_ranges[c] = (float(values.min()), float(values.max()))
-    categories = {
-        c: sorted(set(_as_text(df[c]).dropna().tolist())) for c in dataset.categorical_features
-    }
-    label_values = sorted(set(_as_text(df[dataset.target]).dropna().tolist()))
+    categories: dict[str, list[str]] = {}
+    label_values: list[str] = []
+    for col, kind in columns.items():
+        if kind == "numeric":
+            values = _as_float(df[col]).dropna()
+            # An all-null reference column has no range to learn; its null share still
+            # guards it.
+            if len(values):
+                numeric_ranges[col] = (float(values.min()), float(values.max()))
+        elif kind == "categorical":
+            categories[col] = sorted(set(_as_text(df[col]).dropna().tolist()))
+        elif kind == "label":
+            label_values = sorted(set(_as_text(df[col]).dropna().tolist()))
     return DataProfile(
-        columns=dict(roles),
+        columns=columns,
         numeric_ranges=numeric_ranges,
-        null_shares=null_shares,
+        null_shares={c: float(df[c].isna().mean()) if n else 0.0 for c in columns},
         categories=categories,
         label_values=label_values,
         row_count=n,
@@ -189,9 +191,7 @@ def _check_data_quality(
 
     now_utc = _to_utc(now or datetime.now(UTC))
     roles = _column_roles(dataset, with_label=with_label)
-    _require_profile(reference, roles, dataset)
-
-    checks, frame = _plan_checks(df, dataset, gate, reference, roles, with_label, now_utc)
+    checks, frame = _plan_checks(df, gate, reference, roles, now_utc)
     gx_checks = [c for c in checks if c.expectation is not None]
     for i, c in enumerate(gx_checks):
         c.expectation.meta = {_META_KEY: i}
@@ -230,11 +230,9 @@ def _check_data_quality(
 
 def _plan_checks(
     df: pd.DataFrame,
-    dataset: DatasetConfig,
     gate: DataGateConfig,
     reference: DataProfile,
     roles: dict[str, ColumnRole],
-    with_label: bool,
     now: datetime,
 ) -> tuple[list[_Check], pd.DataFrame]:
     """The checks in table order, and the frame GX validates (only the columns it needs,
@@ -264,6 +262,10 @@ def _plan_checks(
         present = col in df.columns
         checks.append(_presence_check(col, present, extra_columns))
         if not present:
+            continue
+        known_as = reference.columns.get(col)
+        if known_as != role:
+            checks.append(_reference_check(col, role, known_as))
             continue
         s = df[col]
 
@@ -479,19 +481,23 @@ def _column_roles(dataset: DatasetConfig, *, with_label: bool) -> dict[str, Colu
     return roles
 
 
-def _require_profile(
-    reference: DataProfile, roles: dict[str, ColumnRole], dataset: DatasetConfig
-) -> None:
-    """A profile learned under another config cannot bound this one; say so instead of
-    silently checking less."""
-    lacking = [c for c in roles if c not in reference.null_shares]
-    lacking += [c for c in dataset.categorical_features if c not in reference.categories]
-    if lacking:
-        raise ValueError(
-            "reference profile has no statistics for "
-            + ", ".join(sorted(set(lacking)))
-            + " (profile built from another dataset config?)"
-        )
+def _reference_check(col: str, role: str, known_as: str | None) -> _Check:
+    """A column the reference profile cannot bound (added to the config after the profile
+    was learned, or absent or not numeric in the reference data) fails: checking less
+    without saying so would be a silent pass."""
+    seen = "not in the reference profile" if known_as is None else f"profiled as {known_as}"
+    return _Check(
+        check=f"{col} has reference statistics",
+        column=col,
+        bound=f"profiled as {role}",
+        kind="reference_statistics",
+        outcome=_Outcome(
+            False,
+            seen,
+            f"{col}: {seen}, expected {role} (re-profile the reference data for this config)",
+            observed={"profiled_as": known_as, "configured_as": role},
+        ),
+    )
 
 
 def _presence_check(col: str, present: bool, extra_columns: list[str]) -> _Check:
@@ -517,7 +523,7 @@ def _presence_check(col: str, present: bool, extra_columns: list[str]) -> _Check
 
 def _numeric_type_check(col: str, s: pd.Series) -> _Check:
     dtype = str(s.dtype)
-    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_complex_dtype(s):
+    if _is_numeric(s):
         outcome = _Outcome(True, dtype, observed={"dtype": dtype})
     else:
         present = s.dropna()
@@ -765,6 +771,10 @@ def _to_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def _is_numeric(s: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_complex_dtype(s)
+
+
 def _as_float(s: pd.Series) -> pd.Series:
     """Plain float64, so nullable and boolean dtypes compare like any other number in GX."""
     if pd.api.types.is_float_dtype(s) and not pd.api.types.is_extension_array_dtype(s):
@@ -773,13 +783,21 @@ def _as_float(s: pd.Series) -> pd.Series:
 
 
 def _as_text(s: pd.Series) -> pd.Series:
-    """Category and label values as strings, nulls kept as None, so profile and batch agree
+    """Category and label values as a categorical of strings, so profile and batch agree
     whatever dtype the file gave them; whole floats read as ints, since an int column turns
-    float as soon as a batch has a null in it."""
-    notna = s.notna()
-    if pd.api.types.is_float_dtype(s) and bool((s[notna] % 1 == 0).all()):
+    float as soon as a batch has a null in it.
+
+    Categorical rather than object: GX copies and null-scans the frame once per map
+    expectation, which on object columns of strings is most of its time on large batches.
+    """
+    if pd.api.types.is_float_dtype(s) and bool((s.dropna() % 1 == 0).all()):
         s = s.astype("Int64")
-    return s.astype(str).where(notna, None)
+    cat = s.astype("category").cat.remove_unused_categories()
+    names = [str(v) for v in cat.cat.categories]
+    if len(set(names)) == len(names):
+        return cat.cat.rename_categories(names)
+    # Distinct values with the same text (1 and "1" in one object column) are one category.
+    return s.astype(str).where(s.notna(), None).astype("category")
 
 
 def _quiet_context_config() -> Any:

@@ -230,7 +230,7 @@ def move_alias(
     actor = actor or current_actor()
     with _lock(registry, name, alias):
         current = get_alias_version(client, name, alias)
-        current_version = current.version if current else None
+        current_version = str(current.version) if current else None
         if str(current_version) != str(expected_from) and not (
             current_version is None and expected_from is None
         ):

@@ -92,8 +92,8 @@ def read_champion(client: MlflowClient, cfg: MlgateConfig) -> ChampionState:
         raw = registry.load_json_artifact(client, mv.run_id, registry.PROFILE_ARTIFACT)
         profile = DataProfile.from_dict(raw)
     except Exception as err:
-        return ChampionState(mv.version, None, error=f"reference profile unreadable: {err}")
-    return ChampionState(mv.version, profile)
+        return ChampionState(str(mv.version), None, error=f"reference profile unreadable: {err}")
+    return ChampionState(str(mv.version), profile)
 
 
 @task(name="score-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -236,8 +236,8 @@ def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None
             },
             description=champion_gate.reason,
         )
-        client.set_tag(run_id, "model_version", mv.version)
-        outcome_kw = {**common, "version": mv.version, "metrics": metrics}
+        client.set_tag(run_id, "model_version", str(mv.version))
+        outcome_kw = {**common, "version": str(mv.version), "metrics": metrics}
         if not accepted:
             logger.warning("champion gate %s: %s", champion_gate.status.value, champion_gate.reason)
             return _finish(client, run_id, _rejected("champion", gates, **outcome_kw))
@@ -249,7 +249,7 @@ def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None
             cfg.registry,
             cfg.registry.model_name,
             "challenger",
-            mv.version,
+            str(mv.version),
             expected_from=_alias_version(client, cfg, "challenger"),
             reason=reason,
             evidence=evidence,
@@ -262,7 +262,7 @@ def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None
             cfg.registry,
             cfg.registry.model_name,
             "champion",
-            mv.version,
+            str(mv.version),
             expected_from=champion.version,
             reason=reason,
             evidence=evidence,
@@ -273,7 +273,7 @@ def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None
             None,
             "first model, floor passed" if champion.version is None else champion_gate.reason,
             gates=gates,
-            champion_after=mv.version,
+            champion_after=str(mv.version),
             **outcome_kw,
         )
         return _finish(client, run_id, outcome)
@@ -284,7 +284,7 @@ def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None
 
 def _alias_version(client: MlflowClient, cfg: MlgateConfig, alias: str) -> str | None:
     mv = registry.get_alias_version(client, cfg.registry.model_name, alias)
-    return mv.version if mv else None
+    return str(mv.version) if mv else None
 
 
 def model_card(

@@ -81,6 +81,7 @@ class ChampionGateConfig(_Section):
     seed: int = 7
     min_slice_rows: int = Field(default=100, ge=1)
     max_slice_regression: float = Field(default=0.05, ge=0.0)
+    slice_floor: float | None = None
     max_brier: float | None = 0.25
     max_latency_us_per_row: float | None = 5000.0
     max_model_mb: float | None = 200.0
@@ -164,11 +165,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     dataset = raw.get("dataset")
     if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
         p = Path(dataset["path"])
-        dataset["path"] = str(p if p.is_absolute() else base / p)
+        dataset["path"] = str(p if p.is_absolute() else (base / p).resolve())
     registry = raw.get("registry")
     if isinstance(registry, dict) and isinstance(registry.get("store_dir"), str):
         p = Path(registry["store_dir"])
-        registry["store_dir"] = str(p if p.is_absolute() else base / p)
+        registry["store_dir"] = str(p if p.is_absolute() else (base / p).resolve())
     elif "registry" not in raw or isinstance(registry, dict):
         raw.setdefault("registry", {})
         raw["registry"].setdefault("store_dir", str(base / ".mlgate"))

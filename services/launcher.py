@@ -1,0 +1,193 @@
+"""Running the prediction service as a `bentoml serve` child process.
+
+`mlgate serve` blocks on it; tests and the canary controller start one per variant.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVICE_IMPORT = "services.bento_service:MlgateService"
+_TAIL_LINES = 200
+
+
+class ServiceStartError(RuntimeError):
+    """The service exited or did not become ready; the message ends with its output."""
+
+
+class ServiceProcess:
+    """A running `bentoml serve`; its merged stdout and stderr are kept (the last lines),
+    optionally echoed to our stderr and appended to a log file, so that the child never
+    blocks on a full pipe."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        *,
+        host: str,
+        port: int,
+        echo: bool = False,
+        log_path: Path | None = None,
+    ) -> None:
+        self.process = process
+        self.host = host
+        self.port = port
+        self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self._log: IO[str] | None = open(log_path, "a") if log_path else None  # noqa: SIM115
+        self._echo = echo
+        self._pump = threading.Thread(target=self._read_output, daemon=True)
+        self._pump.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output_tail(self, lines: int = 40) -> str:
+        return "\n".join(list(self._tail)[-lines:])
+
+    def _read_output(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self._tail.append(line)
+            if self._echo:
+                print(line, file=sys.stderr, flush=True)
+            if self._log is not None:
+                self._log.write(line + "\n")
+                self._log.flush()
+
+    def is_running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Poll `/readyz` until it answers 200; fail early, with the output, if the process
+        exits (a model that fails its checks ends start-up)."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                code = self.process.poll()
+                if code is not None:
+                    self._pump.join(timeout=2)
+                    raise ServiceStartError(
+                        f"service on {self.url} exited with status {code} before it was "
+                        f"ready; its last output:\n{self.output_tail()}"
+                    )
+                try:
+                    if client.get(f"{self.url}/readyz").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServiceStartError(
+                        f"service on {self.url} was not ready after {timeout:.0f} s; "
+                        f"its last output:\n{self.output_tail()}"
+                    )
+                time.sleep(0.25)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, so BentoML drains and stops its workers; SIGKILL to the whole process
+        group if that takes longer than `timeout`. Returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                # The child leads its own session, so its group is exactly the server and
+                # the workers it spawned.
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait(timeout=timeout)
+        self._pump.join(timeout=2)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_service(
+    config_path: Path,
+    *,
+    alias: str | None,
+    version: str | None,
+    port: int,
+    host: str = "127.0.0.1",
+    echo: bool = False,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ServiceProcess:
+    """Start `bentoml serve` for the model `alias` or `version` (neither: the config's
+    `serving.alias`) on host:port. Returns at once; call `wait_ready()` before sending
+    traffic. `env` adds to (and overrides) the inherited environment."""
+    if alias is not None and version is not None:
+        raise ValueError("give an alias or a version to serve, not both")
+    child_env = dict(os.environ)
+    for key in ("MLGATE_SERVE_ALIAS", "MLGATE_SERVE_VERSION"):
+        child_env.pop(key, None)
+    child_env.update(
+        {
+            "MLGATE_CONFIG": str(Path(config_path).resolve()),
+            "PYTHONUNBUFFERED": "1",
+            "BENTOML_DO_NOT_TRACK": "True",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
+    )
+    if alias is not None:
+        child_env["MLGATE_SERVE_ALIAS"] = alias
+    if version is not None:
+        child_env["MLGATE_SERVE_VERSION"] = str(version)
+    if env:
+        child_env.update(env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        SERVICE_IMPORT,
+        "--working-dir",
+        str(REPO_ROOT),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=child_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return ServiceProcess(process, host=host, port=port, echo=echo, log_path=log_path)
+

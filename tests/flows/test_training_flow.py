@@ -1,0 +1,139 @@
+"""End to end: the real training flow on the bundled data, real MLflow on SQLite in a temp
+dir, Prefect's test harness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from checks.result import GateStatus
+from flows import registry
+from flows.cli import EXIT_REJECTED, EXIT_USAGE, app
+from flows.training import training_flow
+from models.config import load_config
+from models.data import DataError
+from tests.conftest import BUNDLED_DATA, write_config
+
+SMALL = {"estimator": "gradient_boosting", "params": {"n_estimators": 5, "max_depth": 1}}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("training")
+
+
+@pytest.fixture(scope="module")
+def config_path(workdir) -> Path:
+    return write_config(workdir)
+
+
+@pytest.fixture(scope="module")
+def first(config_path):
+    return training_flow(config_path=str(config_path))
+
+
+def test_first_run_registers_champion_on_floor_alone(config_path, first):
+    assert first.accepted, first.reason
+    assert [g.name for g in first.gates] == ["data", "parity", "champion"]
+    assert all(g.status is GateStatus.PASS for g in first.gates)
+    assert "no champion yet" in first.gates[-1].reason
+    cfg = load_config(config_path)
+    client = registry.connect(cfg.registry)
+    mv = client.get_model_version_by_alias("churn", "champion")
+    assert str(mv.version) == first.version == "1"
+    assert str(registry.get_alias_version(client, "churn", "challenger").version) == "1"
+    tags = mv.tags
+    assert tags["gate.data"] == tags["gate.parity"] == tags["gate.champion"] == "pass"
+    assert len(tags[registry.SHA_TAG]) == 64 and tags["data_hash"] == first.data_hash
+    assert tags["git_commit"]
+    run = client.get_run(mv.run_id)
+    assert run.data.metrics["roc_auc"] > 0.8
+    assert run.data.params["estimator"] == "gradient_boosting"
+    evidence = registry.version_gate_results(client, mv)
+    assert [g.name for g in evidence] == ["data", "parity", "champion"]
+    history = registry.alias_history(client, "churn", "champion")
+    assert history[0]["to_version"] == "1" and history[0]["from_version"] == "None"
+    assert history[0]["actor"].startswith("prefect:training_flow")
+
+
+def test_small_challenger_is_rejected_and_champion_kept(config_path, first, monkeypatch):
+    monkeypatch.setenv("MLGATE_TRAIN__ESTIMATOR", SMALL["estimator"])
+    monkeypatch.setenv("MLGATE_TRAIN__PARAMS", json.dumps(SMALL["params"]))
+    out = training_flow(config_path=str(config_path))
+    assert not out.accepted and out.stopped_at == "champion"
+    gate = out.gates[-1]
+    assert gate.status is GateStatus.FAIL
+    assert gate.metrics["delta_ci_low"] < -0.01
+    assert f"champion v{first.version}" in gate.reason
+    client = registry.connect(load_config(config_path).registry)
+    assert str(client.get_model_version_by_alias("churn", "champion").version) == first.version
+    rejected = client.get_model_version("churn", out.version)
+    assert rejected.tags["gate.champion"] == "fail"
+    assert rejected.tags["mlgate.outcome"] == "rejected"
+
+
+def test_data_gate_failure_stops_before_training(config_path, workdir, first):
+    df = pd.read_parquet(BUNDLED_DATA)
+    df.loc[df.sample(frac=0.4, random_state=0).index, "tenure"] = None
+    bad = workdir / "nulls.parquet"
+    df.to_parquet(bad)
+    client = registry.connect(load_config(config_path).registry)
+    versions_before = len(registry.list_versions(client, "churn"))
+    out = training_flow(config_path=str(config_path), data_path=str(bad))
+    assert not out.accepted and out.stopped_at == "data"
+    assert [g.name for g in out.gates] == ["data"]
+    assert "tenure" in out.gates[0].reason
+    assert len(registry.list_versions(client, "churn")) == versions_before
+    run = client.get_run(out.run_id)
+    assert run.data.tags["gate.data"] == "fail" and run.info.status == "FINISHED"
+
+
+def test_missing_column_fails_with_its_name(config_path, workdir):
+    df = pd.read_parquet(BUNDLED_DATA).drop(columns=["monthly_charges"])
+    bad = workdir / "no_charges.parquet"
+    df.to_parquet(bad)
+    with pytest.raises(DataError, match="monthly_charges"):
+        training_flow(config_path=str(config_path), data_path=str(bad))
+
+
+def test_cli_train_exit_codes_and_gate_table(config_path, workdir, first):
+    runner = CliRunner()
+    (workdir / "bad").mkdir(exist_ok=True)
+    bad_cfg = write_config(workdir / "bad", gates={"champion": {"flor": 0.5}})
+    result = runner.invoke(app, ["train", "--config", str(bad_cfg)])
+    assert result.exit_code == EXIT_USAGE
+    assert "gates.champion.flor" in result.output
+
+    result = runner.invoke(
+        app,
+        ["train", "--config", str(config_path)],
+        env={"MLGATE_TRAIN__PARAMS": json.dumps(SMALL["params"])},
+    )
+    assert result.exit_code == EXIT_REJECTED, result.output
+    assert "REJECTED" in result.output
+
+    shown = runner.invoke(app, ["gates", "show", "churn", "1", "--config", str(config_path)])
+    assert shown.exit_code == 0, shown.output
+    assert "champion" in shown.output and "roc_auc floor" in shown.output
+
+    listed = runner.invoke(app, ["models", "list", "--config", str(config_path), "--json"])
+    rows = json.loads(listed.output)
+    assert rows[-1]["version"] == "1" and "champion" in rows[-1]["aliases"]
+
+
+def test_cli_init_then_config_loads(tmp_path):
+    out = tmp_path / "mlgate.yaml"
+    result = CliRunner().invoke(
+        app, ["init", "--data", str(BUNDLED_DATA), "--target", "churn", "--output", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    cfg = load_config(out)
+    assert cfg.dataset.path == BUNDLED_DATA and cfg.dataset.id_column == "customer_id"
+    again = CliRunner().invoke(
+        app, ["init", "--data", str(BUNDLED_DATA), "--target", "churn", "--output", str(out)]
+    )
+    assert again.exit_code == EXIT_USAGE and "exists" in again.output
