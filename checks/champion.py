@@ -91,7 +91,7 @@ def _regression_check(ci: BootstrapInterval, cfg: ChampionGateConfig) -> CheckRo
             detail = "no detectable difference" if ci.high >= 0 else "worse, within allowance"
     else:
         status, detail = GateStatus.FAIL, "possible regression beyond the allowance"
-    pct = int(round(cfg.confidence * 100))
+    pct = round(cfg.confidence * 100)
     return CheckRow(
         check=f"{cfg.primary_metric} vs champion ({pct}% CI of difference)",
         status=status,

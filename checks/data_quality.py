@@ -102,9 +102,10 @@ def profile_reference(df: pd.DataFrame, dataset: DatasetConfig) -> DataProfile:
     label_values: list[str] = []
     for col, kind in columns.items():
         if kind == "numeric":
-            values = _as_float(df[col]).dropna()
-            # An all-null reference column has no range to learn; its null share still
-            # guards it.
+            values = _as_float(df[col])
+            # Infinities would make the range unbounded (and the profile invalid JSON); an
+            # all-null reference column has no range to learn, its null share still guards it.
+            values = values[values.abs() < math.inf]
             if len(values):
                 numeric_ranges[col] = (float(values.min()), float(values.max()))
         elif kind == "categorical":

@@ -79,6 +79,6 @@ def fmt_number(v: float | int | None, digits: int = 4) -> str:
         return "n/a"
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
-    if isinstance(v, int) or float(v).is_integer() and abs(v) >= 1:
+    if isinstance(v, int) or (float(v).is_integer() and abs(v) >= 1):
         return f"{int(v):,}"
     return f"{v:.{digits}g}"

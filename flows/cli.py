@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,9 +37,7 @@ app.add_typer(models_app, name="models")
 console = Console()
 err_console = Console(stderr=True)
 
-ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", help="Config file.", show_default=True)
-]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config file.", show_default=True)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
@@ -118,10 +115,11 @@ def train(
 ) -> None:
     """Run the training flow: data gate, train, ONNX parity, champion gate, register."""
     from flows.report import gate_tables
+    from flows.runtime import use_embedded_prefect
     from models.config import ConfigError
     from models.data import DataError
 
-    _load(config)
+    use_embedded_prefect(_load(config).registry.store_dir)
     from flows.training import training_flow
 
     try:
@@ -160,7 +158,9 @@ def serve(
     cfg = _load(config)
     chosen_alias = None if version else (alias or cfg.serving.alias)
     port = port or cfg.serving.port
-    proc = start_service(config, alias=chosen_alias, version=version, port=port, host=cfg.serving.host)
+    proc = start_service(
+        config, alias=chosen_alias, version=version, port=port, host=cfg.serving.host
+    )
     try:
         proc.wait_ready(timeout=180)
         console.print(
@@ -202,7 +202,7 @@ def gates_show(
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return
-    console.print(gate_tables(results))
+    console.print(gate_tables(results, max_passed_rows=None))
 
 
 @models_app.command("list")
@@ -244,4 +244,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -279,7 +279,9 @@ def _record_move(client: MlflowClient, registry: RegistryConfig, **move: Any) ->
     return str(run.info.run_id)
 
 
-def alias_history(client: MlflowClient, name: str, alias: str | None = None) -> list[dict[str, str]]:
+def alias_history(
+    client: MlflowClient, name: str, alias: str | None = None
+) -> list[dict[str, str]]:
     exp = client.get_experiment_by_name(AUDIT_EXPERIMENT)
     if exp is None:
         return []

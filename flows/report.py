@@ -37,13 +37,15 @@ def gate_detail_table(result: GateResult) -> Table:
     return table
 
 
-def gate_tables(results: list[GateResult], *, failed_only_detail: bool = False) -> Group:
-    """The summary, then each gate's checks (all of them, or just the ones not passed)."""
+def gate_tables(results: list[GateResult], *, max_passed_rows: int | None = 20) -> Group:
+    """The summary, then each gate's checks. A passed gate with more checks than
+    `max_passed_rows` (the data gate's dozens) keeps to its summary line; a gate that did not
+    pass always shows every check, because that is where the reader needs the numbers."""
     parts: list[Table] = [gate_summary_table(results)]
     for r in results:
         if not r.checks:
             continue
-        if failed_only_detail and r.passed:
+        if r.passed and max_passed_rows is not None and len(r.checks) > max_passed_rows:
             continue
         parts.append(gate_detail_table(r))
     return Group(*parts)

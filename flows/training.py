@@ -88,6 +88,8 @@ def read_champion(client: MlflowClient, cfg: MlgateConfig) -> ChampionState:
     mv = registry.get_alias_version(client, cfg.registry.model_name, "champion")
     if mv is None:
         return ChampionState(version=None, profile=None)
+    if not mv.run_id:
+        return ChampionState(str(mv.version), None, error="champion version has no run")
     try:
         raw = registry.load_json_artifact(client, mv.run_id, registry.PROFILE_ARTIFACT)
         profile = DataProfile.from_dict(raw)
@@ -97,7 +99,9 @@ def read_champion(client: MlflowClient, cfg: MlgateConfig) -> ChampionState:
 
 
 @task(name="score-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def score_champion(cfg: MlgateConfig, champion: ChampionState, holdout: pd.DataFrame) -> ChampionState:
+def score_champion(
+    cfg: MlgateConfig, champion: ChampionState, holdout: pd.DataFrame
+) -> ChampionState:
     if champion.version is None or champion.error:
         return champion
     try:
@@ -137,7 +141,9 @@ def _rejected(stage: str, gates: list[GateResult], **kw: Any) -> TrainingOutcome
 
 
 @flow(name="training_flow", log_prints=True)
-def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None) -> TrainingOutcome:
+def training_flow(
+    config_path: str = "mlgate.yaml", data_path: str | None = None
+) -> TrainingOutcome:
     """Train a challenger and let the gates decide whether it is registered and promoted."""
     logger = get_run_logger()
     cfg = load_config(config_path)
@@ -163,7 +169,9 @@ def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None
     run_id = run.info.run_id
     common = {"run_id": run_id, "champion_before": champion.version, "data_hash": data_hash}
     try:
-        registry.log_json_artifact(client, run_id, "config/mlgate.json", cfg.model_dump(mode="json"))
+        registry.log_json_artifact(
+            client, run_id, "config/mlgate.json", cfg.model_dump(mode="json")
+        )
         data_gate = run_data_gate(df, cfg.dataset, cfg.gates.data, reference)
         gates = [data_gate]
         if not data_gate.passed:
@@ -192,7 +200,9 @@ def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None
             return _finish(client, run_id, _rejected("parity", gates, metrics=metrics, **common))
 
         champion = score_champion(cfg, champion, parts.holdout)
-        slices = parts.holdout[list(cfg.dataset.slice_columns)] if cfg.dataset.slice_columns else None
+        slices = (
+            parts.holdout[list(cfg.dataset.slice_columns)] if cfg.dataset.slice_columns else None
+        )
         challenger = ScoredModel(
             onnx_scores,
             latency_us_per_row=latency_per_row_us(session, parts.holdout, cfg.dataset),
@@ -219,6 +229,7 @@ def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None
         registry.log_json_artifact(client, run_id, registry.PROFILE_ARTIFACT, profile.to_dict())
 
         accepted = champion_gate.passed
+        primary = metrics.get(cfg.gates.champion.primary_metric, float("nan"))
         mv = registry.register_version(
             client,
             cfg.registry.model_name,
@@ -231,7 +242,7 @@ def training_flow(config_path: str = "mlgate.yaml", data_path: str | None = None
                 "git_commit": client.get_run(run_id).data.tags.get("git_commit", "unknown"),
                 "estimator": cfg.train.estimator,
                 "primary_metric": cfg.gates.champion.primary_metric,
-                "primary_metric_value": f"{metrics.get(cfg.gates.champion.primary_metric, float('nan')):.6f}",
+                "primary_metric_value": f"{primary:.6f}",
                 "mlgate.outcome": "accepted" if accepted else "rejected",
             },
             description=champion_gate.reason,

@@ -124,9 +124,7 @@ def predict_proba_onnx(session: Any, df: pd.DataFrame, dataset: DatasetConfig) -
     return score_onnx(session, onnx_inputs_from_frame(X, input_schema(dataset)))
 
 
-def predict_proba_with_schema(
-    session: Any, df: pd.DataFrame, schema: dict[str, Any]
-) -> np.ndarray:
+def predict_proba_with_schema(session: Any, df: pd.DataFrame, schema: dict[str, Any]) -> np.ndarray:
     """Score with the columns a registered model was trained on, whatever today's config says."""
     X = prepare_columns(df, schema["numeric"], schema["categorical"])
     return score_onnx(session, onnx_inputs_from_frame(X, schema))

@@ -70,7 +70,8 @@ def test_nan_scores_and_empty_holdout_never_pass():
     y, p = _data()
     bad = p.copy()
     bad[0] = np.nan
-    assert compare_to_champion(y, _scored(bad), None, CFG, holdout_hash="h").status is GateStatus.FAIL
+    nan_result = compare_to_champion(y, _scored(bad), None, CFG, holdout_hash="h")
+    assert nan_result.status is GateStatus.FAIL
     empty = compare_to_champion(np.array([]), _scored(np.array([])), None, CFG, holdout_hash="h")
     assert empty.status is GateStatus.FAIL and "empty holdout" in empty.reason
 
