@@ -239,6 +239,184 @@ def models_list(config: ConfigOpt = Path("mlgate.yaml"), as_json: JsonOpt = Fals
     console.print(table)
 
 
+def _registry_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from flows.registry import RegistryError
+
+    try:
+        return fn(*args, **kwargs)
+    except RegistryError as err:
+        raise _fail(str(err)) from None
+
+
+def _print_move(move: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(move.__dict__, indent=2))
+        return
+    forced = " [bold red](forced)[/]" if move.forced else ""
+    console.print(
+        f"@{move.alias} of {move.model_name}: {move.from_version} -> "
+        f"[bold]{move.to_version}[/]{forced} by {move.actor}; recorded as audit run "
+        f"{move.audit_run_id}"
+    )
+
+
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why: recorded in the history.")]
+AliasOpt = Annotated[str, typer.Option("--alias", help="Alias to move.")]
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to move the alias to.")],
+    reason: ReasonOpt,
+    alias: AliasOpt = "champion",
+    force: Annotated[
+        bool, typer.Option("--force", help="Move without passing evidence (recorded).")
+    ] = False,
+    config: ConfigOpt = Path("mlgate.yaml"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Move an alias to a version that carries passing evidence for every required gate."""
+    from flows import registry
+
+    cfg = _load(config)
+    client = registry.connect(cfg.registry)
+    move = _registry_call(
+        registry.promote,
+        client,
+        cfg.registry,
+        name,
+        version,
+        reason=reason,
+        alias=alias,
+        force=force,
+    )
+    _print_move(move, as_json)
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    reason: ReasonOpt,
+    alias: AliasOpt = "champion",
+    config: ConfigOpt = Path("mlgate.yaml"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Move an alias back to its previous holder, taken from the recorded history."""
+    from flows import registry
+
+    cfg = _load(config)
+    client = registry.connect(cfg.registry)
+    move = _registry_call(registry.rollback, client, cfg.registry, name, reason=reason, alias=alias)
+    _print_move(move, as_json)
+
+
+@app.command()
+def history(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    alias: Annotated[str | None, typer.Option("--alias", help="Only this alias.")] = None,
+    config: ConfigOpt = Path("mlgate.yaml"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Every alias move: when, who, from, to, why, forced or not."""
+    from flows import registry
+
+    cfg = _load(config)
+    rows = registry.alias_history(registry.connect(cfg.registry), name, alias)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{name}: alias history (newest first)")
+    for col in ("at", "kind", "alias", "from", "to", "who", "forced", "reason"):
+        table.add_column(col, overflow="fold")
+    for h in rows:
+        table.add_row(
+            h.get("at", ""),
+            h.get("mlgate.kind", ""),
+            h.get("alias", ""),
+            h.get("from_version", ""),
+            h.get("to_version", ""),
+            h.get("actor", ""),
+            h.get("forced", ""),
+            h.get("reason", ""),
+        )
+    console.print(table if rows else f"no recorded moves for {name}")
+
+
+@models_app.command("show")
+def models_show(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION.")],
+    config: ConfigOpt = Path("mlgate.yaml"),
+    as_json: JsonOpt = False,
+) -> None:
+    """One version with its evidence, links and lineage (data -> run -> version -> moves)."""
+    from flows import registry
+
+    cfg = _load(config)
+    client = registry.connect(cfg.registry)
+    info = _registry_call(registry.describe_version, client, ref)
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    table = Table(title=f"{info['name']} version {info['version']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key in (
+        "aliases",
+        "outcome",
+        "estimator",
+        "primary_metric",
+        "data_hash",
+        "holdout_hash",
+        "git_commit",
+        "onnx_sha256",
+        "created",
+        "run_id",
+        "source",
+        "evidence",
+    ):
+        value = info[key]
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    for gate, status in sorted(info["gates"].items()):
+        table.add_row(f"gate.{gate}", status)
+    console.print(table)
+    lineage = Table(title="lineage: alias moves of this version")
+    for col in ("at", "kind", "alias", "from", "to", "who", "reason"):
+        lineage.add_column(col, overflow="fold")
+    for h in info["moves"]:
+        lineage.add_row(
+            h.get("at", ""),
+            h.get("mlgate.kind", ""),
+            h.get("alias", ""),
+            h.get("from_version", ""),
+            h.get("to_version", ""),
+            h.get("actor", ""),
+            h.get("reason", ""),
+        )
+    console.print(lineage)
+
+
+@models_app.command("delete")
+def models_delete(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to delete.")],
+    reason: ReasonOpt,
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete even when it holds an alias.")
+    ] = False,
+    config: ConfigOpt = Path("mlgate.yaml"),
+) -> None:
+    """Delete a version; refused for an alias holder unless forced. Recorded in the history."""
+    from flows import registry
+
+    cfg = _load(config)
+    client = registry.connect(cfg.registry)
+    _registry_call(
+        registry.delete_version, client, cfg.registry, name, version, reason=reason, force=force
+    )
+    console.print(f"deleted {name} version {version}")
+
+
 def main() -> None:
     app(prog_name="mlgate")
 

@@ -13,20 +13,23 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from flows import registry
 from flows.report import gate_tables
-from flows.training import TrainingOutcome, training_flow
+from flows.runtime import use_embedded_prefect
 from models.config import load_config
 from models.data import load_dataset
 from models.onnx_export import make_session, predict_proba_with_schema
 from services.launcher import start_service
 from services.model_store import load_registered_model
+
+if TYPE_CHECKING:
+    from flows.training import TrainingOutcome
 
 console = Console(width=140)
 
@@ -48,6 +51,8 @@ def _free_port(preferred: int) -> int:
 
 
 def _run_training(title: str, config: Path, env: dict[str, str] | None = None) -> TrainingOutcome:
+    from flows.training import training_flow
+
     console.print(Rule(title))
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
@@ -72,6 +77,9 @@ def _run_training(title: str, config: Path, env: dict[str, str] | None = None) -
 
 def main(config: Path = Path("mlgate.yaml")) -> int:
     cfg = load_config(config)
+    use_embedded_prefect(cfg.registry.store_dir)
+    from flows import registry
+
     first = _run_training("1. training flow on the bundled data", config)
     second = _run_training(
         "2. a second, smaller challenger (5 stumps) against the champion", config, SMALL_CHALLENGER

@@ -6,6 +6,8 @@ audit experiment, so the history outlives the versions it mentions.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import getpass
 import json
 import math
@@ -16,8 +18,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
+import tenacity
 from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
@@ -55,10 +58,48 @@ class AliasMove:
     audit_run_id: str
 
 
+def _is_sqlite_busy(err: BaseException) -> bool:
+    return "database is locked" in str(err) or "database table is locked" in str(err)
+
+
+class _BusyRetryingClient:
+    """MlflowClient whose calls retry while SQLite says "database is locked".
+
+    SQLite allows one writer; concurrent promoters (threads or processes) otherwise see that
+    error escape after sqlite3's 5 s busy timeout. A locked statement is rolled back, so
+    calling again is safe.
+    """
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, attr: str) -> Any:
+        target = getattr(self._client, attr)
+        if not callable(target):
+            return target
+
+        @functools.wraps(target)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception(_is_sqlite_busy),
+                wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+                stop=tenacity.stop_after_delay(120),
+                reraise=True,
+            ):
+                with attempt:
+                    return target(*args, **kwargs)
+            raise AssertionError("unreachable: tenacity reraises")
+
+        return call
+
+
 def connect(registry: RegistryConfig) -> MlflowClient:
     registry.store_dir.mkdir(parents=True, exist_ok=True)
     uri = registry.resolved_tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if uri.startswith("sqlite:"):
+        return cast(MlflowClient, _BusyRetryingClient(client))
+    return client
 
 
 def ensure_experiment(client: MlflowClient, registry: RegistryConfig, name: str) -> str:
@@ -208,7 +249,7 @@ def version_gate_results(client: MlflowClient, mv: ModelVersion) -> list[GateRes
 def _lock(registry: RegistryConfig, name: str, alias: str) -> FileLock:
     locks = registry.store_dir / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(locks / f"{name}.{alias}.lock"), timeout=60)
+    return FileLock(str(locks / f"{name}.{alias}.lock"), timeout=120)
 
 
 def move_alias(
@@ -220,50 +261,78 @@ def move_alias(
     *,
     expected_from: str | None,
     reason: str,
+    kind: str = "promote",
     forced: bool = False,
     evidence: dict[str, Any] | None = None,
     actor: str | None = None,
 ) -> AliasMove:
-    """Compare-and-set: the alias moves only if it still points at `expected_from`."""
+    """Compare-and-set: the alias moves only if it still points at `expected_from`.
+
+    The file lock serialises movers on this host and its shared filesystem; the re-read under
+    the lock is what makes a stale reader lose instead of overwrite.
+    """
     if not reason.strip():
         raise RegistryError("an alias move needs a reason")
     actor = actor or current_actor()
     with _lock(registry, name, alias):
         current = get_alias_version(client, name, alias)
         current_version = str(current.version) if current else None
-        if str(current_version) != str(expected_from) and not (
-            current_version is None and expected_from is None
-        ):
+        if current_version != (str(expected_from) if expected_from is not None else None):
             raise AliasConflictError(
-                f"@{alias} of {name} now points at version {current_version}, "
-                f"not {expected_from} as read before; {last_mover(client, name, alias)}"
+                f"@{alias} of {name} points at version {current_version}, not "
+                f"{expected_from} as read before the move; {last_mover(client, name, alias)}"
             )
-        client.get_model_version(name, to_version)
+        if current_version == str(to_version):
+            raise RegistryError(f"{name} version {to_version} already holds @{alias}")
+        try:
+            client.get_model_version(name, to_version)
+        except MlflowException:
+            raise RegistryError(f"{name} has no version {to_version}") from None
         client.set_registered_model_alias(name, alias, to_version)
         client.set_model_version_tag(name, to_version, f"alias.{alias}.since", _now())
-        run_id = _record_move(
+        if current_version is not None and current_version != str(to_version):
+            _tag_if_exists(client, name, current_version, f"alias.{alias}.until", _now())
+        run_id = _record(
             client,
             registry,
+            kind=kind,
             name=name,
             alias=alias,
             from_version=current_version,
-            to_version=to_version,
+            to_version=str(to_version),
             reason=reason,
             actor=actor,
             forced=forced,
             evidence=evidence or {},
         )
-    return AliasMove(name, alias, current_version, to_version, reason, actor, forced, run_id)
+    move = AliasMove(name, alias, current_version, str(to_version), reason, actor, forced, run_id)
+    notify(registry, f"mlgate: {kind} {name}@{alias}", _describe(move, kind))
+    return move
+
+
+def _tag_if_exists(client: MlflowClient, name: str, version: str, key: str, value: str) -> None:
+    # The previous holder may have been deleted (forced); the history keeps it regardless.
+    with contextlib.suppress(MlflowException):
+        client.set_model_version_tag(name, version, key, value)
+
+
+def _describe(move: AliasMove, kind: str) -> str:
+    forced = " (FORCED)" if move.forced else ""
+    return (
+        f"{kind}{forced}: {move.model_name}@{move.alias} {move.from_version} -> "
+        f"{move.to_version} by {move.actor}: {move.reason}"
+    )
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _record_move(client: MlflowClient, registry: RegistryConfig, **move: Any) -> str:
+def _record(client: MlflowClient, registry: RegistryConfig, **move: Any) -> str:
+    """One run in the audit experiment per move: it outlives the versions it names."""
     exp_id = ensure_experiment(client, registry, AUDIT_EXPERIMENT)
     tags = {
-        "mlgate.kind": "alias_move",
+        "mlgate.kind": move["kind"],
         "model_name": move["name"],
         "alias": move["alias"],
         "from_version": str(move["from_version"]),
@@ -272,8 +341,11 @@ def _record_move(client: MlflowClient, registry: RegistryConfig, **move: Any) ->
         "forced": str(move["forced"]).lower(),
         "reason": move["reason"][:5000],
         "at": _now(),
+        "at_ns": str(time.time_ns()),
     }
-    run = client.create_run(exp_id, tags=tags, run_name=f"{move['name']}@{move['alias']}")
+    run = client.create_run(
+        exp_id, tags=tags, run_name=f"{move['kind']} {move['name']}@{move['alias']}"
+    )
     log_json_artifact(client, run.info.run_id, "move.json", {**tags, "evidence": move["evidence"]})
     client.set_terminated(run.info.run_id, "FINISHED")
     return str(run.info.run_id)
@@ -282,24 +354,194 @@ def _record_move(client: MlflowClient, registry: RegistryConfig, **move: Any) ->
 def alias_history(
     client: MlflowClient, name: str, alias: str | None = None
 ) -> list[dict[str, str]]:
+    """Every recorded move, newest first."""
     exp = client.get_experiment_by_name(AUDIT_EXPERIMENT)
     if exp is None:
         return []
     filt = f"tags.`model_name` = '{name}'"
     if alias:
         filt += f" and tags.`alias` = '{alias}'"
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"]
-    )
-    return [dict(r.data.tags) | {"audit_run_id": r.info.run_id} for r in runs]
+    runs = client.search_runs([exp.experiment_id], filter_string=filt, max_results=50000)
+    rows = [dict(r.data.tags) | {"audit_run_id": r.info.run_id} for r in runs]
+    rows = [{k: v for k, v in r.items() if not k.startswith("mlflow.")} for r in rows]
+    return sorted(rows, key=lambda r: int(r.get("at_ns", "0")), reverse=True)
 
 
 def last_mover(client: MlflowClient, name: str, alias: str) -> str:
-    hist = alias_history(client, name, alias)
+    hist = [h for h in alias_history(client, name, alias) if h.get("to_version") != "None"]
     if not hist:
         return "no recorded move"
     h = hist[0]
-    return f"last moved by {h.get('actor')} at {h.get('at')} ({h.get('reason')})"
+    return (
+        f"last moved to {h.get('to_version')} by {h.get('actor')} at {h.get('at')} "
+        f"({h.get('reason')})"
+    )
+
+
+class EvidenceError(RegistryError):
+    """The version lacks passing evidence for a required gate."""
+
+    def __init__(self, name: str, version: str, missing: dict[str, str]):
+        self.missing = missing
+        listed = ", ".join(f"{g}: {s}" for g, s in missing.items())
+        super().__init__(
+            f"{name} version {version} lacks passing evidence for {listed}; "
+            "fix the evidence or use --force with --reason"
+        )
+
+
+def missing_evidence(mv: ModelVersion, required: tuple[str, ...]) -> dict[str, str]:
+    tags = gate_tags(mv)
+    return {g: tags.get(g, "missing") for g in required if tags.get(g) != "pass"}
+
+
+def promote(
+    client: MlflowClient,
+    registry: RegistryConfig,
+    name: str,
+    version: str,
+    *,
+    reason: str,
+    alias: str = "champion",
+    force: bool = False,
+    expected_from: str | Literal["read"] | None = "read",
+    actor: str | None = None,
+) -> AliasMove:
+    """Move `alias` to `version` when the version carries passing evidence for every
+    required gate; `force` overrides that and is recorded as forced."""
+    if force and not reason.strip():
+        raise RegistryError("--force needs --reason")
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException:
+        raise RegistryError(f"{name} has no version {version}") from None
+    missing = missing_evidence(mv, registry.required_gates)
+    if missing and not force:
+        raise EvidenceError(name, str(version), missing)
+    if expected_from == "read":
+        current = get_alias_version(client, name, alias)
+        expected_from = str(current.version) if current else None
+    return move_alias(
+        client,
+        registry,
+        name,
+        alias,
+        str(version),
+        expected_from=expected_from,
+        reason=reason,
+        kind="promote",
+        forced=bool(missing) and force,
+        evidence={"gates": gate_tags(mv), "missing": missing, "force_requested": force},
+        actor=actor,
+    )
+
+
+def holder_stack(history: list[dict[str, str]]) -> list[str]:
+    """Replay the recorded moves of one alias, oldest first: a promotion pushes its target,
+    a rollback pops. The top is the holder, the one below it the rollback target."""
+    stack: list[str] = []
+    for h in sorted(history, key=lambda r: int(r.get("at_ns", "0"))):
+        kind, to = h.get("mlgate.kind"), h.get("to_version", "None")
+        if kind == "rollback":
+            if stack:
+                stack.pop()
+        elif kind == "promote" and to != "None":
+            stack.append(to)
+    return stack
+
+
+def rollback(
+    client: MlflowClient,
+    registry: RegistryConfig,
+    name: str,
+    *,
+    reason: str,
+    alias: str = "champion",
+    actor: str | None = None,
+) -> AliasMove:
+    """Back to the version that held the alias before, from the recorded history."""
+    current = get_alias_version(client, name, alias)
+    if current is None:
+        raise RegistryError(f"@{alias} of {name} is not set: nothing to roll back")
+    stack = holder_stack(alias_history(client, name, alias))
+    if not stack or stack[-1] != str(current.version):
+        raise RegistryError(
+            f"@{alias} of {name} points at {current.version} but the recorded history says "
+            f"{stack[-1] if stack else 'nothing'}: it was moved outside mlgate; promote "
+            "explicitly instead"
+        )
+    if len(stack) < 2:
+        raise RegistryError(f"@{alias} of {name} has no earlier holder to roll back to")
+    target = stack[-2]
+    try:
+        client.get_model_version(name, target)
+    except MlflowException:
+        raise RegistryError(
+            f"the previous holder of @{alias}, version {target}, was deleted; promote a "
+            "version explicitly"
+        ) from None
+    return move_alias(
+        client,
+        registry,
+        name,
+        alias,
+        target,
+        expected_from=str(current.version),
+        reason=reason,
+        kind="rollback",
+        actor=actor,
+    )
+
+
+def delete_version(
+    client: MlflowClient,
+    registry: RegistryConfig,
+    name: str,
+    version: str,
+    *,
+    reason: str,
+    force: bool = False,
+    actor: str | None = None,
+) -> None:
+    """Refuse to delete a version that holds an alias unless forced; record the deletion."""
+    mv = client.get_model_version(name, version)
+    held = list(getattr(mv, "aliases", []) or [])
+    if held and not force:
+        raise RegistryError(
+            f"{name} version {version} holds @{', @'.join(held)}; move the alias first or "
+            "use --force with --reason"
+        )
+    if not reason.strip():
+        raise RegistryError("deleting a version needs a reason")
+    client.delete_model_version(name, version)
+    _record(
+        client,
+        registry,
+        kind="delete",
+        name=name,
+        alias=",".join(held) or "-",
+        from_version=version,
+        to_version="None",
+        reason=reason,
+        actor=actor or current_actor(),
+        forced=bool(held),
+        evidence={"held_aliases": held},
+    )
+
+
+def notify(registry: RegistryConfig, title: str, body: str) -> bool:
+    """Best effort: a notification that cannot be sent never undoes a registry move."""
+    if not registry.notify_urls:
+        return True
+    import apprise
+
+    ap = apprise.Apprise()
+    for url in registry.notify_urls:
+        ap.add(url)
+    try:
+        return bool(ap.notify(title=title, body=body))
+    except Exception:
+        return False
 
 
 def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
@@ -334,3 +576,39 @@ def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def describe_version(client: MlflowClient, ref: str) -> dict[str, Any]:
+    """`NAME`, `NAME@ALIAS` or `NAME/VERSION` -> the version, its evidence and its moves."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = get_alias_version(client, name, alias)
+        if mv is None:
+            raise RegistryError(f"{name} has no alias @{alias}")
+    else:
+        name, _, version = ref.partition("/")
+        try:
+            mv = (
+                client.get_model_version(name, version)
+                if version
+                else get_alias_version(client, name, "champion")
+            )
+        except MlflowException:
+            mv = None
+        if mv is None:
+            raise RegistryError(f"no version {version or '@champion'} of model {name!r}")
+    row = next(r for r in list_versions(client, name) if r["version"] == str(mv.version))
+    moves = [
+        h
+        for h in alias_history(client, name)
+        if str(mv.version) in (h.get("to_version"), h.get("from_version"))
+    ]
+    return {
+        **row,
+        "name": name,
+        "holdout_hash": mv.tags.get("holdout_hash", ""),
+        "onnx_sha256": mv.tags.get(SHA_TAG, ""),
+        "source": mv.source,
+        "evidence": f"{(mv.source or '').rsplit('/', 1)[0]}/{EVIDENCE_ARTIFACT}",
+        "moves": moves,
+    }

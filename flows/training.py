@@ -254,31 +254,23 @@ def training_flow(
             return _finish(client, run_id, _rejected("champion", gates, **outcome_kw))
 
         reason = f"training run {run_id}: data, parity and champion gates passed"
-        evidence = {g.name: g.status.value for g in gates}
-        registry.move_alias(
-            client,
-            cfg.registry,
-            cfg.registry.model_name,
-            "challenger",
-            str(mv.version),
-            expected_from=_alias_version(client, cfg, "challenger"),
-            reason=reason,
-            evidence=evidence,
-            actor=_actor(),
-        )
-        # No canary stage exists yet, so a challenger that passed every offline gate becomes
-        # the champion directly; the move is compare-and-set against the champion we judged.
-        registry.move_alias(
-            client,
-            cfg.registry,
-            cfg.registry.model_name,
-            "champion",
-            str(mv.version),
-            expected_from=champion.version,
-            reason=reason,
-            evidence=evidence,
-            actor=_actor(),
-        )
+        # The flow moves aliases through the same evidence-checked, compare-and-set path as
+        # a person does. No canary stage exists yet, so a challenger that passed every
+        # offline gate also becomes the champion, compared against the champion we judged.
+        for alias, expected in (
+            ("challenger", _alias_version(client, cfg, "challenger")),
+            ("champion", champion.version),
+        ):
+            registry.promote(
+                client,
+                cfg.registry,
+                cfg.registry.model_name,
+                str(mv.version),
+                alias=alias,
+                reason=reason,
+                expected_from=expected,
+                actor=_actor(),
+            )
         outcome = TrainingOutcome(
             True,
             None,

@@ -102,6 +102,8 @@ class RegistryConfig(_Section):
     tracking_uri: str | None = None
     model_name: str = Field(default="churn", pattern=r"^[A-Za-z0-9_.-]+$")
     experiment: str = "mlgate-training"
+    required_gates: tuple[str, ...] = ("data", "parity", "champion")
+    notify_urls: tuple[str, ...] = ()
 
     def resolved_tracking_uri(self) -> str:
         if self.tracking_uri:

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +24,11 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_IMPORT = "services.bento_service:MlgateService"
 _TAIL_LINES = 200
+# BentoML's arbiter restarts a worker whose start-up failed, forever, and never exits; the
+# worker's ASGI server prints this line each time, so it is what tells a failed start apart
+# from a slow one.
+_STARTUP_FAILED = "Application startup failed"
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
 
 class ServiceStartError(RuntimeError):
@@ -48,6 +55,7 @@ class ServiceProcess:
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self._log: IO[str] | None = open(log_path, "a") if log_path else None  # noqa: SIM115
         self._echo = echo
+        self._startup_failed = threading.Event()
         self._pump = threading.Thread(target=self._read_output, daemon=True)
         self._pump.start()
 
@@ -67,18 +75,24 @@ class ServiceProcess:
         for raw in self.process.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self._tail.append(line)
+            if _STARTUP_FAILED in line:
+                self._startup_failed.set()
             if self._echo:
                 print(line, file=sys.stderr, flush=True)
             if self._log is not None:
                 self._log.write(line + "\n")
                 self._log.flush()
 
+    def _failure_cause(self) -> str:
+        causes = [line for line in self._tail if _EXCEPTION_LINE.match(line)]
+        return f" ({causes[-1]})" if causes else ""
+
     def is_running(self) -> bool:
         return self.process.poll() is None
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Poll `/readyz` until it answers 200; fail early, with the output, if the process
-        exits (a model that fails its checks ends start-up)."""
+        """Poll `/readyz` until it answers 200. Fail early, with the output, when the process
+        exits or a worker's start-up fails (a model that is missing or fails its checks)."""
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as client:
             while True:
@@ -87,7 +101,12 @@ class ServiceProcess:
                     self._pump.join(timeout=2)
                     raise ServiceStartError(
                         f"service on {self.url} exited with status {code} before it was "
-                        f"ready; its last output:\n{self.output_tail()}"
+                        f"ready{self._failure_cause()}; its last output:\n{self.output_tail()}"
+                    )
+                if self._startup_failed.is_set():
+                    raise ServiceStartError(
+                        f"service on {self.url} failed to start{self._failure_cause()}; "
+                        f"its last output:\n{self.output_tail()}"
                     )
                 try:
                     if client.get(f"{self.url}/readyz").status_code == 200:
@@ -111,10 +130,8 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 # The child leads its own session, so its group is exactly the server and
                 # the workers it spawned.
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self.process.wait(timeout=timeout)
         self._pump.join(timeout=2)
         if self._log is not None:
@@ -190,4 +207,3 @@ def start_service(
         start_new_session=True,
     )
     return ServiceProcess(process, host=host, port=port, echo=echo, log_path=log_path)
-

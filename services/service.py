@@ -16,20 +16,27 @@ Nothing here reads files at import: the model is loaded in the service's `__init
 worker process that BentoML starts.
 """
 
+from __future__ import annotations
+
 import logging
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import bentoml
-import pandas as pd
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from models.config import DatasetConfig, MlgateConfig
-from models.onnx_export import make_session, onnx_inputs_from_frame, score_onnx
-from models.train import prepare_features
-from services.model_store import LoadedModel, load_registered_model
+
+# pandas, scikit-learn (through models.train and models.onnx_export) and MLflow are imported
+# where they are used, not here: BentoML's arbiter process imports this module only to read
+# the service definition, and those imports would add seconds to every start.
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from services.model_store import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ SCORE_ROUTE = "/score_rows"
 _MAX_BODY_BYTES_PER_FEATURE = 256
 _MIN_BODY_BYTES = 64 * 1024
 _NEVER = 2**31 - 1
+_MAX_ERRORS_SHOWN = 50
 _BENTOML_SKIPPED_PATHS = ["/metrics", "/healthz", "/livez", "/readyz"]
 
 
@@ -106,26 +114,50 @@ def check_model_matches_config(model: LoadedModel, dataset: DatasetConfig) -> No
 
 
 def rows_to_frame(rows: list[Any], dataset: DatasetConfig) -> pd.DataFrame:
+    import pandas as pd
+
     columns = {c: [getattr(r, c) for r in rows] for c in dataset.features}
     return pd.DataFrame(columns, columns=list(dataset.features))
 
 
+def score_rows_onnx(
+    session: Any, rows: list[Any], dataset: DatasetConfig, schema: dict[str, Any]
+) -> list[float]:
+    """Exactly the in-process path: `prepare_features`, then the ONNX feeds, then
+    `score_onnx`, so that serving cannot drift from what the parity gate checked."""
+    from models.onnx_export import onnx_inputs_from_frame, score_onnx
+    from models.train import prepare_features
+
+    features = prepare_features(rows_to_frame(rows, dataset), dataset)
+    scores: list[float] = score_onnx(session, onnx_inputs_from_frame(features, schema)).tolist()
+    return scores
+
+
 def _error_body(message: str, err: ValidationError) -> dict[str, Any]:
-    detail = err.errors(include_url=False, include_context=False, include_input=False)
-    fields = sorted({".".join(str(p) for p in e["loc"]) for e in detail if e["loc"]})
+    errors = err.errors(include_url=False, include_context=False, include_input=False)
+    shown = errors[:_MAX_ERRORS_SHOWN]
+    fields = list(dict.fromkeys(".".join(str(p) for p in e["loc"]) for e in shown if e["loc"]))
     return {
         "error": f"{message}: {', '.join(fields)}" if fields else message,
-        "detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in detail],
+        "error_count": len(errors),
+        "detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in shown],
     }
 
 
 def classify_validation_error(err: ValidationError) -> tuple[int, dict[str, Any]]:
-    """Malformed JSON is a 400, too many rows a 413, anything else about the body a 422."""
-    types = {e["type"] for e in err.errors()}
-    if "json_invalid" in types:
+    """Malformed JSON is a 400, too many rows a 413, anything else about the body a 422;
+    the body names each offending field as a dotted path (`rows.0.tenure`)."""
+    errors = err.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
         return 400, _error_body("request body is not valid JSON", err)
-    if any(e["type"] == "too_long" and tuple(e["loc"]) == ("rows",) for e in err.errors()):
-        return 413, _error_body("too many rows in one request", err)
+    for e in errors:
+        if e["type"] == "too_long" and tuple(e["loc"]) == ("rows",):
+            ctx = e.get("ctx", {})
+            message = (
+                f"{ctx.get('actual_length', 'too many')} rows in one request, "
+                f"at most {ctx.get('max_length')} allowed"
+            )
+            return 413, {"error": message}
     return 422, _error_body("invalid request", err)
 
 
@@ -174,6 +206,14 @@ def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) 
     @bentoml.asgi_app(app, path="/")
     class MlgateService:
         def __init__(self) -> None:
+            from models.onnx_export import make_session
+            from services.model_store import load_registered_model
+
+            # BentoML leaves the root logger at WARNING; which model a worker serves, and on
+            # which provider, belongs in its log.
+            if logger.level == logging.NOTSET:
+                logger.setLevel(logging.INFO)
+            started = time.perf_counter()
             self.model = load_registered_model(
                 tracking_uri, model_name, alias=alias, version=version
             )
@@ -181,10 +221,11 @@ def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) 
             self.session = make_session(self.model.content)
             self.providers = list(self.session.get_providers())
             logger.info(
-                "serving %s, sha256 %s, ONNX Runtime providers %s",
+                "serving %s, sha256 %s, on ONNX Runtime %s; loaded in %.1f s",
                 self.model.ref,
                 self.model.sha256,
-                self.providers,
+                ", ".join(self.providers),
+                time.perf_counter() - started,
             )
 
         @bentoml.api(
@@ -197,10 +238,7 @@ def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) 
         def score_rows(self, rows: list[Any]) -> list[float]:
             """Positive-class probabilities of already validated rows (batched internally)."""
             logger.debug("scoring a batch of %d rows", len(rows))
-            features = prepare_features(rows_to_frame(rows, dataset), dataset)
-            feeds = onnx_inputs_from_frame(features, self.model.schema)
-            scores: list[float] = score_onnx(self.session, feeds).tolist()
-            return scores
+            return score_rows_onnx(self.session, rows, dataset, self.model.schema)
 
         @app.post(
             "/predict",
@@ -213,12 +251,17 @@ def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) 
             },
         )
         async def predict(self, request: Request) -> Any:
+            """Score one or many rows: `{"rows": [{feature: value, ...}, ...]}`."""
             declared = request.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > max_body_bytes:
                 return JSONResponse(
                     {"error": f"request body over {max_body_bytes} bytes"}, status_code=413
                 )
             body = await request.body()
+            if len(body) > max_body_bytes:
+                return JSONResponse(
+                    {"error": f"request body over {max_body_bytes} bytes"}, status_code=413
+                )
             try:
                 parsed = request_model.model_validate_json(body)
             except ValidationError as err:
@@ -235,6 +278,13 @@ def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) 
                         headers={"Retry-After": "1"},
                     )
                 raise
+            # NaN fails both comparisons; a broken score must never reach a client as data.
+            if not all(0.0 <= s <= 1.0 for s in scores):
+                logger.error("%s produced scores outside [0, 1]: %s", self.model.ref, scores)
+                return JSONResponse(
+                    {"error": "the model produced an invalid score; see the service log"},
+                    status_code=500,
+                )
             return JSONResponse(
                 {
                     "model_name": self.model.name,
