@@ -98,9 +98,7 @@ def _label(column: str) -> str:
     return "prediction score" if column == SCORE_COLUMN else column
 
 
-def _psi_row(
-    column: str, value: float, cfg: DriftGateConfig, small_window: str | None
-) -> CheckRow:
+def _psi_row(column: str, value: float, cfg: DriftGateConfig, small_window: str | None) -> CheckRow:
     check, bound = f"psi {_label(column)}", f"< {fmt_number(cfg.psi_alert)}"
     shown = f"{value:.4f}" if math.isfinite(value) else str(value)
     if not math.isfinite(value):
@@ -190,7 +188,9 @@ def _check(
         rows.append(_psi_row(column, value, cfg, small_window))
     if score_problem is not None:
         rows.append(
-            CheckRow(f"psi {_label(SCORE_COLUMN)}", GateStatus.INCONCLUSIVE, "n/a", bound, score_problem)
+            CheckRow(
+                f"psi {_label(SCORE_COLUMN)}", GateStatus.INCONCLUSIVE, "n/a", bound, score_problem
+            )
         )
 
     finite = {c: v for c, v in values.items() if math.isfinite(v)}
@@ -199,9 +199,7 @@ def _check(
     metrics.update({f"psi.{c}": v for c, v in values.items()})
 
     broken += [f"{c} (PSI undefined)" for c, v in values.items() if math.isnan(v)]
-    ranked = sorted(
-        ((c, v) for c, v in values.items() if not math.isnan(v)), key=lambda kv: -kv[1]
-    )
+    ranked = sorted(((c, v) for c, v in values.items() if not math.isnan(v)), key=lambda kv: -kv[1])
     drifted = [(c, v) for c, v in ranked if v >= cfg.psi_alert]
     warned = [(c, v) for c, v in ranked if cfg.psi_warn <= v < cfg.psi_alert]
     evidence: dict[str, Any] = {

@@ -124,13 +124,20 @@ def score_champion(
 
 
 def _finish(
-    client: MlflowClient, run_id: str, outcome: TrainingOutcome, status: str = "FINISHED"
+    client: MlflowClient, cfg: MlgateConfig, run_id: str, outcome: TrainingOutcome
 ) -> TrainingOutcome:
     registry.log_gate_results(client, run_id, outcome.gates)
+    if not outcome.accepted:
+        registry.notify(
+            cfg.registry,
+            f"mlgate: {cfg.registry.model_name} challenger rejected at the "
+            f"{outcome.stopped_at} gate",
+            f"training run {run_id}: {outcome.reason}",
+        )
     client.set_tag(run_id, "mlgate.outcome", "accepted" if outcome.accepted else "rejected")
     if outcome.stopped_at:
         client.set_tag(run_id, "mlgate.stopped_at", outcome.stopped_at)
-    client.set_terminated(run_id, status)
+    client.set_terminated(run_id, "FINISHED")
     return outcome
 
 
@@ -176,7 +183,7 @@ def training_flow(
         gates = [data_gate]
         if not data_gate.passed:
             logger.warning("data gate %s: %s", data_gate.status.value, data_gate.reason)
-            return _finish(client, run_id, _rejected("data", gates, **common))
+            return _finish(client, cfg, run_id, _rejected("data", gates, **common))
 
         parts = split(df, cfg.dataset, cfg.train)
         model = train(parts.train, cfg.dataset, cfg.train)
@@ -197,7 +204,9 @@ def training_flow(
         parity = run_parity_gate(sk_scores, onnx_scores, cfg.gates.parity)
         gates.append(parity)
         if not parity.passed:
-            return _finish(client, run_id, _rejected("parity", gates, metrics=metrics, **common))
+            return _finish(
+                client, cfg, run_id, _rejected("parity", gates, metrics=metrics, **common)
+            )
 
         champion = score_champion(cfg, champion, parts.holdout)
         slices = (
@@ -251,7 +260,7 @@ def training_flow(
         outcome_kw = {**common, "version": str(mv.version), "metrics": metrics}
         if not accepted:
             logger.warning("champion gate %s: %s", champion_gate.status.value, champion_gate.reason)
-            return _finish(client, run_id, _rejected("champion", gates, **outcome_kw))
+            return _finish(client, cfg, run_id, _rejected("champion", gates, **outcome_kw))
 
         reason = f"training run {run_id}: data, parity and champion gates passed"
         # The flow moves aliases through the same evidence-checked, compare-and-set path as
@@ -279,7 +288,7 @@ def training_flow(
             champion_after=str(mv.version),
             **outcome_kw,
         )
-        return _finish(client, run_id, outcome)
+        return _finish(client, cfg, run_id, outcome)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, Literal
 
 import numpy as np
@@ -55,7 +56,7 @@ class FeatureHistogram:
         if self.kind == "categorical":
             return [*self.categories, "null"]
         labels = []
-        for i, (lo, hi) in enumerate(zip(self.edges[:-1], self.edges[1:], strict=True)):
+        for i, (lo, hi) in enumerate(pairwise(self.edges)):
             if hi == math.nextafter(lo, math.inf):
                 labels.append(f"= {lo:g}")
             elif i > 0 and lo == math.nextafter(self.edges[i - 1], math.inf):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_psi_grows_with_the_mean_shift(seed, n, bins, loc, scale):
     h = _hist(ref, bins)
     values = [feature_psi(h, ref + s * ref.std()) for s in np.linspace(0.0, 1.5, 7)]
     assert values[0] == pytest.approx(0.0, abs=1e-12)
-    assert all(b > a for a, b in zip(values[:-1], values[1:], strict=True)), values
+    assert all(b > a for a, b in pairwise(values)), values
 
 
 def test_smoothing_is_proportional_to_the_sample_size():

@@ -186,3 +186,34 @@ def test_cli_promote_rollback_history(reg):
     assert shown.exit_code == 0 and "lineage" in shown.output
     deleted = runner.invoke(app, ["models", "delete", NAME, v1, "--reason", "x", *c])
     assert deleted.exit_code == 1 and "holds @champion" in deleted.output
+
+
+def test_promotion_notifies_through_apprise(tmp_path):
+    """Apprise's json:// notifier posting to a real HTTP server on loopback."""
+    import http.server
+
+    received: list[dict] = []
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        path = write_config(
+            tmp_path, registry={"notify_urls": [f"json://127.0.0.1:{server.server_port}/"]}
+        )
+        cfg = load_config(path).registry
+        client = registry.connect(cfg)
+        v = _version(client, cfg, PASSING)
+        registry.promote(client, cfg, NAME, v, reason="notify me")
+    finally:
+        server.shutdown()
+    assert len(received) == 1
+    assert "notify me" in received[0]["message"] and "champion" in received[0]["title"]

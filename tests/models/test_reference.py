@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
@@ -110,7 +111,7 @@ def test_bins_and_empty_reference_are_rejected():
 )
 def test_numeric_bins_are_half_open_and_cover_everything(ref, cur, bins):
     h = _numeric(ref, bins)
-    pairs = list(zip(h.edges[:-1], h.edges[1:], strict=True))
+    pairs = list(pairwise(h.edges))
     assert all(lo < hi for lo, hi in pairs)
     assert sum(h.shares) == pytest.approx(1.0)
     expected = [int(((cur >= lo) & (cur < hi)).sum()) for lo, hi in pairs]

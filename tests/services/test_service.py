@@ -230,6 +230,17 @@ def test_model_endpoint_names_the_verified_version(
     assert info["numeric_features"] == list(registry.cfg.dataset.numeric_features)
 
 
+def test_openapi_documents_the_row_schema(registry: Registry, client: httpx.Client) -> None:
+    resp = client.get("/docs.json")
+    assert resp.status_code == 200, resp.text
+    spec = resp.json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    row = body["schema"]["properties"]["rows"]["items"]
+    assert set(row["required"]) == set(registry.cfg.dataset.features)
+    assert row["additionalProperties"] is False
+    assert "/model" in spec["paths"]
+
+
 def test_unknown_alias_fails_start_up_fast_with_the_reason(
     registry: Registry, tmp_path: Path
 ) -> None:
