@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -168,13 +169,16 @@ def serve(
             f"{'@' + chosen_alias if chosen_alias else 'version ' + str(version)} on "
             f"http://{cfg.serving.host}:{port}  (POST /predict; Ctrl-C stops)"
         )
-        proc.wait()
+        while proc.is_running():
+            time.sleep(0.5)
     except KeyboardInterrupt:
         console.print("stopping…")
+        return
     except Exception as err:
         raise _fail(f"service failed: {err}") from None
     finally:
         proc.stop()
+    raise _fail(f"service exited on its own:\n{proc.output_tail()}")
 
 
 @gates_app.command("show")
@@ -374,6 +378,7 @@ def models_show(
         "run_id",
         "source",
         "evidence",
+        "report",
     ):
         value = info[key]
         table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))

@@ -36,6 +36,7 @@ GATE_TAG_PREFIX = "gate."
 MODEL_ARTIFACT_DIR = "model"
 EVIDENCE_ARTIFACT = "evidence/gates.json"
 PROFILE_ARTIFACT = "reference/data_profile.json"
+REPORT_ARTIFACT = "evidence/model_report.html"
 
 
 class RegistryError(RuntimeError):
@@ -189,10 +190,14 @@ def log_params_metrics(
 
 
 def log_json_artifact(client: MlflowClient, run_id: str, path: str, payload: Any) -> None:
+    log_text_artifact(client, run_id, path, json.dumps(payload, indent=2, default=str))
+
+
+def log_text_artifact(client: MlflowClient, run_id: str, path: str, text: str) -> None:
     folder, _, filename = path.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / filename
-        local.write_text(json.dumps(payload, indent=2, default=str))
+        local.write_text(text)
         client.log_artifact(run_id, str(local), folder or None)
 
 
@@ -610,5 +615,6 @@ def describe_version(client: MlflowClient, ref: str) -> dict[str, Any]:
         "onnx_sha256": mv.tags.get(SHA_TAG, ""),
         "source": mv.source,
         "evidence": f"{(mv.source or '').rsplit('/', 1)[0]}/{EVIDENCE_ARTIFACT}",
+        "report": f"{(mv.source or '').rsplit('/', 1)[0]}/{REPORT_ARTIFACT}",
         "moves": moves,
     }

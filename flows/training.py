@@ -19,6 +19,7 @@ from checks.data_quality import DataProfile, check_data_quality, profile_referen
 from checks.parity import check_parity
 from checks.result import GateResult
 from flows import registry
+from flows.evidence import render_model_report
 from models.config import MlgateConfig, load_config
 from models.data import encode_target, hash_frame, load_dataset, split_data
 from models.metrics import evaluate
@@ -236,6 +237,23 @@ def training_flow(
             client.log_artifacts(run_id, str(model_dir), registry.MODEL_ARTIFACT_DIR)
         profile = profile_reference(df, cfg.dataset)
         registry.log_json_artifact(client, run_id, registry.PROFILE_ARTIFACT, profile.to_dict())
+        report = render_model_report(
+            title=f"{cfg.registry.model_name}: challenger from run {run_id}",
+            y=y,
+            challenger=onnx_scores,
+            champion=champion.scored.scores if champion.scored else None,
+            champion_version=champion.version,
+            slices=slices,
+            gates=gates,
+            primary_metric=cfg.gates.champion.primary_metric,
+            facts={
+                "estimator": cfg.train.estimator,
+                "data hash": data_hash,
+                "holdout hash": parts.holdout_hash,
+                "holdout rows": str(len(y)),
+            },
+        )
+        registry.log_text_artifact(client, run_id, registry.REPORT_ARTIFACT, report)
 
         accepted = champion_gate.passed
         primary = metrics.get(cfg.gates.champion.primary_metric, float("nan"))
