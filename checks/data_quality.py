@@ -7,18 +7,27 @@ Column presence and column types are checked here in pandas before GX runs: GX r
 inside its metric code on a missing column or on strings in a numeric column, and reports
 such errors as an opaque traceback, so those columns get a readable failed check and their
 value-level expectations are left out of the suite.
+
+On request the same validation result is also rendered as GX's own HTML Data Docs, for the
+training flow to log next to the evidence. Those pages show only what GX validated: the
+checks decided here in pandas (column presence, types, reference coverage) are in the
+`GateResult` alone.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import pandas as pd
 
@@ -42,6 +51,11 @@ ColumnRole = Literal["numeric", "categorical", "label", "id", "timestamp"]
 # Results are matched back to checks through this meta key because GX returns results in its
 # own order, not the suite's.
 _META_KEY = "mlgate_check"
+
+_DOCS_SITE = "mlgate"
+# GX's docs section for profiling picks up runs whose name contains "profiling"; this one
+# must land in the validations section.
+_DOCS_RUN_NAME = "mlgate-data-gate"
 
 
 @dataclass(frozen=True)
@@ -130,15 +144,27 @@ def check_data_quality(
     *,
     with_label: bool = True,
     now: datetime | None = None,
+    docs_dir: Path | None = None,
 ) -> GateResult:
     """Validate a batch against the suite generated from the config and the reference profile.
+
+    With `docs_dir`, GX also renders that one validation result as HTML Data Docs under
+    `docs_dir` (index, validation page, suite page; existing files there are left alone)
+    and the evidence gets `data_docs_index` and `data_docs_validation_page`, paths relative
+    to `docs_dir`, or `data_docs_error` when rendering failed. Docs never change the verdict.
 
     Never raises: an error inside the gate is a `fail` whose reason carries the error.
     """
     started = time.perf_counter()
     try:
-        return _check_data_quality(df, dataset, gate, reference, with_label, now, started)
+        return _check_data_quality(df, dataset, gate, reference, with_label, now, started, docs_dir)
     except Exception as err:
+        evidence: dict[str, Any] = {
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+        }
+        if docs_dir is not None:
+            evidence["data_docs_error"] = "not rendered: the data gate itself failed"
         return GateResult(
             name=GATE_NAME,
             status=GateStatus.FAIL,
@@ -149,10 +175,7 @@ def check_data_quality(
                 "rows": float(len(df)) if isinstance(df, pd.DataFrame) else math.nan,
                 "seconds": time.perf_counter() - started,
             },
-            evidence={
-                "error": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc(),
-            },
+            evidence=evidence,
         )
 
 
@@ -187,6 +210,7 @@ def _check_data_quality(
     with_label: bool,
     now: datetime | None,
     started: float,
+    docs_dir: Path | None,
 ) -> GateResult:
     import great_expectations as gx
 
@@ -226,7 +250,10 @@ def _check_data_quality(
         else:
             c.outcome = _read_gx_result(c, c.gx_result)
 
-    return _assemble(checks, df, with_label, now_utc, gx.__version__, started)
+    docs: dict[str, Any] = {}
+    if docs_dir is not None:
+        docs = _write_data_docs(context, suite, validated, batch.id, Path(docs_dir))
+    return _assemble(checks, df, with_label, now_utc, gx.__version__, started, docs)
 
 
 def _plan_checks(
@@ -394,6 +421,7 @@ def _assemble(
     now: datetime,
     gx_version: str,
     started: float,
+    docs: dict[str, Any],
 ) -> GateResult:
     rows: list[CheckRow] = []
     results: list[dict[str, Any]] = []
@@ -462,9 +490,113 @@ def _assemble(
             "now": now.isoformat(),
             "range_mostly": RANGE_MOSTLY,
             "results": results,
+            **docs,
         },
         checks=tuple(rows),
     )
+
+
+def _write_data_docs(
+    context: Any, suite: Any, validated: Any, batch_id: str, docs_dir: Path
+) -> dict[str, Any]:
+    """Render the validation GX already ran as its HTML Data Docs; the evidence keys to add.
+
+    Runs after the verdict is decided and catches everything: docs can neither fail nor pass
+    the gate.
+    """
+    started = time.perf_counter()
+    try:
+        index, page = _build_data_docs(context, suite, validated, batch_id, docs_dir)
+    except Exception as err:
+        return {
+            "data_docs_error": f"{type(err).__name__}: {err}",
+            "data_docs_seconds": time.perf_counter() - started,
+        }
+    return {
+        "data_docs_index": index,
+        "data_docs_validation_page": page,
+        "data_docs_seconds": time.perf_counter() - started,
+    }
+
+
+def _build_data_docs(
+    context: Any, suite: Any, validated: Any, batch_id: str, docs_dir: Path
+) -> tuple[str, str]:
+    """GX renders pages from its stores, not from a result object: the result and the suite
+    go into the context's in-memory stores, then a local site builds just those pages."""
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+
+    base = docs_dir.absolute()
+    context.add_data_docs_site(
+        site_name=_DOCS_SITE,
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(base),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "show_how_to_buttons": False,
+        },
+    )
+    run_id = RunIdentifier(run_name=_DOCS_RUN_NAME, run_time=datetime.now(UTC))
+    # What a Checkpoint run records; the page header reads the run from here.
+    validated.meta["run_id"] = run_id
+    validated.meta["validation_time"] = run_id.run_time
+    suite_id = ExpectationSuiteIdentifier(name=suite.name)
+    result_id = ValidationResultIdentifier(
+        expectation_suite_identifier=suite_id, run_id=run_id, batch_identifier=batch_id
+    )
+    context.validation_results_store.set(result_id, validated)
+    context.suites.add(suite)
+
+    with _logged_errors("great_expectations") as errors:
+        context.build_data_docs(site_names=[_DOCS_SITE], resource_identifiers=[result_id, suite_id])
+
+    # GX logs a page it failed to render and carries on, so a missing file is the error.
+    index = _site_path(context, base, None)
+    page = _site_path(context, base, result_id)
+    if index is None or page is None:
+        missing = "index page" if index is None else "validation page"
+        logged = f": {errors[-1]}" if errors else ""
+        raise RuntimeError(f"GX wrote no {missing} under {base}{logged}")
+    return index, page
+
+
+def _site_path(context: Any, base: Path, resource_id: Any) -> str | None:
+    """The page's path relative to the site, if GX wrote it."""
+    urls = context.get_docs_sites_urls(resource_identifier=resource_id, site_name=_DOCS_SITE)
+    url = urls[0]["site_url"] if urls else None
+    if not url:
+        return None
+    prefix = f"file://{base}/"
+    if not url.startswith(prefix):
+        raise RuntimeError(f"GX put a data docs page outside {base}: {url}")
+    relative = unquote(url[len(prefix) :])
+    return relative if (base / relative).is_file() else None
+
+
+@contextmanager
+def _logged_errors(logger_name: str) -> Iterator[list[str]]:
+    """The errors a library logs meanwhile, first lines only (GX appends whole tracebacks)."""
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage().split("Detailed information follows:")[-1]
+            messages.append(text.split("Traceback:")[0].strip())
+
+    handler = _Collect(level=logging.ERROR)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def _column_roles(dataset: DatasetConfig, *, with_label: bool) -> dict[str, ColumnRole]:

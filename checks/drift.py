@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from checks.result import CheckRow, GateResult, GateStatus, fmt_number, worst_status
+from models.config import DriftGateConfig
 from models.reference import (
     SCORE_COLUMN,
     FeatureHistogram,
@@ -43,21 +43,6 @@ SMOOTHING = (
     f"additive (Jeffreys, alpha={JEFFREYS_ALPHA}) on both sides; buckets empty on both "
     "sides dropped"
 )
-
-
-class DriftGateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    psi_warn: float = Field(default=0.1, ge=0.0)
-    psi_alert: float = Field(default=0.25, gt=0.0)
-    min_rows: int = Field(default=200, ge=1)
-    bins: int = Field(default=10, ge=2)
-
-    @model_validator(mode="after")
-    def _check_thresholds(self) -> DriftGateConfig:
-        if self.psi_warn > self.psi_alert:
-            raise ValueError(f"psi_warn {self.psi_warn} is above psi_alert {self.psi_alert}")
-        return self
 
 
 def psi(
@@ -101,7 +86,7 @@ def _label(column: str) -> str:
 def _psi_row(column: str, value: float, cfg: DriftGateConfig, small_window: str | None) -> CheckRow:
     check, bound = f"psi {_label(column)}", f"< {fmt_number(cfg.psi_alert)}"
     shown = f"{value:.4f}" if math.isfinite(value) else str(value)
-    if not math.isfinite(value):
+    if math.isnan(value):
         return CheckRow(check, GateStatus.FAIL, shown, bound, "PSI undefined on this window")
     if small_window is not None:
         return CheckRow(check, GateStatus.INCONCLUSIVE, shown, bound, small_window)
@@ -115,17 +100,22 @@ def _psi_row(column: str, value: float, cfg: DriftGateConfig, small_window: str 
 
 def _score_values(
     reference: ReferenceHistograms, scores: np.ndarray | None, rows: int
-) -> tuple[np.ndarray | None, str | None]:
-    """The scores to judge, or why the score check cannot be made."""
+) -> tuple[np.ndarray | None, CheckRow | None]:
+    """The scores to judge, or the row that says why the score check cannot be made."""
+    check, bound = f"psi {_label(SCORE_COLUMN)}", "scores for every row"
     if reference.score is None and scores is None:
         return None, None
     if reference.score is None:
-        return None, "scores given but the reference has no score histogram"
+        detail = "scores given but the reference has no score histogram"
+        return None, CheckRow(check, GateStatus.INCONCLUSIVE, "n/a", bound, detail)
     if scores is None:
-        return None, "the reference has a score histogram but no scores were given"
+        detail = "the reference has a score histogram but no scores were given"
+        return None, CheckRow(check, GateStatus.INCONCLUSIVE, "n/a", bound, detail)
     scores = np.asarray(scores)
     if scores.shape != (rows,):
-        return None, f"{scores.size} scores for {rows} rows"
+        # Scores that do not pair with the rows mean the window itself is mixed up.
+        detail = f"{scores.size} scores for {rows} rows"
+        return None, CheckRow(check, GateStatus.FAIL, "n/a", bound, detail)
     return scores, None
 
 
@@ -187,14 +177,10 @@ def _check(
         values[column] = value
         rows.append(_psi_row(column, value, cfg, small_window))
     if score_problem is not None:
-        rows.append(
-            CheckRow(
-                f"psi {_label(SCORE_COLUMN)}", GateStatus.INCONCLUSIVE, "n/a", bound, score_problem
-            )
-        )
+        rows.append(score_problem)
 
-    finite = {c: v for c, v in values.items() if math.isfinite(v)}
-    max_psi = max(finite.values()) if len(finite) == len(values) and finite else math.nan
+    judged = [v for v in values.values() if not math.isnan(v)]
+    max_psi = max(judged) if judged and len(judged) == len(values) else math.nan
     metrics = {"rows": float(n), "max_psi": max_psi}
     metrics.update({f"psi.{c}": v for c, v in values.items()})
 
@@ -204,7 +190,7 @@ def _check(
     warned = [(c, v) for c, v in ranked if cfg.psi_warn <= v < cfg.psi_alert]
     evidence: dict[str, Any] = {
         "rows": n,
-        "reference_rows": {c: h.count for c, h in reference.histograms.items()},
+        "reference_rows": max((h.count for h in reference.histograms.values()), default=0),
         "psi_warn": cfg.psi_warn,
         "psi_alert": cfg.psi_alert,
         "min_rows": cfg.min_rows,
@@ -231,7 +217,7 @@ def _reason(
     broken: list[str],
     drifted: list[tuple[str, float]],
     warned: list[tuple[str, float]],
-    score_problem: str | None,
+    score_problem: CheckRow | None,
     ranked: list[tuple[str, float]],
     checks: int,
 ) -> str:
@@ -239,14 +225,14 @@ def _reason(
     if broken:
         parts.append(f"cannot judge column(s): {', '.join(broken)}")
     if small_window is not None:
-        parts.append(f"{small_window}: inconclusive")
+        parts.append(f"{small_window}, so PSI is not judged")
     elif drifted:
         parts.append(
             f"{len(drifted)} of {len(ranked)} drifted (PSI >= {fmt_number(cfg.psi_alert)}): "
             f"{_fmt_psi(drifted)}"
         )
     if score_problem is not None:
-        parts.append(f"prediction score not judged: {score_problem}")
+        parts.append(f"prediction score not judged: {score_problem.detail}")
     if not parts:
         if not ranked:
             return "no histograms in the reference: nothing to judge"
@@ -302,6 +288,8 @@ def evidently_psi(
     smoothed counts, so the result must equal `feature_psi`; with `"evidently"` they are the
     raw counts and Evidently fills empty buckets its own way (1e-4 or min share / 1e6).
     """
+    # Imported here: `import evidently` takes 12-18 s on this machine, and the gate itself,
+    # which monitoring runs every hour, does not need it.
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 

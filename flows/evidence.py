@@ -62,7 +62,8 @@ def _slice_bars(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, values = [], {name: [] for name in models}
+    labels: list[str] = []
+    values: dict[str, list[float]] = {name: [] for name in models}
     for col in slices.columns:
         col_values = slices[col].astype(str).to_numpy()
         for v in sorted(set(col_values)):

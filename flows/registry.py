@@ -37,6 +37,8 @@ MODEL_ARTIFACT_DIR = "model"
 EVIDENCE_ARTIFACT = "evidence/gates.json"
 PROFILE_ARTIFACT = "reference/data_profile.json"
 REPORT_ARTIFACT = "evidence/model_report.html"
+HISTOGRAMS_ARTIFACT = "reference/histograms.json"
+DRIFT_ARTIFACT = "evidence/drift_vs_champion.json"
 
 
 class RegistryError(RuntimeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from prefect.runtime import flow_run
 
 from checks.champion import ScoredModel, compare_to_champion
 from checks.data_quality import DataProfile, check_data_quality, profile_reference
+from checks.drift import check_drift
 from checks.parity import check_parity
 from checks.result import GateResult
 from flows import registry
@@ -31,6 +33,7 @@ from models.onnx_export import (
     predict_proba_with_schema,
     write_model_dir,
 )
+from models.reference import ReferenceHistograms, compute_reference_histograms
 from models.train import predict_proba, train_model
 from services.model_store import load_registered_model
 
@@ -44,6 +47,7 @@ def _task(fn: Any, name: str, **kw: Any) -> Any:
 load_data = _task(load_dataset, "load-data")
 run_data_gate = _task(check_data_quality, "data-gate")
 split = _task(split_data, "split")
+build_histograms = _task(compute_reference_histograms, "reference-histograms")
 train = _task(train_model, "train")
 export = _task(export_onnx, "export-onnx")
 run_parity_gate = _task(check_parity, "parity-gate")
@@ -54,6 +58,7 @@ run_champion_gate = _task(compare_to_champion, "champion-gate")
 class ChampionState:
     version: str | None
     profile: DataProfile | None
+    histograms: ReferenceHistograms | None = None
     scored: ScoredModel | None = None
     error: str | None = None
 
@@ -96,7 +101,13 @@ def read_champion(client: MlflowClient, cfg: MlgateConfig) -> ChampionState:
         profile = DataProfile.from_dict(raw)
     except Exception as err:
         return ChampionState(str(mv.version), None, error=f"reference profile unreadable: {err}")
-    return ChampionState(str(mv.version), profile)
+    try:
+        raw = registry.load_json_artifact(client, mv.run_id, registry.HISTOGRAMS_ARTIFACT)
+        histograms: ReferenceHistograms | None = ReferenceHistograms.from_dict(raw)
+    except Exception:
+        # Drift against the champion is evidence for the report, not a gate of training.
+        histograms = None
+    return ChampionState(str(mv.version), profile, histograms)
 
 
 @task(name="score-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -113,15 +124,10 @@ def score_champion(
         )
         session = make_session(loaded.content)
         scores = predict_proba_with_schema(session, holdout, loaded.schema)
-        return ChampionState(
-            champion.version,
-            champion.profile,
-            scored=ScoredModel(scores, version=champion.version, size_bytes=len(loaded.content)),
-        )
+        scored = ScoredModel(scores, version=champion.version, size_bytes=len(loaded.content))
+        return dataclasses.replace(champion, scored=scored)
     except Exception as err:
-        return ChampionState(
-            champion.version, champion.profile, error=f"{type(err).__name__}: {err}"
-        )
+        return dataclasses.replace(champion, error=f"{type(err).__name__}: {err}")
 
 
 def _finish(
@@ -237,6 +243,13 @@ def training_flow(
             client.log_artifacts(run_id, str(model_dir), registry.MODEL_ARTIFACT_DIR)
         profile = profile_reference(df, cfg.dataset)
         registry.log_json_artifact(client, run_id, registry.PROFILE_ARTIFACT, profile.to_dict())
+        # Monitoring compares live traffic with these, so they describe unseen rows: the
+        # holdout's features and the scores the served (ONNX) model gave them.
+        histograms = build_histograms(parts.holdout, cfg.dataset, onnx_scores, cfg.gates.drift.bins)
+        registry.log_json_artifact(
+            client, run_id, registry.HISTOGRAMS_ARTIFACT, histograms.to_dict()
+        )
+        drift_psi = training_drift(client, run_id, df, champion, cfg)
         report = render_model_report(
             title=f"{cfg.registry.model_name}: challenger from run {run_id}",
             y=y,
@@ -246,6 +259,7 @@ def training_flow(
             slices=slices,
             gates=gates,
             primary_metric=cfg.gates.champion.primary_metric,
+            drift_psi=drift_psi,
             facts={
                 "estimator": cfg.train.estimator,
                 "data hash": data_hash,
@@ -310,6 +324,27 @@ def training_flow(
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+
+
+def training_drift(
+    client: MlflowClient,
+    run_id: str,
+    df: pd.DataFrame,
+    champion: ChampionState,
+    cfg: MlgateConfig,
+) -> dict[str, float] | None:
+    """PSI of the new training data against the champion's reference: evidence of how the
+    world moved since the champion was trained. Retraining on drifted data is the point of
+    the loop, so this informs the reviewer and never blocks."""
+    if champion.histograms is None:
+        return None
+    result = check_drift(df, champion.histograms, cfg.gates.drift)
+    registry.log_json_artifact(client, run_id, registry.DRIFT_ARTIFACT, result.to_dict())
+    psi = {k.removeprefix("psi."): v for k, v in result.metrics.items() if k.startswith("psi.")}
+    registry.log_params_metrics(
+        client, run_id, {}, {f"drift_vs_champion.psi.{k}": v for k, v in psi.items()}
+    )
+    return psi
 
 
 def _alias_version(client: MlflowClient, cfg: MlgateConfig, alias: str) -> str | None:

@@ -91,8 +91,24 @@ class ParityGateConfig(_Section):
     tolerance: float = Field(default=1e-4, gt=0.0)
 
 
+class DriftGateConfig(_Section):
+    """PSI bands: below `psi_warn` stable, up to `psi_alert` a warning, above it drift."""
+
+    psi_warn: float = Field(default=0.1, ge=0.0)
+    psi_alert: float = Field(default=0.25, gt=0.0)
+    min_rows: int = Field(default=200, ge=1)
+    bins: int = Field(default=10, ge=2)
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> DriftGateConfig:
+        if self.psi_warn > self.psi_alert:
+            raise ValueError(f"psi_warn {self.psi_warn} is above psi_alert {self.psi_alert}")
+        return self
+
+
 class GatesConfig(_Section):
     data: DataGateConfig = DataGateConfig()
+    drift: DriftGateConfig = DriftGateConfig()
     champion: ChampionGateConfig = ChampionGateConfig()
     parity: ParityGateConfig = ParityGateConfig()
 

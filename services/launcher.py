@@ -134,7 +134,8 @@ class ServiceProcess:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=timeout)
         self._pump.join(timeout=2)
-        if self._log is not None:
+        # A reader still alive means something else holds the pipe; it keeps the file.
+        if self._log is not None and not self._pump.is_alive():
             self._log.close()
             self._log = None
         return self.process.returncode

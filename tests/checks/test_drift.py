@@ -13,7 +13,6 @@ from hypothesis.extra.numpy import arrays
 from pydantic import ValidationError
 
 from checks.drift import (
-    DriftGateConfig,
     check_drift,
     evidently_drift_report_html,
     evidently_psi,
@@ -21,6 +20,7 @@ from checks.drift import (
     psi,
 )
 from checks.result import GateStatus
+from models.config import DriftGateConfig
 from models.reference import (
     ReferenceHistograms,
     bin_counts,
@@ -213,7 +213,7 @@ def test_score_drift_is_judged_and_missing_scores_are_never_a_pass(churn_df, ref
     r = check_drift(churn_df, reference, CFG)
     assert r.status is GateStatus.INCONCLUSIVE and "no scores" in r.reason
     r = check_drift(churn_df, reference, CFG, scores=np.zeros(3))
-    assert r.status is GateStatus.INCONCLUSIVE and "3 scores" in r.reason
+    assert r.status is GateStatus.FAIL and "3 scores" in r.reason
 
 
 def test_feature_only_reference_needs_no_scores(churn_df, bundled_cfg):
