@@ -149,9 +149,10 @@ def check_data_quality(
     """Validate a batch against the suite generated from the config and the reference profile.
 
     With `docs_dir`, GX also renders that one validation result as HTML Data Docs under
-    `docs_dir` (index, validation page, suite page; existing files there are left alone)
-    and the evidence gets `data_docs_index` and `data_docs_validation_page`, paths relative
-    to `docs_dir`, or `data_docs_error` when rendering failed. Docs never change the verdict.
+    `docs_dir` (index, validation page, suite page, static assets) and the evidence gets
+    `data_docs_index` and `data_docs_validation_page`, paths relative to `docs_dir`, or
+    `data_docs_error` when rendering failed. Docs never change the verdict. Give it a fresh
+    directory: GX deletes the validation and suite pages it finds there from earlier runs.
 
     Never raises: an error inside the gate is a `fail` whose reason carries the error.
     """
@@ -577,7 +578,9 @@ def _site_path(context: Any, base: Path, resource_id: Any) -> str | None:
     if not url.startswith(prefix):
         raise RuntimeError(f"GX put a data docs page outside {base}: {url}")
     relative = unquote(url[len(prefix) :])
-    return relative if (base / relative).is_file() else None
+    # GX writes an empty index when rendering it failed.
+    page = base / relative
+    return relative if page.is_file() and page.stat().st_size > 0 else None
 
 
 @contextmanager

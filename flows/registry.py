@@ -39,6 +39,7 @@ PROFILE_ARTIFACT = "reference/data_profile.json"
 REPORT_ARTIFACT = "evidence/model_report.html"
 HISTOGRAMS_ARTIFACT = "reference/histograms.json"
 DRIFT_ARTIFACT = "evidence/drift_vs_champion.json"
+DATA_DOCS_ARTIFACT_DIR = "evidence/data_docs"
 
 
 class RegistryError(RuntimeError):

@@ -186,7 +186,12 @@ def training_flow(
         registry.log_json_artifact(
             client, run_id, "config/mlgate.json", cfg.model_dump(mode="json")
         )
-        data_gate = run_data_gate(df, cfg.dataset, cfg.gates.data, reference)
+        with tempfile.TemporaryDirectory() as docs:
+            data_gate = run_data_gate(
+                df, cfg.dataset, cfg.gates.data, reference, docs_dir=Path(docs)
+            )
+            if "data_docs_index" in data_gate.evidence:
+                client.log_artifacts(run_id, docs, registry.DATA_DOCS_ARTIFACT_DIR)
         gates = [data_gate]
         if not data_gate.passed:
             logger.warning("data gate %s: %s", data_gate.status.value, data_gate.reason)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -75,6 +78,7 @@ def test_bundled_data_passes_against_its_own_profile(churn, cfg, profile):
         "expect_column_values_to_be_unique",
     }
     assert all(r["success"] for r in evidence["results"])
+    assert not [k for k in evidence if k.startswith("data_docs")]
 
 
 def test_renamed_column_fails_naming_the_column(churn, cfg, profile):
@@ -275,3 +279,119 @@ def test_unparseable_timestamps_fail_naming_the_column():
     )
 
     _assert_fails_on(result, "seen_at", "expected timestamps", "'yesterday'")
+
+
+NOW = datetime(2026, 4, 1, tzinfo=UTC)
+
+
+def _page_text(path: Path) -> str:
+    raw = re.sub(r"<script.*?</script>|<style.*?</style>", " ", path.read_text(), flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", raw)))
+
+
+def _without_docs(result: GateResult) -> dict:
+    d = result.to_dict()
+    del d["metrics"]["seconds"]
+    d["evidence"] = {k: v for k, v in d["evidence"].items() if not k.startswith("data_docs")}
+    return d
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Docs must render without the network: any connection attempt fails the render."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access during the data gate")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def test_data_docs_show_the_failing_column_and_leave_the_verdict_alone(
+    churn, cfg, profile, tmp_path, offline
+):
+    bad = churn.copy()
+    bad.loc[bad.sample(frac=0.4, random_state=0).index, "contract"] = None
+    docs = tmp_path / "docs"
+
+    with_docs = _gate(bad, cfg, profile, now=NOW, docs_dir=docs)
+    plain = _gate(bad, cfg, profile, now=NOW)
+
+    _assert_fails_on(with_docs, "contract", "40.0% nulls")
+    assert _without_docs(with_docs) == _without_docs(plain)
+    assert "data_docs_error" not in with_docs.evidence
+    assert with_docs.evidence["data_docs_index"] == "index.html"
+    assert (docs / "index.html").is_file()
+    assert (docs / "expectations" / "data.html").is_file()
+    page_path = with_docs.evidence["data_docs_validation_page"]
+    assert page_path in (docs / "index.html").read_text()
+    page = _page_text(docs / page_path)
+    assert "Status: Failed" in page
+    assert "Unsuccessful Expectations 1 " in page
+    nulls = int(bad["contract"].isna().sum())
+    # GX groups results under a heading per column, in prose rather than expectation names.
+    contract = page[page.index(" contract Status Expectation Observed Value ") :][:300]
+    assert "values must not be null, at least 95 % of the time" in contract
+    assert f"{nulls} unexpected values found" in contract
+
+
+def test_data_docs_of_a_passing_batch(churn, cfg, profile, tmp_path, offline):
+    result = _gate(churn, cfg, profile, docs_dir=tmp_path)
+
+    assert result.status is GateStatus.PASS, result.reason
+    page = _page_text(tmp_path / result.evidence["data_docs_validation_page"])
+    assert "Status: Succeeded" in page
+    gx_checks = sum(r["source"] == "great_expectations" for r in result.evidence["results"])
+    assert f"Evaluated Expectations {gx_checks} " in page
+    assert "monthly_charges" in page
+
+
+def test_docs_that_cannot_be_written_are_an_error_in_the_evidence_not_a_verdict(
+    churn, cfg, profile, tmp_path
+):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("taken")
+    bad = churn.copy()
+    bad.loc[:199, "payment_method"] = "Crypto"
+
+    passed = _gate(churn, cfg, profile, docs_dir=not_a_dir)
+    failed = _gate(bad, cfg, profile, docs_dir=not_a_dir)
+
+    assert passed.status is GateStatus.PASS, passed.reason
+    _assert_fails_on(failed, "payment_method", "'Crypto'")
+    for result in (passed, failed):
+        assert result.evidence["data_docs_error"]
+        assert "data_docs_index" not in result.evidence
+
+
+def test_a_page_gx_fails_to_render_is_an_error_in_the_evidence(
+    churn, cfg, profile, tmp_path, monkeypatch
+):
+    from great_expectations.render.renderer import ValidationResultsPageRenderer
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("renderer broke")
+
+    # GX logs a failed page and goes on without it; the gate must notice the page is missing.
+    monkeypatch.setattr(ValidationResultsPageRenderer, "render", broken)
+
+    result = _gate(churn, cfg, profile, docs_dir=tmp_path)
+
+    assert result.status is GateStatus.PASS, result.reason
+    assert "validation page" in result.evidence["data_docs_error"]
+    assert "renderer broke" in result.evidence["data_docs_error"]
+
+
+def test_a_gate_error_with_docs_requested_says_no_docs_were_rendered(cfg, profile, tmp_path):
+    result = check_data_quality(
+        "not a frame",  # type: ignore[arg-type]
+        cfg.dataset,
+        cfg.gates.data,
+        profile,
+        docs_dir=tmp_path,
+    )
+
+    assert result.status is GateStatus.FAIL
+    assert result.evidence["data_docs_error"]
+    assert not list(tmp_path.iterdir())

@@ -55,6 +55,12 @@ def test_first_run_registers_champion_on_floor_alone(config_path, first):
     assert run.data.params["estimator"] == "gradient_boosting"
     evidence = registry.version_gate_results(client, mv)
     assert [g.name for g in evidence] == ["data", "parity", "champion"]
+    artifacts = {a.path for a in client.list_artifacts(mv.run_id, "evidence")}
+    assert {"evidence/gates.json", "evidence/model_report.html", "evidence/data_docs"} <= artifacts
+    report = Path(client.download_artifacts(mv.run_id, registry.REPORT_ARTIFACT))
+    assert "<svg" in report.read_text() and "roc_auc floor" in report.read_text()
+    hist = registry.load_json_artifact(client, mv.run_id, registry.HISTOGRAMS_ARTIFACT)
+    assert {h["column"] for h in hist["histograms"]} >= {"tenure", "contract", "__score__"}
     history = registry.alias_history(client, "churn", "champion")
     assert history[0]["to_version"] == "1" and history[0]["from_version"] == "None"
     assert history[0]["actor"].startswith("prefect:training_flow")
@@ -73,6 +79,8 @@ def test_small_challenger_is_rejected_and_champion_kept(config_path, first, monk
     assert str(client.get_model_version_by_alias("churn", "champion").version) == first.version
     rejected = client.get_model_version("churn", out.version)
     assert rejected.tags["gate.champion"] == "fail"
+    drift = registry.load_json_artifact(client, out.run_id, registry.DRIFT_ARTIFACT)
+    assert drift["name"] == "drift" and drift["metrics"]["max_psi"] < 0.1  # same data
     assert rejected.tags["mlgate.outcome"] == "rejected"
 
 
