@@ -143,11 +143,9 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
             " ".join(f"{k}={s}" for k, s in sorted(v["gates"].items())),
         )
     console.print(summary)
-    console.print(
-        f"first challenger: {'accepted' if first.accepted else 'rejected'}; "
-        f"small challenger: {'accepted' if second.accepted else 'rejected'} "
-        f"({second.stopped_at or 'no'} gate)"
-    )
+    for label, out in (("bundled-config challenger", first), ("small challenger", second)):
+        verdict = "accepted" if out.accepted else f"rejected at the {out.stopped_at} gate"
+        console.print(f"{label}: {verdict}: {out.reason[:300]}")
     console.print(
         "MLflow UI: .venv/bin/mlflow ui --backend-store-uri "
         f"{cfg.registry.resolved_tracking_uri()} --port 5000"

@@ -59,6 +59,7 @@ class ChampionState:
     version: str | None
     profile: DataProfile | None
     histograms: ReferenceHistograms | None = None
+    sha256: str | None = None
     scored: ScoredModel | None = None
     error: str | None = None
 
@@ -107,7 +108,7 @@ def read_champion(client: MlflowClient, cfg: MlgateConfig) -> ChampionState:
     except Exception:
         # Drift against the champion is evidence for the report, not a gate of training.
         histograms = None
-    return ChampionState(str(mv.version), profile, histograms)
+    return ChampionState(str(mv.version), profile, histograms, mv.tags.get(registry.SHA_TAG))
 
 
 @task(name="score-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -275,6 +276,22 @@ def training_flow(
         registry.log_text_artifact(client, run_id, registry.REPORT_ARTIFACT, report)
 
         accepted = champion_gate.passed
+        if accepted and champion.sha256 == onnx_model.sha256:
+            # Same data, code and seed give a byte-identical model: a new version would only
+            # move @champion to a twin of itself and blur the history.
+            client.set_tag(run_id, "identical_to_version", str(champion.version))
+            same = TrainingOutcome(
+                True,
+                None,
+                f"identical to champion v{champion.version} (same ONNX sha256): nothing new "
+                "to register",
+                version=champion.version,
+                champion_after=champion.version,
+                metrics=metrics,
+                gates=gates,
+                **common,
+            )
+            return _finish(client, cfg, run_id, same)
         primary = metrics.get(cfg.gates.champion.primary_metric, float("nan"))
         mv = registry.register_version(
             client,

@@ -145,3 +145,13 @@ def test_cli_init_then_config_loads(tmp_path):
         app, ["init", "--data", str(BUNDLED_DATA), "--target", "churn", "--output", str(out)]
     )
     assert again.exit_code == EXIT_USAGE and "exists" in again.output
+
+
+def test_retraining_an_identical_model_registers_nothing(config_path, first):
+    client = registry.connect(load_config(config_path).registry)
+    before = len(registry.list_versions(client, "churn"))
+    again = training_flow(config_path=str(config_path))
+    assert again.accepted and "identical to champion" in again.reason
+    assert again.gates[-1].metrics["delta"] == 0.0
+    assert len(registry.list_versions(client, "churn")) == before
+    assert client.get_run(again.run_id).data.tags["identical_to_version"] == first.version
