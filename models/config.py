@@ -138,6 +138,19 @@ class ServingConfig(_Section):
     max_latency_ms: int = Field(default=2000, ge=1)
     max_rows_per_request: int = Field(default=1000, ge=1)
     workers: int = Field(default=1, ge=1)
+    inference_log_dir: Path | None = None
+
+
+class MonitorConfig(_Section):
+    """The monitoring flow's window and the policy that turns drift into retraining."""
+
+    window_hours: float = Field(default=1.0, gt=0.0)
+    consecutive_windows: int = Field(default=3, ge=1)
+    cooldown_hours: float = Field(default=24.0, ge=0.0)
+    max_retrains_per_day: int = Field(default=2, ge=0)
+    incoming_dir: Path | None = None
+    monitor_cron: str = "0 * * * *"
+    training_cron: str = "0 3 * * 1"
 
 
 class MlgateConfig(BaseSettings):
@@ -153,6 +166,13 @@ class MlgateConfig(BaseSettings):
     gates: GatesConfig = GatesConfig()
     registry: RegistryConfig = RegistryConfig()
     serving: ServingConfig = ServingConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    def inference_log_dir(self) -> Path:
+        return self.serving.inference_log_dir or self.registry.store_dir / "inference_log"
+
+    def incoming_dir(self) -> Path:
+        return self.monitor.incoming_dir or self.registry.store_dir / "incoming"
 
     @classmethod
     def settings_customise_sources(
@@ -184,6 +204,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
         p = Path(dataset["path"])
         dataset["path"] = str(p if p.is_absolute() else (base / p).resolve())
+    for section, key in (("serving", "inference_log_dir"), ("monitor", "incoming_dir")):
+        part = raw.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str):
+            p = Path(part[key])
+            part[key] = str(p if p.is_absolute() else (base / p).resolve())
     registry = raw.get("registry")
     if isinstance(registry, dict) and isinstance(registry.get("store_dir"), str):
         p = Path(registry["store_dir"])
