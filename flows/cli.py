@@ -243,6 +243,94 @@ def models_list(config: ConfigOpt = Path("mlgate.yaml"), as_json: JsonOpt = Fals
     console.print(table)
 
 
+@app.command()
+def monitor(
+    config: ConfigOpt = Path("mlgate.yaml"),
+    no_retrain: Annotated[
+        bool, typer.Option("--no-retrain", help="Evaluate and record, but never retrain.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run one monitoring window: live data gate, PSI drift, retraining trigger."""
+    from flows.report import gate_tables
+    from flows.runtime import use_embedded_prefect
+
+    use_embedded_prefect(_load(config).registry.store_dir)
+    from flows.monitoring import monitoring_flow
+
+    try:
+        outcome = monitoring_flow(config_path=str(config), retrain=not no_retrain)
+    except Exception as err:
+        raise _fail(f"monitoring flow failed: {type(err).__name__}: {err}") from None
+    if as_json:
+        print(json.dumps(outcome.to_dict(), indent=2, default=str))
+        return
+    console.print(
+        f"window {outcome.window_start:%Y-%m-%d %H:%M} – {outcome.window_end:%H:%M} UTC: "
+        f"{outcome.rows} rows scored by champion v{outcome.champion_version}"
+    )
+    if outcome.gates:
+        console.print(gate_tables(outcome.gates))
+    for k, v in outcome.live_metrics.items():
+        console.print(f"{k}: {v:.4f}")
+    console.print(f"decision: {outcome.decision}")
+    if outcome.training:
+        console.print(f"training: {outcome.training}")
+
+
+@app.command()
+def schedule(config: ConfigOpt = Path("mlgate.yaml")) -> None:
+    """Serve the scheduled deployments (monitoring hourly, training weekly) until Ctrl-C."""
+    from flows.runtime import use_embedded_prefect
+
+    cfg = _load(config)
+    use_embedded_prefect(cfg.registry.store_dir)
+    from flows.schedule import serve_schedules
+
+    console.print(
+        f"serving deployments: monitoring '{cfg.monitor.monitor_cron}', training "
+        f"'{cfg.monitor.training_cron}' (Ctrl-C stops)"
+    )
+    serve_schedules(cfg, config)
+
+
+@app.command()
+def report(
+    run: Annotated[
+        str | None, typer.Argument(help="Training run id (default: the latest).")
+    ] = None,
+    config: ConfigOpt = Path("mlgate.yaml"),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Append to this file (CI summary).")
+    ] = None,
+) -> None:
+    """The markdown gate report of a training run, as CI writes it to the job summary."""
+    from flows import registry
+    from flows.report import training_report_markdown
+
+    cfg = _load(config)
+    client = registry.connect(cfg.registry)
+    run_id = run or _registry_call(registry.latest_training_run, client, cfg.registry)
+    try:
+        info = client.get_run(run_id)
+    except Exception:
+        raise _fail(
+            f"no training run {run_id!r} in {cfg.registry.resolved_tracking_uri()}"
+        ) from None
+    gates = registry.run_gate_results(client, run_id)
+    text = training_report_markdown(
+        model_name=cfg.registry.model_name,
+        run_id=run_id,
+        tags=dict(info.data.tags),
+        metrics=dict(info.data.metrics),
+        gates=gates,
+    )
+    if output:
+        with output.open("a") as f:
+            f.write(text)
+    print(text)
+
+
 def _registry_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     from flows.registry import RegistryError
 

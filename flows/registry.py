@@ -38,6 +38,8 @@ EVIDENCE_ARTIFACT = "evidence/gates.json"
 PROFILE_ARTIFACT = "reference/data_profile.json"
 REPORT_ARTIFACT = "evidence/model_report.html"
 HISTOGRAMS_ARTIFACT = "reference/histograms.json"
+# Holdout features and scores: the raw side of Evidently's visual report in monitoring.
+SAMPLE_ARTIFACT = "reference/sample.parquet"
 DRIFT_ARTIFACT = "evidence/drift_vs_champion.json"
 DATA_DOCS_ARTIFACT_DIR = "evidence/data_docs"
 
@@ -245,13 +247,29 @@ def gate_tags(mv: ModelVersion) -> dict[str, str]:
 
 
 def version_gate_results(client: MlflowClient, mv: ModelVersion) -> list[GateResult]:
-    if not mv.run_id:
-        return []
+    return run_gate_results(client, mv.run_id) if mv.run_id else []
+
+
+def run_gate_results(client: MlflowClient, run_id: str) -> list[GateResult]:
     try:
-        raw = load_json_artifact(client, mv.run_id, EVIDENCE_ARTIFACT)
+        raw = load_json_artifact(client, run_id, EVIDENCE_ARTIFACT)
     except (MlflowException, OSError):
         return []
     return [GateResult.from_dict(d) for d in raw]
+
+
+def latest_training_run(client: MlflowClient, registry: RegistryConfig) -> str:
+    exp = client.get_experiment_by_name(registry.experiment)
+    runs = (
+        client.search_runs(
+            [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if exp
+        else []
+    )
+    if not runs:
+        raise RegistryError(f"no training runs in experiment {registry.experiment!r} yet")
+    return str(runs[0].info.run_id)
 
 
 def _lock(registry: RegistryConfig, name: str, alias: str) -> FileLock:

@@ -64,3 +64,55 @@ def gates_markdown(results: list[GateResult]) -> str:
         for c in r.checks:
             lines.append(f"| {c.check} | {c.status.value} | {c.value} | {c.bound} |")
     return "\n".join(lines) + "\n"
+
+
+def training_report_markdown(
+    *,
+    model_name: str,
+    run_id: str,
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    gates: list[GateResult],
+) -> str:
+    """The CI job summary of one training run: verdict, champion vs challenger, gates."""
+    outcome = tags.get("mlgate.outcome", "unknown")
+    version = tags.get("model_version")
+    icon = {"accepted": "✅", "rejected": "❌"}.get(outcome, "⚠️")
+    lines = [
+        f"## {icon} {model_name}: challenger {outcome}",
+        "",
+        f"- training run: `{run_id}`",
+        f"- registered version: {version or 'none'}",
+        f"- data hash: `{tags.get('data_hash', '')[:16]}`, git commit: "
+        f"`{tags.get('git_commit', '')[:12]}`",
+    ]
+    if tags.get("mlgate.stopped_at"):
+        lines.append(f"- stopped at the **{tags['mlgate.stopped_at']}** gate")
+    if tags.get("identical_to_version"):
+        lines.append(f"- identical to champion v{tags['identical_to_version']}: nothing registered")
+    champion = next((g for g in gates if g.name == "champion"), None)
+    if champion is not None:
+        metric = champion.evidence.get("primary_metric", "metric")
+        chal = champion.metrics.get(f"challenger_{metric}")
+        champ = champion.metrics.get(f"champion_{metric}")
+        lines += ["", "### Champion vs challenger", "", "| | value |", "| --- | --- |"]
+        lines.append(f"| challenger {metric} | {_fmt(chal)} |")
+        if champ is not None:
+            m, ev = champion.metrics, champion.evidence
+            pct = round(ev.get("bootstrap", {}).get("confidence", 0.95) * 100)
+            ci = f"[{_fmt(m.get('delta_ci_low'), '+')}, {_fmt(m.get('delta_ci_high'), '+')}]"
+            lines.append(f"| champion v{ev.get('champion_version')} {metric} | {_fmt(champ)} |")
+            lines.append(f"| difference [{pct}% CI] | {_fmt(m.get('delta'), '+')} {ci} |")
+        else:
+            lines.append("| champion | none yet: floor only |")
+    if metrics:
+        lines += ["", "### Holdout metrics", "", "| metric | value |", "| --- | --- |"]
+        for k in ("roc_auc", "pr_auc", "log_loss", "brier", "f1"):
+            if k in metrics:
+                lines.append(f"| {k} | {metrics[k]:.4f} |")
+    lines += ["", "### Gates", "", gates_markdown(gates)]
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None, sign: str = "") -> str:
+    return "n/a" if v is None or v != v else f"{v:{sign}.4f}"

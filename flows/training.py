@@ -33,7 +33,7 @@ from models.onnx_export import (
     predict_proba_with_schema,
     write_model_dir,
 )
-from models.reference import ReferenceHistograms, compute_reference_histograms
+from models.reference import SCORE_COLUMN, ReferenceHistograms, compute_reference_histograms
 from models.train import predict_proba, train_model
 from services.model_store import load_registered_model
 
@@ -256,6 +256,13 @@ def training_flow(
             client, run_id, registry.HISTOGRAMS_ARTIFACT, histograms.to_dict()
         )
         drift_psi = training_drift(client, run_id, df, champion, cfg)
+        sample = parts.holdout[list(cfg.dataset.features)].assign(**{SCORE_COLUMN: onnx_scores})
+        with tempfile.TemporaryDirectory() as tmp:
+            sample_path = Path(tmp) / Path(registry.SAMPLE_ARTIFACT).name
+            sample.to_parquet(sample_path, index=False)
+            client.log_artifact(
+                run_id, str(sample_path), str(Path(registry.SAMPLE_ARTIFACT).parent)
+            )
         report = render_model_report(
             title=f"{cfg.registry.model_name}: challenger from run {run_id}",
             y=y,
