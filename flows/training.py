@@ -314,6 +314,8 @@ def training_flow(
                 "primary_metric": cfg.gates.champion.primary_metric,
                 "primary_metric_value": f"{primary:.6f}",
                 "mlgate.outcome": "accepted" if accepted else "rejected",
+                "evidence.gates": f"{run.info.artifact_uri}/{registry.EVIDENCE_ARTIFACT}",
+                "evidence.report": f"{run.info.artifact_uri}/{registry.REPORT_ARTIFACT}",
             },
             description=champion_gate.reason,
         )

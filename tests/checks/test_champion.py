@@ -115,3 +115,30 @@ def test_parity_flags_invalid_outputs_and_shape_mismatch():
     p = np.array([0.2, 0.5])
     assert check_parity(p, np.array([0.2, np.nan]), ParityGateConfig()).status is GateStatus.FAIL
     assert check_parity(p, np.array([0.2]), ParityGateConfig()).status is GateStatus.FAIL
+
+
+def test_real_model_on_30pct_flipped_labels_fails_against_real_champion(bundled_cfg, churn_df):
+    """The crafted case on real data: same pipeline, same holdout, 30% of train labels
+    flipped. The paired interval must show the regression."""
+    from models.config import TrainConfig
+    from models.data import encode_target, split_data
+    from models.train import predict_proba, train_model
+
+    ds = bundled_cfg.dataset
+    parts = split_data(churn_df, ds, bundled_cfg.train)
+    tc = TrainConfig(estimator="logistic_regression")
+    champion = train_model(parts.train, ds, tc)
+    noisy = parts.train.copy()
+    flip = np.random.default_rng(0).random(len(noisy)) < 0.3
+    noisy.loc[flip, ds.target] = np.where(noisy.loc[flip, ds.target] == "Yes", "No", "Yes")
+    challenger = train_model(noisy, ds, tc)
+    y = encode_target(parts.holdout, ds)
+    r = compare_to_champion(
+        y,
+        _scored(predict_proba(challenger.pipeline, parts.holdout, ds)),
+        _scored(predict_proba(champion.pipeline, parts.holdout, ds)),
+        ChampionGateConfig(floor=0.7, max_regression=0.01, bootstrap_resamples=300),
+        holdout_hash=parts.holdout_hash,
+    )
+    assert r.status is GateStatus.FAIL
+    assert r.metrics["delta_ci_low"] < -0.01, r.metrics

@@ -50,6 +50,7 @@ def test_first_run_registers_champion_on_floor_alone(config_path, first):
     assert tags["gate.data"] == tags["gate.parity"] == tags["gate.champion"] == "pass"
     assert len(tags[registry.SHA_TAG]) == 64 and tags["data_hash"] == first.data_hash
     assert tags["git_commit"]
+    assert tags["evidence.report"].endswith("evidence/model_report.html")
     run = client.get_run(mv.run_id)
     assert run.data.metrics["roc_auc"] > 0.8
     assert run.data.params["estimator"] == "gradient_boosting"
@@ -155,3 +156,21 @@ def test_retraining_an_identical_model_registers_nothing(config_path, first):
     assert again.gates[-1].metrics["delta"] == 0.0
     assert len(registry.list_versions(client, "churn")) == before
     assert client.get_run(again.run_id).data.tags["identical_to_version"] == first.version
+
+
+def test_unreadable_champion_fails_the_gate_not_passes(config_path, first, workdir):
+    """A champion whose file no longer matches its registered sha256 cannot be scored: the
+    challenger must not be waved through as if there were no champion."""
+    cfg = load_config(config_path)
+    client = registry.connect(cfg.registry)
+    champ = client.get_model_version_by_alias("churn", "champion")
+    client.set_model_version_tag("churn", str(champ.version), registry.SHA_TAG, "f" * 64)
+    try:
+        out = training_flow(config_path=str(config_path))
+    finally:
+        client.set_model_version_tag(
+            "churn", str(champ.version), registry.SHA_TAG, champ.tags[registry.SHA_TAG]
+        )
+    assert not out.accepted and out.stopped_at == "champion"
+    assert "could not be scored" in out.gates[-1].reason
+    assert "sha256" in out.gates[-1].reason
