@@ -154,6 +154,9 @@ def check_data_quality(
     `data_docs_error` when rendering failed. Docs never change the verdict. Give it a fresh
     directory: GX deletes the validation and suite pages it finds there from earlier runs.
 
+    `with_label=False` gates live inference traffic: the features only, without the label,
+    the id or the timestamp column of a training table.
+
     Never raises: an error inside the gate is a `fail` whose reason carries the error.
     """
     started = time.perf_counter()
@@ -603,14 +606,16 @@ def _logged_errors(logger_name: str) -> Iterator[list[str]]:
 
 
 def _column_roles(dataset: DatasetConfig, *, with_label: bool) -> dict[str, ColumnRole]:
+    # Without the label the batch is live inference traffic: requests carry the features
+    # only, so the id and timestamp columns of a training table are not expected either.
     roles: dict[str, ColumnRole] = {}
-    if dataset.id_column:
+    if dataset.id_column and with_label:
         roles[dataset.id_column] = "id"
     for c in dataset.numeric_features:
         roles[c] = "numeric"
     for c in dataset.categorical_features:
         roles[c] = "categorical"
-    if dataset.timestamp_column:
+    if dataset.timestamp_column and with_label:
         roles[dataset.timestamp_column] = "timestamp"
     if with_label:
         roles[dataset.target] = "label"

@@ -12,23 +12,27 @@ import os
 import socket
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import numpy as np
+import pandas as pd
 from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
 from flows.report import gate_tables
 from flows.runtime import use_embedded_prefect
-from models.config import load_config
+from models.config import MlgateConfig, load_config
 from models.data import load_dataset
 from models.onnx_export import make_session, predict_proba_with_schema
 from services.launcher import start_service
 from services.model_store import load_registered_model
 
 if TYPE_CHECKING:
+    from flows.monitoring import MonitoringOutcome
     from flows.training import TrainingOutcome
 
 console = Console(width=140)
@@ -75,6 +79,79 @@ def _run_training(title: str, config: Path, env: dict[str, str] | None = None) -
     return outcome
 
 
+EPISODE_WINDOW_S = 8.0
+
+
+def shifted_batch(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """New customers, as the world drifts: mostly month-to-month contracts and monthly
+    charges 5-12% higher than the reference's. Labels are kept, so the batch can also be
+    dropped into the incoming folder as labelled data."""
+    rng = np.random.default_rng(seed)
+    m2m = df[df["contract"] == "Month-to-month"]
+    k = int(n * 0.9)
+    out = pd.concat(
+        [m2m.sample(k, random_state=seed), df.sample(n - k, random_state=seed)]
+    ).reset_index(drop=True)
+    out["monthly_charges"] = (out["monthly_charges"] * rng.uniform(1.05, 1.12, n)).round(2)
+    if "customer_id" in out.columns:
+        out["customer_id"] = 100_000 * seed + np.arange(n)
+    return out
+
+
+def _send_batch(url: str, batch: pd.DataFrame, features: list[str]) -> datetime:
+    rows = [
+        {k: (None if v != v else v) for k, v in r.items()}
+        for r in batch[features].to_dict(orient="records")
+    ]
+    with httpx.Client(timeout=60) as http:
+        for i in range(0, len(rows), 50):
+            http.post(url, json={"rows": rows[i : i + 50]}).raise_for_status()
+    return datetime.now(UTC)
+
+
+def _drift_episode(
+    config: Path, cfg: MlgateConfig, window_ends: list[datetime], shifted: list[pd.DataFrame]
+) -> list[MonitoringOutcome]:
+    from flows.monitoring import monitoring_flow, trigger_state_path
+
+    console.print(Rule("4. drift episode: one stable window, then three shifted ones"))
+    state = trigger_state_path(cfg)
+    if state.exists():
+        # Each demo run starts its own episode; the cooldown of an earlier run's retrain
+        # would otherwise (correctly) hold this one back.
+        state.unlink()
+        console.print(f"fresh trigger state for this episode ({state} removed)")
+    incoming = cfg.incoming_dir()
+    incoming.mkdir(parents=True, exist_ok=True)
+    labelled = pd.concat(shifted, ignore_index=True)
+    labelled.to_parquet(incoming / f"labelled-{datetime.now(UTC):%Y%m%dT%H%M%S}.parquet")
+    console.print(f"dropped {len(labelled)} labelled rows of the shifted period into {incoming}")
+    env = {"MLGATE_MONITOR__WINDOW_HOURS": str(EPISODE_WINDOW_S / 3600)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    outcomes = []
+    try:
+        labels = ["stable", "shifted 1", "shifted 2", "shifted 3"]
+        for label, end in zip(labels, window_ends, strict=True):
+            out = monitoring_flow(config_path=str(config), now=end + timedelta(seconds=1))
+            drift = next((g for g in out.gates if g.name == "drift"), None)
+            console.print(
+                f"[bold]{label}[/] window: {out.rows} rows, drift "
+                f"{drift.status.value if drift else 'n/a'}: {drift.reason if drift else ''}"
+            )
+            console.print(f"   decision: {out.decision}")
+            if out.training:
+                console.print(f"   training: {out.training[:400]}")
+            outcomes.append(out)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return outcomes
+
+
 def main(config: Path = Path("mlgate.yaml")) -> int:
     cfg = load_config(config)
     use_embedded_prefect(cfg.registry.store_dir)
@@ -99,6 +176,9 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
         cfg.registry.resolved_tracking_uri(), cfg.registry.model_name, alias="champion"
     )
     expected = predict_proba_with_schema(make_session(champion.content), rows, champion.schema)
+    base = load_dataset(cfg.dataset)
+    stable_batch = base.sample(600, random_state=11)
+    shifted_batches = [shifted_batch(base, 600, seed) for seed in (21, 22, 23)]
     t = time.perf_counter()
     with start_service(config, alias="champion", version=None, port=port) as svc:
         svc.wait_ready(timeout=180)
@@ -108,6 +188,12 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
         resp.raise_for_status()
         body = resp.json()
         bad = httpx.post(url, json={"rows": [{**payload["rows"][0], "tenure": "long"}]}, timeout=30)
+        # Traffic for the drift episode, one batch per monitoring window: a window is as
+        # long as one batch's sending plus a margin, and the batches are that far apart.
+        window_ends = [_send_batch(url, stable_batch, features)]
+        for batch in shifted_batches:
+            time.sleep(EPISODE_WINDOW_S)
+            window_ends.append(_send_batch(url, batch, features))
     scores = [p["score"] for p in body["predictions"]]
     worst = max(abs(a - b) for a, b in zip(scores, expected, strict=True))
     console.print(f"service ready in {started:.1f}s on {url}")
@@ -126,6 +212,8 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
     console.print(table)
     console.print(f"max |served - in-process| = {worst:.2e}")
     console.print(f"a bad request (tenure='long') got HTTP {bad.status_code}: {bad.text[:200]}")
+
+    episode = _drift_episode(config, cfg, window_ends, shifted_batches)
 
     console.print(Rule("summary"))
     client = registry.connect(cfg.registry)
@@ -150,9 +238,22 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
         "MLflow UI: .venv/bin/mlflow ui --backend-store-uri "
         f"{cfg.registry.resolved_tracking_uri()} --port 5000"
     )
-    ok = body["model_version"] == champion.version and worst < 1e-5 and 400 <= bad.status_code < 500
+    retrains = [o.retrained for o in episode]
+    console.print(
+        f"drift episode: stable window retrained={retrains[0]}, shifted windows "
+        f"retrained={retrains[1:]} -> {sum(retrains)} retraining(s)"
+    )
+    ok = (
+        body["model_version"] == champion.version
+        and worst < 1e-5
+        and 400 <= bad.status_code < 500
+        and retrains == [False, False, False, True]
+    )
     if not ok:
-        console.print("[bold red]demo check failed: served answers differ from in-process ONNX[/]")
+        console.print(
+            "[bold red]demo check failed: served answers differ from in-process ONNX, or the "
+            "drift episode did not retrain exactly once[/]"
+        )
         return 1
     return 0
 

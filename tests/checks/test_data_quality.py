@@ -178,6 +178,17 @@ def test_without_label_passes_on_data_without_the_target(churn, cfg, profile):
     assert not any("churn" in c.check for c in result.checks)
 
 
+def test_live_traffic_is_features_only(churn, cfg, profile):
+    requests = churn[list(cfg.dataset.features)]
+
+    result = _gate(requests, cfg, profile, with_label=False)
+
+    assert result.status is GateStatus.PASS, result.reason
+    assert not any("customer_id" in c.check for c in result.checks)
+    renamed = requests.rename(columns={"tenure": "tenure_months"})
+    _assert_fails_on(_gate(renamed, cfg, profile, with_label=False), "tenure", "missing")
+
+
 def test_missing_target_fails_when_labels_are_expected(churn, cfg, profile):
     _assert_fails_on(_gate(churn.drop(columns=["churn"]), cfg, profile), "churn", "missing")
 

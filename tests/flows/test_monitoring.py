@@ -1,0 +1,120 @@
+"""The monitoring flow end to end: real MLflow, real champion, inference-log Parquet files
+in the layout the service writes, Prefect's test harness. The retraining it triggers is the
+real training flow, run as a subflow."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from checks.result import GateStatus
+from flows import registry
+from flows.demo import shifted_batch
+from flows.monitoring import load_trigger_state, monitoring_flow
+from flows.training import training_flow
+from models.config import MlgateConfig, load_config
+from models.onnx_export import make_session, predict_proba_with_schema
+from services.model_store import load_registered_model
+from tests.conftest import BUNDLED_DATA, write_config
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def write_log(cfg: MlgateConfig, rows: pd.DataFrame, version: str, at: datetime) -> None:
+    """Rows as the service logs them (one Parquet part per call, date partition)."""
+    loaded = load_registered_model(
+        cfg.registry.resolved_tracking_uri(), cfg.registry.model_name, version=version
+    )
+    scores = predict_proba_with_schema(make_session(loaded.content), rows, loaded.schema)
+    log = rows[list(cfg.dataset.features)].copy()
+    for c in cfg.dataset.numeric_features:
+        log[c] = log[c].astype("float64")
+    log.insert(0, "score", scores)
+    log.insert(0, "latency_ms", 1.0)
+    log.insert(0, "variant", "stable")
+    log.insert(0, "model_version", version)
+    log.insert(0, "model_name", cfg.registry.model_name)
+    log.insert(0, "request_id", [f"r{i}" for i in range(len(rows))])
+    log.insert(0, "ts", pd.Timestamp(at).tz_convert("UTC"))
+    folder = cfg.inference_log_dir() / cfg.registry.model_name / f"date={at:%Y-%m-%d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log.to_parquet(folder / f"part-{int(at.timestamp() * 1000)}-{os.getpid()}-0.parquet")
+
+
+@pytest.fixture()
+def env(tmp_path) -> tuple[Path, MlgateConfig, str, pd.DataFrame]:
+    path = write_config(
+        tmp_path, monitor={"consecutive_windows": 2, "cooldown_hours": 12, "window_hours": 1}
+    )
+    champion = training_flow(config_path=str(path))
+    assert champion.accepted
+    return path, load_config(path), champion.version, pd.read_parquet(BUNDLED_DATA)
+
+
+def test_stable_traffic_never_triggers(env):
+    path, cfg, version, df = env
+    for i in range(3):
+        at = NOW + timedelta(hours=i)
+        write_log(cfg, df.sample(800, random_state=i), version, at - timedelta(minutes=5))
+        out = monitoring_flow(config_path=str(path), now=at)
+        drift = next(g for g in out.gates if g.name == "drift")
+        assert drift.status is GateStatus.PASS, drift.reason
+        assert not out.retrained and out.rows == 800
+    assert load_trigger_state(cfg).consecutive_drift == 0
+
+
+def test_shifted_traffic_triggers_exactly_one_retraining(env):
+    path, cfg, version, df = env
+    client = registry.connect(cfg.registry)
+    versions_before = len(registry.list_versions(client, cfg.registry.model_name))
+    outcomes = []
+    for i in range(4):
+        at = NOW + timedelta(hours=i)
+        write_log(cfg, shifted_batch(df, 800, i), version, at - timedelta(minutes=5))
+        outcomes.append(monitoring_flow(config_path=str(path), now=at))
+    drifts = [next(g for g in o.gates if g.name == "drift") for o in outcomes]
+    assert all(d.status is GateStatus.FAIL for d in drifts)
+    assert "contract" in drifts[0].reason and "monthly_charges" in drifts[0].reason
+    assert [o.retrained for o in outcomes] == [False, True, False, False]
+    assert "cooldown" in outcomes[3].decision
+    assert outcomes[1].training and outcomes[1].training.startswith("training subflow")
+    # The retrain ran on the configured data again: byte-identical model, nothing new.
+    assert "identical to champion" in outcomes[1].training
+    assert len(registry.list_versions(client, cfg.registry.model_name)) == versions_before
+    run = client.get_run(outcomes[0].run_id)
+    assert run.data.metrics["psi.contract"] > 0.25
+    assert {a.path for a in client.list_artifacts(outcomes[0].run_id, "evidence")} == {
+        "evidence/drift_report.html"
+    }
+
+
+def test_thin_or_broken_windows_never_trigger(env):
+    path, cfg, version, df = env
+    at = NOW
+    write_log(cfg, shifted_batch(df, 50, 0), version, at - timedelta(minutes=5))
+    thin = monitoring_flow(config_path=str(path), now=at)
+    assert next(g for g in thin.gates if g.name == "drift").status is GateStatus.INCONCLUSIVE
+    broken = shifted_batch(df, 800, 1)
+    broken.loc[broken.sample(frac=0.4, random_state=0).index, "tenure"] = None
+    for i in range(1, 4):
+        write_log(cfg, broken, version, at + timedelta(hours=i, minutes=-5))
+        out = monitoring_flow(config_path=str(path), now=at + timedelta(hours=i))
+        assert not out.retrained
+        assert next(g for g in out.gates if g.name == "data").status is GateStatus.FAIL
+    assert "alert" in out.decision
+
+
+def test_labelled_batch_gives_the_live_metric(env):
+    path, cfg, version, df = env
+    cfg.incoming_dir().mkdir(parents=True, exist_ok=True)
+    df.sample(600, random_state=3).to_parquet(cfg.incoming_dir() / "labels-week1.parquet")
+    write_log(cfg, df.sample(400, random_state=4), version, NOW - timedelta(minutes=5))
+    out = monitoring_flow(config_path=str(path), now=NOW)
+    assert 0.75 < out.live_metrics["live_roc_auc"] < 0.95
+    assert out.live_metrics["labelled_rows"] == 600
+    assert not list(cfg.incoming_dir().glob("*.parquet"))
+    assert (cfg.incoming_dir() / "processed" / "labels-week1.parquet").exists()
