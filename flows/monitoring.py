@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 from filelock import FileLock
@@ -149,10 +149,10 @@ def start_training(config_path: str, data_path: Path | None) -> str:
 
     params = {"config_path": config_path, "data_path": str(data_path) if data_path else None}
     try:
-        run = run_deployment(TRAINING_DEPLOYMENT, parameters=params, timeout=0)
+        run = cast(Any, run_deployment(TRAINING_DEPLOYMENT, parameters=params, timeout=0))
         return f"started deployment {TRAINING_DEPLOYMENT}: flow run {run.id}"
     except ObjectNotFound:
-        outcome = training_flow(**params)
+        outcome = training_flow(config_path=config_path, data_path=params["data_path"])
         verdict = "accepted" if outcome.accepted else f"rejected at {outcome.stopped_at}"
         return f"training subflow {verdict}: version {outcome.version}; {outcome.reason}"
 
@@ -234,7 +234,7 @@ def monitoring_flow(
         outcome.run_id = _log_run(client, cfg, outcome, pd.DataFrame(), champion)
         return outcome
 
-    window = read_window(cfg, start, end)
+    window = cast(pd.DataFrame, read_window(cfg, start, end))
     if len(window):
         window = window[window["model_version"].astype(str) == champion.version]
     outcome.rows = len(window)
