@@ -131,14 +131,44 @@ class RegistryConfig(_Section):
 
 
 class ServingConfig(_Section):
+    """The prediction service. `max_batch_size` caps the rows of one ONNX Runtime call;
+    `max_latency_ms` is the longest a request may wait for the scorer before it is shed
+    with a 503 (overload protection, far above any latency at a load the host can serve)."""
+
+    class ApiKey(_Section):
+        """A client's key, held as the sha256 hex digest of its token, never the token."""
+
+        name: str = Field(min_length=1)
+        sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+        revoked: bool = False
+        # None: the service's rate_limit_per_s and rate_limit_burst.
+        rate_limit_per_s: float | None = Field(default=None, gt=0.0)
+        rate_limit_burst: int | None = Field(default=None, ge=1)
+
     host: str = "127.0.0.1"
     port: int = Field(default=3000, ge=1, le=65535)
     alias: str = "champion"
     max_batch_size: int = Field(default=256, ge=1)
     max_latency_ms: int = Field(default=2000, ge=1)
     max_rows_per_request: int = Field(default=1000, ge=1)
+    # None: sized from max_rows_per_request and the number of features.
+    max_body_bytes: int | None = Field(default=None, ge=1024)
     workers: int = Field(default=1, ge=1)
+    # GPUs requested in the service's resources (`bentoml build`, BentoCloud, containers).
+    gpus: int = Field(default=0, ge=0)
+    # The canary's two instances say which one answered; MLGATE_VARIANT overrides it.
+    variant: str = Field(default="stable", pattern=r"^[A-Za-z0-9_.-]+$")
+    # No keys here and none in MLGATE_API_KEYS: authentication is off (said at start-up).
+    api_keys: tuple[ApiKey, ...] = ()
+    rate_limit_per_s: float = Field(default=100.0, gt=0.0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    request_timeout_s: float = Field(default=60.0, gt=0.0)
+    access_log: bool = False
+    trace_requests: bool = False
     inference_log_dir: Path | None = None
+    inference_log_max_queued_rows: int = Field(default=100_000, ge=1)
+    inference_log_flush_rows: int = Field(default=20_000, ge=1)
+    inference_log_flush_s: float = Field(default=5.0, gt=0.0)
 
 
 class MonitorConfig(_Section):
@@ -151,6 +181,39 @@ class MonitorConfig(_Section):
     incoming_dir: Path | None = None
     monitor_cron: str = "0 * * * *"
     training_cron: str = "0 3 * * 1"
+
+
+class CanaryConfig(_Section):
+    """The canary rollout: the canary's share of traffic at each step (percent, ending at
+    100), how often a step is judged, and the guardrails (`checks/canary.py`). A step
+    without `min_requests` per side is inconclusive; one still inconclusive after
+    `max_wait_s` rolls back. `public_port` is HAProxy's (None: `serving.port`)."""
+
+    steps: tuple[int, ...] = (5, 25, 50, 100)
+    interval_s: float = Field(default=60.0, gt=0.0)
+    max_wait_s: float = Field(default=900.0, gt=0.0)
+    min_requests: int = Field(default=100, ge=1)
+    max_error_rate_delta: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_p99_ratio: float = Field(default=1.5, ge=1.0)
+    min_p99_delta_ms: float = Field(default=5.0, ge=0.0)
+    max_score_psi: float = Field(default=0.25, gt=0.0)
+    psi_bins: int = Field(default=10, ge=2)
+    max_invalid_outputs: int = Field(default=0, ge=0)
+    public_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_timeout_s: float = Field(default=2.0, gt=0.0)
+    start_timeout_s: float = Field(default=300.0, gt=0.0)
+    drain_timeout_s: float = Field(default=30.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> CanaryConfig:
+        steps = list(self.steps)
+        if len(steps) < 2 or steps[-1] != 100 or any(not 0 < p <= 100 for p in steps):
+            raise ValueError(f"steps must end at 100 after at least one step below it: {steps}")
+        if steps != sorted(set(steps)):
+            raise ValueError(f"steps must increase strictly: {steps}")
+        if self.max_wait_s < self.interval_s:
+            raise ValueError(f"max_wait_s {self.max_wait_s} is below interval_s {self.interval_s}")
+        return self
 
 
 class MlgateConfig(BaseSettings):
@@ -167,6 +230,7 @@ class MlgateConfig(BaseSettings):
     registry: RegistryConfig = RegistryConfig()
     serving: ServingConfig = ServingConfig()
     monitor: MonitorConfig = MonitorConfig()
+    canary: CanaryConfig = CanaryConfig()
 
     def inference_log_dir(self) -> Path:
         return self.serving.inference_log_dir or self.registry.store_dir / "inference_log"

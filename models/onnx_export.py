@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pandas as pd
 from sklearn.pipeline import Pipeline
 
 from models.config import DatasetConfig
-from models.train import prepare_columns, prepare_features
+from models.train import MISSING_CATEGORY, prepare_columns, prepare_features
 
 PROBABILITIES = "probabilities"
 ONNX_FILENAME = "model.onnx"
@@ -91,6 +92,70 @@ def onnx_inputs_from_frame(X: pd.DataFrame, schema: dict[str, Any]) -> dict[str,
     for c in schema["categorical"]:
         feeds[c] = X[c].to_numpy(dtype=object).astype(str).reshape(-1, 1)
     return feeds
+
+
+def category_labels(values: Sequence[Any], missing: Sequence[int] | None = None) -> np.ndarray:
+    """One categorical column as `onnx_inputs_from_frame(prepare_columns(...))` feeds it: a
+    unicode array (dtype `<U` as wide as its longest label) where a missing value (None or
+    NaN) is `MISSING_CATEGORY` and any other value is `str(value)`.
+
+    `missing` lists the indices of the missing values when the caller knows them already
+    (a decoder that saw the nulls); otherwise they are found here."""
+    if missing is None:
+        missing = [i for i, v in enumerate(values) if v is None or v != v]
+    labels = np.array(values, dtype=str)
+    if len(missing):
+        # Missing values hold str(None) or str(nan) here, shorter than the marker, so the
+        # frame path's width is the longer of this one and the marker's.
+        width = max(labels.dtype.itemsize // 4, len(MISSING_CATEGORY))
+        labels = labels.astype(f"<U{width}")
+        labels[np.asarray(missing, dtype=np.intp)] = MISSING_CATEGORY
+    return labels
+
+
+def onnx_inputs_from_columns(
+    numeric: np.ndarray, labels: Sequence[np.ndarray], schema: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """The feeds `onnx_inputs_from_frame(prepare_columns(...))` builds, without pandas.
+
+    `numeric` is a float64 array shaped (len(schema["numeric"]), n), NaN where a value is
+    missing; `labels` holds one `category_labels` array per `schema["categorical"]` feature
+    (arrays of several requests may be concatenated: numpy widens to the longest, as the
+    frame path does). The feeds are identical in dtype, shape and value; the serving path
+    uses this because the DataFrame round trip costs milliseconds per call."""
+    names, categorical = schema["numeric"], schema["categorical"]
+    if numeric.shape[0] != len(names) or len(labels) != len(categorical):
+        raise ValueError(
+            f"{numeric.shape[0]} numeric and {len(labels)} categorical columns given, "
+            f"the schema has {len(names)} and {len(categorical)}"
+        )
+    n = numeric.shape[1]
+    feeds: dict[str, np.ndarray] = {}
+    # Beyond float32's range a value becomes infinity, in the frame path too.
+    with np.errstate(over="ignore"):
+        as_float32 = numeric.astype(np.float32)
+    for i, c in enumerate(names):
+        feeds[c] = as_float32[i].reshape(n, 1)
+    for c, column in zip(categorical, labels, strict=True):
+        feeds[c] = column.reshape(n, 1)
+    return feeds
+
+
+def onnx_inputs_from_rows(
+    rows: Sequence[Sequence[Any]], schema: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """`onnx_inputs_from_columns` for rows holding their values in the order
+    `schema["numeric"]` then `schema["categorical"]`: numbers or None, then labels or
+    None, as a JSON body decodes them."""
+    k = len(schema["numeric"])
+    width = k + len(schema["categorical"])
+    n = len(rows)
+    # One transpose in C gives every column; zip of no rows gives no columns at all.
+    columns = list(zip(*rows, strict=True)) if n else [()] * width
+    if len(columns) != width:
+        raise ValueError(f"rows hold {len(columns)} values, the schema {width} features")
+    numeric = np.array(columns[:k], dtype=np.float64).reshape(k, n)
+    return onnx_inputs_from_columns(numeric, [category_labels(c) for c in columns[k:]], schema)
 
 
 def gpu_present() -> bool:

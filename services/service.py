@@ -1,16 +1,26 @@
 """The prediction service: one BentoML 1.4 service class serving one registered ONNX model.
 
-How a request travels, and why:
+Where the time of a request goes, and what that decided (measured on the 2-core host with
+py-spy and wrk; `bench/serving.py` and bench/RESULTS.md have the numbers):
 
-- `POST /predict` is a FastAPI route mounted into the service. It parses and validates the
-  body itself, because BentoML answers every validation error of an `@bentoml.api` with a
-  400, and clients need 400 (malformed JSON), 413 (too many rows) and 422 (a field with the
-  wrong type, missing or unknown) told apart, each naming the field.
-- The validated rows then go to `/score_rows`, a batchable `@bentoml.api`, through the
-  service's own in-process client (`self.to_async`, an ASGI call with no socket). That hop is
-  what puts them in front of BentoML's adaptive batcher, which only sits on the HTTP path of a
-  batchable API: concurrent requests are scored in one ONNX Runtime call. A batch counts rows,
-  so a request larger than `max_batch_size` is split and its scores joined back.
+- BentoML's `@bentoml.api` path (its IO descriptors, its runner client, its dispatcher) is
+  most of the cost of a small request, so `/predict` is a route of an ASGI app mounted with
+  `@bentoml.asgi_app`, and it is a plain ASGI endpoint (`services.app`), not a FastAPI
+  handler.
+- BentoML's middlewares run for every request of the worker. Its OpenTelemetry middleware
+  costs more than half of the remaining path when the URL is traced; the hot paths are
+  excluded from tracing unless `serving.trace_requests`. Its metrics middleware and access
+  log are off: `/metrics` is ours (`services.metrics`), and every prediction is in the
+  inference log. Its timeout middleware leaks a timer per request, which made full garbage
+  collections stall the worker; `services.bentoml_fixes` cancels it.
+- Adaptive batching is `services.batcher.AdaptiveBatcher`, in the worker's event loop; see
+  there why not BentoML's batcher (a second trip through the request path, and a deadline
+  that turns load into 503s).
+
+Readiness: `/readyz` answers 200 only once the model is loaded, verified (sha256), checked
+against the config's features and has passed a warm-up through the serving path.
+Shutdown: SIGTERM makes the worker stop accepting, finish the requests in flight, answer
+what the batcher holds, and write the inference log's queue before it exits.
 
 Nothing here reads files at import: the model is loaded in the service's `__init__`, in each
 worker process that BentoML starts.
@@ -18,84 +28,52 @@ worker process that BentoML starts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
 import bentoml
-from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from fastapi.routing import APIRoute
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.types import ASGIApp
 
-from models.config import DatasetConfig, MlgateConfig
+from models.config import DatasetConfig, MlgateConfig, ServingConfig
+from services.app import MetricsEndpoint, PredictEndpoint, freeze_heap
+from services.bentoml_fixes import cancel_timeout_timers
+from services.schema import ErrorBody, ModelInfo, PredictResponse, request_openapi_schema
 
-# pandas, scikit-learn (through models.train and models.onnx_export) and MLflow are imported
-# where they are used, not here: BentoML's arbiter process imports this module only to read
-# the service definition, and those imports would add seconds to every start.
+# pandas, scikit-learn, pyarrow, onnxruntime and MLflow are imported where they are used, not
+# here: BentoML's arbiter process imports this module only to read the service definition,
+# and those imports would add seconds to every start.
 if TYPE_CHECKING:
-    import pandas as pd
-
+    from services.app import ModelRuntime
     from services.model_store import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "mlgate"
-SCORE_ROUTE = "/score_rows"
-# A generous per-feature byte bound (key, value, punctuation) so that an oversized body is
-# refused from its Content-Length, before anything parses it.
-_MAX_BODY_BYTES_PER_FEATURE = 256
-_MIN_BODY_BYTES = 64 * 1024
-_NEVER = 2**31 - 1
-_MAX_ERRORS_SHOWN = 50
-_BENTOML_SKIPPED_PATHS = ["/metrics", "/healthz", "/livez", "/readyz"]
+VARIANT_ENV = "MLGATE_VARIANT"
+_HOT_PATHS = ["/predict", "/metrics", "/livez", "/readyz", "/healthz"]
+# Applied to the class BentoML builds its middleware stack from, before any worker starts.
+cancel_timeout_timers()
 
-
-class Prediction(BaseModel):
-    score: float = Field(description="probability of the positive class")
-    label: int = Field(description="1 when score > 0.5, as scikit-learn's predict")
-
-
-class PredictResponse(BaseModel):
-    model_name: str
-    model_version: str
-    predictions: list[Prediction]
-
-
-class ModelInfo(BaseModel):
-    name: str
-    version: str
-    alias: str | None
-    sha256: str
-    providers: list[str]
-    numeric_features: list[str]
-    categorical_features: list[str]
-
-
-def make_row_model(dataset: DatasetConfig) -> type[BaseModel]:
-    """One input row: every configured feature, required, null allowed (the pipeline
-    imputes numeric nulls and treats categorical nulls as a category of their own).
-
-    Strict types, so `"3"` or `true` for a number and `3` for a category are refused rather
-    than guessed; NaN and infinities are refused, a missing value is `null`."""
-    fields: dict[str, Any] = {}
-    for col in dataset.numeric_features:
-        fields[col] = (float | None, Field(...))
-    for col in dataset.categorical_features:
-        fields[col] = (str | None, Field(...))
-    config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
-    row: type[BaseModel] = create_model("Row", __config__=config, **fields)
-    return row
-
-
-def make_request_model(row_model: type[BaseModel], max_rows: int) -> type[BaseModel]:
-    config = ConfigDict(extra="forbid", strict=True)
-    request: type[BaseModel] = create_model(
-        "PredictRequest",
-        __config__=config,
-        rows=(list[row_model], Field(..., min_length=1, max_length=max_rows)),  # type: ignore[valid-type]
-    )
-    return request
+_PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body is not valid JSON"},
+    401: {"model": ErrorBody, "description": "no `Authorization: Bearer <API key>` header"},
+    403: {"model": ErrorBody, "description": "the API key is unknown or revoked"},
+    413: {"model": ErrorBody, "description": "too many rows, or the body is too large"},
+    422: {
+        "model": ErrorBody,
+        "description": "a field is missing, unknown, of the wrong type, NaN or out of range",
+    },
+    429: {"model": ErrorBody, "description": "the key's rate limit; see Retry-After"},
+    503: {"model": ErrorBody, "description": "not ready yet, or overloaded; see Retry-After"},
+}
 
 
 def check_model_matches_config(model: LoadedModel, dataset: DatasetConfig) -> None:
@@ -113,52 +91,53 @@ def check_model_matches_config(model: LoadedModel, dataset: DatasetConfig) -> No
             )
 
 
-def rows_to_frame(rows: list[Any], dataset: DatasetConfig) -> pd.DataFrame:
-    import pandas as pd
-
-    columns = {c: [getattr(r, c) for r in rows] for c in dataset.features}
-    return pd.DataFrame(columns, columns=list(dataset.features))
-
-
-def score_rows_onnx(
-    session: Any, rows: list[Any], dataset: DatasetConfig, schema: dict[str, Any]
-) -> list[float]:
-    """Exactly the in-process path: `prepare_features`, then the ONNX feeds, then
-    `score_onnx`, so that serving cannot drift from what the parity gate checked."""
-    from models.onnx_export import onnx_inputs_from_frame, score_onnx
-    from models.train import prepare_features
-
-    features = prepare_features(rows_to_frame(rows, dataset), dataset)
-    scores: list[float] = score_onnx(session, onnx_inputs_from_frame(features, schema)).tolist()
-    return scores
+def resolve_variant(serving: ServingConfig) -> str:
+    variant = os.environ.get(VARIANT_ENV) or serving.variant
+    if not re.match(r"^[A-Za-z0-9_.-]+$", variant):
+        raise ValueError(f"{VARIANT_ENV}={variant!r}: use letters, digits, '.', '_' or '-'")
+    return variant
 
 
-def _error_body(message: str, err: ValidationError) -> dict[str, Any]:
-    errors = err.errors(include_url=False, include_context=False, include_input=False)
-    shown = errors[:_MAX_ERRORS_SHOWN]
-    fields = list(dict.fromkeys(".".join(str(p) for p in e["loc"]) for e in shown if e["loc"]))
-    return {
-        "error": f"{message}: {', '.join(fields)}" if fields else message,
-        "error_count": len(errors),
-        "detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in shown],
-    }
+def describe_providers(content: bytes, providers: list[str]) -> str:
+    """Which execution provider the model got, and why a tree ensemble is on CPU anyway."""
+    import onnx
+
+    ops = {node.op_type for node in onnx.load_model_from_string(content).graph.node}
+    trees = sorted(op for op in ops if op.startswith("TreeEnsemble"))
+    if "CUDAExecutionProvider" in providers and trees:
+        return (
+            f"{', '.join(providers)} (its {', '.join(trees)} nodes have no CUDA kernel in "
+            "ONNX Runtime and run on CPU)"
+        )
+    if "CUDAExecutionProvider" not in providers:
+        return f"{', '.join(providers)} (no GPU here, or none requested)"
+    return ", ".join(providers)
 
 
-def classify_validation_error(err: ValidationError) -> tuple[int, dict[str, Any]]:
-    """Malformed JSON is a 400, too many rows a 413, anything else about the body a 422;
-    the body names each offending field as a dotted path (`rows.0.tenure`)."""
-    errors = err.errors(include_url=False)
-    if any(e["type"] == "json_invalid" for e in errors):
-        return 400, _error_body("request body is not valid JSON", err)
-    for e in errors:
-        if e["type"] == "too_long" and tuple(e["loc"]) == ("rows",):
-            ctx = e.get("ctx", {})
-            message = (
-                f"{ctx.get('actual_length', 'too many')} rows in one request, "
-                f"at most {ctx.get('max_length')} allowed"
-            )
-            return 413, {"error": message}
-    return 422, _error_body("invalid request", err)
+class BareRoutes(Starlette):
+    """A Starlette app without Starlette's error and exception middlewares (its endpoints
+    answer their own errors): the hot paths, mounted ahead of the FastAPI app. BentoML
+    routes a request to a mounted Starlette app only when one of its routes matches."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return self.router
+
+
+def _document_route(app: FastAPI, served_by: Any, **route: Any) -> APIRoute:
+    """An APIRoute that only documents a path (FastAPI builds its OpenAPI entry from the
+    route's models and extras; BentoML reads them into /docs.json). `served_by`, mounted
+    ahead of this app, answers every request to the path, so this one never runs."""
+
+    async def documentation_only(request: Request) -> None:
+        raise RuntimeError(f"{request.url.path} is served by {type(served_by).__name__}")
+
+    documentation_only.__doc__ = route.pop("description", None)
+    app.add_api_route(endpoint=documentation_only, **route)
+    added = app.router.routes[-1]
+    assert isinstance(added, APIRoute)
+    # Were it ever reached (mounting order changed), the request still gets the real answer.
+    added.app = served_by
+    return added
 
 
 def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) -> Any:
@@ -173,40 +152,68 @@ def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) 
     serving = cfg.serving
     tracking_uri = cfg.registry.resolved_tracking_uri()
     model_name = cfg.registry.model_name
-    row_model = make_row_model(dataset)
-    request_model = make_request_model(row_model, serving.max_rows_per_request)
-    score_input = create_model(
-        "ScoreRowsInput",
-        __config__=ConfigDict(extra="forbid", strict=True),
-        rows=(
-            list[row_model],  # type: ignore[valid-type]
-            Field(..., min_length=1, max_length=serving.max_rows_per_request),
-        ),
-    )
-    max_body_bytes = max(
-        _MIN_BODY_BYTES,
-        serving.max_rows_per_request * len(dataset.features) * _MAX_BODY_BYTES_PER_FEATURE,
-    )
-    request_schema = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
-    request_schema.pop("$defs", None)
-    request_schema["properties"]["rows"]["items"] = row_model.model_json_schema()
+    log_dir = cfg.inference_log_dir()
 
+    predict_endpoint = PredictEndpoint()
+    metrics_endpoint = MetricsEndpoint()
+    hot = BareRoutes(
+        routes=[
+            Route("/predict", predict_endpoint, methods=["POST"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ]
+    )
     app = FastAPI(title=SERVICE_NAME, docs_url=None, redoc_url=None, openapi_url=None)
-
-    @bentoml.service(
-        name=SERVICE_NAME,
-        workers=serving.workers,
-        # `self.to_async` reaches our own app in-process, with no socket to recycle, and
-        # BentoML 1.4.39 recycles its client session by closing it under the requests still
-        # in flight (they fail with "Cannot write to closing transport"): never recycle it.
-        runner_connection={"max_requests": _NEVER, "max_age": float(_NEVER)},
-        # Each prediction crosses /score_rows once more; one access-log line per request.
-        logging={"access": {"skip_paths": [*_BENTOML_SKIPPED_PATHS, SCORE_ROUTE]}},
+    _document_route(
+        app,
+        predict_endpoint,
+        path="/predict",
+        methods=["POST"],
+        response_model=PredictResponse,
+        responses=_PREDICT_RESPONSES,
+        summary="Score one or many rows",
+        description=(
+            'Score rows: `{"rows": [{feature: value, ...}, ...]}`; the response holds one '
+            "prediction per row, in order. Every feature is required (`null` when missing)."
+        ),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": request_openapi_schema(dataset, serving.max_rows_per_request)
+                    }
+                },
+            }
+        },
     )
-    @bentoml.asgi_app(app, path="/")
+    service_config: dict[str, Any] = {
+        "name": SERVICE_NAME,
+        "workers": serving.workers,
+        "traffic": {"timeout": serving.request_timeout_s},
+        "metrics": {"enabled": False},
+        "logging": {"access": {"enabled": serving.access_log, "skip_paths": _HOT_PATHS[1:]}},
+    }
+    if not serving.trace_requests:
+        service_config["tracing"] = {"excluded_urls": _HOT_PATHS}
+    if serving.gpus:
+        service_config["resources"] = {"gpu": serving.gpus}
+
+    # Decorators apply bottom up: `hot` is mounted first, so it is matched first.
+    @bentoml.service(**service_config)
+    @bentoml.asgi_app(app, path="/", name="api")
+    @bentoml.asgi_app(hot, path="/", name="hot")
     class MlgateService:
         def __init__(self) -> None:
             from models.onnx_export import make_session
+            from services.auth import (
+                API_KEYS_ENV,
+                ApiKey,
+                Authenticator,
+                merge_api_keys,
+                parse_api_keys_env,
+            )
+            from services.inference_log import InferenceLogWriter
+            from services.metrics import ServiceMetrics
             from services.model_store import load_registered_model
 
             # BentoML leaves the root logger at WARNING; which model a worker serves, and on
@@ -214,95 +221,102 @@ def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) 
             if logger.level == logging.NOTSET:
                 logger.setLevel(logging.INFO)
             started = time.perf_counter()
-            self.model = load_registered_model(
-                tracking_uri, model_name, alias=alias, version=version
+            variant = resolve_variant(serving)
+            model = load_registered_model(tracking_uri, model_name, alias=alias, version=version)
+            check_model_matches_config(model, dataset)
+            session = make_session(model.content)
+            providers = list(session.get_providers())
+            authenticator = Authenticator(
+                merge_api_keys(
+                    (
+                        ApiKey(k.name, k.sha256, k.revoked, k.rate_limit_per_s, k.rate_limit_burst)
+                        for k in serving.api_keys
+                    ),
+                    parse_api_keys_env(os.environ.get(API_KEYS_ENV)),
+                ),
+                rate_per_s=serving.rate_limit_per_s,
+                burst=serving.rate_limit_burst,
             )
-            check_model_matches_config(self.model, dataset)
-            self.session = make_session(self.model.content)
-            self.providers = list(self.session.get_providers())
+            metrics = ServiceMetrics(model.name, model.version, variant, providers[0], model.sha256)
+            log_writer = InferenceLogWriter(
+                log_dir,
+                model_name=model.name,
+                model_version=model.version,
+                variant=variant,
+                numeric=model.schema["numeric"],
+                categorical=model.schema["categorical"],
+                max_queued_rows=serving.inference_log_max_queued_rows,
+                flush_rows=serving.inference_log_flush_rows,
+                flush_s=serving.inference_log_flush_s,
+                on_written=metrics.log_written,
+                on_dropped=metrics.log_dropped,
+            )
+            from services.app import ModelRuntime
+
+            self.runtime: ModelRuntime = ModelRuntime(
+                model,
+                session,
+                dataset,
+                serving,
+                variant=variant,
+                authenticator=authenticator,
+                log_writer=log_writer,
+                metrics=metrics,
+            )
+            self.runtime.warm_up()
+            log_writer.start()
+            predict_endpoint.runtime = self.runtime
+            metrics_endpoint.metrics = metrics
             logger.info(
-                "serving %s, sha256 %s, on ONNX Runtime %s; loaded in %.1f s",
-                self.model.ref,
-                self.model.sha256,
-                ", ".join(self.providers),
+                "serving %s (variant %s), sha256 %s, on ONNX Runtime %s; loaded and warmed "
+                "up in %.1f s",
+                model.ref,
+                variant,
+                model.sha256,
+                describe_providers(model.content, providers),
                 time.perf_counter() - started,
             )
-
-        @bentoml.api(
-            route=SCORE_ROUTE,
-            input_spec=score_input,
-            batchable=serving.max_batch_size > 1,
-            max_batch_size=max(2, serving.max_batch_size),
-            max_latency_ms=serving.max_latency_ms,
-        )
-        def score_rows(self, rows: list[Any]) -> list[float]:
-            """Positive-class probabilities of already validated rows (batched internally)."""
-            logger.debug("scoring a batch of %d rows", len(rows))
-            return score_rows_onnx(self.session, rows, dataset, self.model.schema)
-
-        @app.post(
-            "/predict",
-            response_model=PredictResponse,
-            openapi_extra={
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": request_schema}},
-                }
-            },
-        )
-        async def predict(self, request: Request) -> Any:
-            """Score one or many rows: `{"rows": [{feature: value, ...}, ...]}`."""
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > max_body_bytes:
-                return JSONResponse(
-                    {"error": f"request body over {max_body_bytes} bytes"}, status_code=413
-                )
-            body = await request.body()
-            if len(body) > max_body_bytes:
-                return JSONResponse(
-                    {"error": f"request body over {max_body_bytes} bytes"}, status_code=413
-                )
-            try:
-                parsed = request_model.model_validate_json(body)
-            except ValidationError as err:
-                status, payload = classify_validation_error(err)
-                return JSONResponse(payload, status_code=status)
-            rows = parsed.rows  # type: ignore[attr-defined]
-            try:
-                scores = await self.to_async.score_rows(rows=rows)  # type: ignore[attr-defined]
-            except BentoMLException as err:
-                if err.error_code == 503:
-                    return JSONResponse(
-                        {"error": "the service is overloaded, retry shortly"},
-                        status_code=503,
-                        headers={"Retry-After": "1"},
-                    )
-                raise
-            # NaN fails both comparisons; a broken score must never reach a client as data.
-            if not all(0.0 <= s <= 1.0 for s in scores):
-                logger.error("%s produced scores outside [0, 1]: %s", self.model.ref, scores)
-                return JSONResponse(
-                    {"error": "the model produced an invalid score; see the service log"},
-                    status_code=500,
-                )
-            return JSONResponse(
-                {
-                    "model_name": self.model.name,
-                    "model_version": self.model.version,
-                    "predictions": [{"score": s, "label": int(s > 0.5)} for s in scores],
-                }
+            logger.info("%s", authenticator.describe())
+            logger.info(
+                "adaptive batching: up to %d rows per ONNX Runtime call; inference log in %s",
+                serving.max_batch_size,
+                log_dir / model.name,
             )
+
+        @bentoml.on_startup
+        async def freeze_startup_heap(self) -> None:
+            frozen = freeze_heap()
+            self.runtime.mark_ready()
+            logger.info("ready; %d start-up objects frozen out of garbage collection", frozen)
+
+        @bentoml.on_shutdown
+        async def drain(self) -> None:
+            # By now uvicorn has finished the requests in flight; answer what is queued and
+            # write the inference log's last rows.
+            await asyncio.wait_for(self.runtime.close(), timeout=60)
+            writer = self.runtime.log_writer
+            if writer is not None:
+                logger.info(
+                    "stopped: %d inference log rows written, %d dropped",
+                    writer.written_rows,
+                    writer.dropped_rows,
+                )
+
+        async def __is_ready__(self) -> bool:
+            return self.runtime.ready
 
         @app.get("/model", response_model=ModelInfo)
         async def model_info(self) -> ModelInfo:
+            model = self.runtime.model
             return ModelInfo(
-                name=self.model.name,
-                version=self.model.version,
-                alias=self.model.alias,
-                sha256=self.model.sha256,
-                providers=self.providers,
-                numeric_features=list(self.model.schema["numeric"]),
-                categorical_features=list(self.model.schema["categorical"]),
+                name=model.name,
+                version=model.version,
+                alias=model.alias,
+                sha256=model.sha256,
+                variant=self.runtime.variant,
+                providers=self.runtime.providers,
+                numeric_features=list(model.schema["numeric"]),
+                categorical_features=list(model.schema["categorical"]),
             )
 
     return MlgateService

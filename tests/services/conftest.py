@@ -1,6 +1,10 @@
 """A real registry for the serving tests: a small logistic regression trained on the bundled
 data, exported to ONNX and registered in a throw-away MLflow store exactly as the training
-flow does it (model/ artifacts, `onnx_sha256` tag, `@champion`)."""
+flow does it (model/ artifacts, `onnx_sha256` tag, `@champion`).
+
+The config turns authentication on: API keys in the config (one active, one revoked, one
+with a tiny rate limit) and one more in `MLGATE_API_KEYS` (the `server` fixtures pass it).
+Clients send `Authorization: Bearer <token>`; only the sha256 digests are configured."""
 
 from __future__ import annotations
 
@@ -16,8 +20,16 @@ from models.config import MlgateConfig, TrainConfig, load_config
 from models.data import load_dataset, split_data
 from models.onnx_export import export_onnx, sha256_file, write_model_dir
 from models.train import train_model
+from services.auth import hash_api_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+CLIENT_TOKEN = "client-token-3f9d"
+REVOKED_TOKEN = "retired-token-77aa"
+LIMITED_TOKEN = "tiny-token-0c1e"
+ENV_TOKEN = "env-token-52b0"
+ENV_KEYS = f"ci:{hash_api_key(ENV_TOKEN)}"
+AUTH = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,25 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     raw["dataset"]["path"] = str(REPO_ROOT / "data" / "churn.parquet")
     raw["registry"]["store_dir"] = str(root / "store")
     raw["serving"]["port"] = free_port()
+    raw["serving"].update(
+        {
+            "api_keys": [
+                {"name": "client", "sha256": hash_api_key(CLIENT_TOKEN)},
+                {"name": "retired", "sha256": hash_api_key(REVOKED_TOKEN), "revoked": True},
+                {
+                    "name": "tiny",
+                    "sha256": hash_api_key(LIMITED_TOKEN),
+                    "rate_limit_per_s": 0.2,
+                    "rate_limit_burst": 2,
+                },
+            ],
+            # High enough that the load test measures the service, not the limiter.
+            "rate_limit_per_s": 100000.0,
+            "rate_limit_burst": 100000,
+            "inference_log_dir": str(root / "inference_log"),
+            "inference_log_flush_s": 0.5,
+        }
+    )
     config_path = root / "mlgate.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = load_config(config_path)

@@ -1,13 +1,22 @@
 """The prediction service as clients and `mlgate serve` see it: a real `bentoml serve`
-process answering real HTTP, and the registry checks it relies on."""
+process answering real HTTP, and the registry checks it relies on.
+
+Every refusal is checked for its status, a message naming the problem, not reaching the
+model, and the service answering good requests afterwards. The load test and the shutdown
+test are bounded in requests and seconds."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +25,28 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from models.onnx_export import input_schema, make_session, predict_proba_onnx, sha256_file
+from services.inference_log import read_inference_log
 from services.launcher import ServiceProcess, ServiceStartError, start_service
 from services.model_store import (
     ModelIntegrityError,
     ModelNotFoundError,
     load_registered_model,
 )
-from tests.services.conftest import Registry, free_port
+from tests.services.conftest import (
+    AUTH,
+    ENV_KEYS,
+    ENV_TOKEN,
+    LIMITED_TOKEN,
+    REVOKED_TOKEN,
+    Registry,
+    free_port,
+)
 
 START_TIMEOUT_S = 300.0
+VARIANT = "blue"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +59,11 @@ def server(
         alias="champion",
         version=None,
         port=free_port(),
-        env={"BENTOML_HOME": str(home)},
+        env={
+            "BENTOML_HOME": str(home),
+            "MLGATE_API_KEYS": ENV_KEYS,
+            "MLGATE_VARIANT": VARIANT,
+        },
     ) as proc:
         proc.wait_ready(timeout=START_TIMEOUT_S)
         yield proc
@@ -47,7 +71,7 @@ def server(
 
 @pytest.fixture(scope="module")
 def client(server: ServiceProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30.0) as c:
+    with httpx.Client(base_url=server.url, timeout=30.0, headers=AUTH) as c:
         yield c
 
 
@@ -75,12 +99,35 @@ def assert_matches_in_process(
     assert [p["label"] for p in body["predictions"]] == [int(s > 0.5) for s in scores]
 
 
+def metric(client: httpx.Client, sample: str, **labels: str) -> float:
+    """A sample of /metrics summed over the label sets that contain `labels`."""
+    total = 0.0
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def batches(client: httpx.Client) -> float:
+    return metric(client, "mlgate_batch_rows_count")
+
+
+def assert_still_serving(registry: Registry, client: httpx.Client) -> None:
+    rows = request_rows(registry, 1, start=7)
+    resp = client.post("/predict", json={"rows": rows})
+    assert resp.status_code == 200, resp.text
+    assert_matches_in_process(registry, rows, resp.json())
+
+
 def test_one_row_scores_as_onnx_runtime_in_process(
     registry: Registry, client: httpx.Client
 ) -> None:
     rows = request_rows(registry, 1)
     resp = client.post("/predict", json={"rows": rows})
     assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    assert resp.headers["x-request-id"]
     assert len(resp.json()["predictions"]) == 1
     assert_matches_in_process(registry, rows, resp.json())
 
@@ -109,52 +156,53 @@ def test_request_larger_than_a_batch_keeps_row_order(
     assert_matches_in_process(registry, rows, resp.json())
 
 
-def _batch_histogram(client: httpx.Client) -> tuple[float, float]:
-    """(requests, batches) seen so far by the adaptive batcher of /score_rows."""
-    totals = {"sum": 0.0, "count": 0.0}
-    pattern = re.compile(
-        r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="score_rows"'
-        r"[^}]*\} (\S+)$"
-    )
-    for line in client.get("/metrics").text.splitlines():
-        if m := pattern.match(line):
-            totals[m.group(1)] += float(m.group(2))
-    return totals["sum"], totals["count"]
-
-
 def test_concurrent_requests_are_scored_in_shared_batches(
     registry: Registry, server: ServiceProcess, client: httpx.Client
 ) -> None:
     n = 64
     rows = request_rows(registry, n, start=1000)
-    requests_before, batches_before = _batch_histogram(client)
+    before = batches(client)
 
     async def fire() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=n)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60.0, limits=limits) as ac:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=60.0, limits=limits, headers=AUTH
+        ) as ac:
             return await asyncio.gather(*(ac.post("/predict", json={"rows": [r]}) for r in rows))
 
     responses = asyncio.run(fire())
     assert [r.status_code for r in responses] == [200] * n
     scores = np.array([r.json()["predictions"][0]["score"] for r in responses])
     np.testing.assert_allclose(scores, in_process_scores(registry, rows), rtol=0, atol=1e-6)
+    # Fewer ONNX Runtime calls than requests: at least one call scored several requests.
+    assert batches(client) - before < n
 
-    requests_after, batches_after = _batch_histogram(client)
-    assert requests_after - requests_before == n
-    # Fewer batches than requests: at least one ONNX Runtime call scored several requests.
-    assert batches_after - batches_before < n
+
+# The refusals. Each names the problem, none reaches the model, the service goes on.
+
+BAD_ROWS = [
+    ({"tenure": "twelve"}, "tenure", "float_type"),
+    ({"contract": 12}, "contract", "string_type"),
+    ({"senior_citizen": True}, "senior_citizen", "float_type"),
+    ({"monthly_charges": {"value": 3}}, "monthly_charges", "float_type"),
+    ({"total_charges": 1e39}, "total_charges", "less_than_equal"),
+    ({"favourite_colour": "teal"}, "favourite_colour", "extra_forbidden"),
+    ({"payment_method": ...}, "payment_method", "missing"),
+]
 
 
 @pytest.mark.parametrize(
     ("change", "field", "error_type"),
-    [
-        ({"tenure": "twelve"}, "tenure", "float_type"),
-        ({"contract": 12}, "contract", "string_type"),
-        ({"senior_citizen": True}, "senior_citizen", "float_type"),
-        ({"favourite_colour": "teal"}, "favourite_colour", "extra_forbidden"),
-        ({"payment_method": ...}, "payment_method", "missing"),
+    BAD_ROWS,
+    ids=[
+        "string-for-number",
+        "number-for-category",
+        "bool-for-number",
+        "object-for-number",
+        "beyond-float32",
+        "extra",
+        "missing",
     ],
-    ids=["string-for-number", "number-for-category", "bool-for-number", "extra", "missing"],
 )
 def test_bad_row_is_a_422_naming_the_field_and_the_service_still_answers(
     registry: Registry,
@@ -169,6 +217,7 @@ def test_bad_row_is_a_422_naming_the_field_and_the_service_still_answers(
             del row[key]
         else:
             row[key] = value
+    before = batches(client)
     resp = client.post("/predict", json={"rows": [good, row]})
     assert resp.status_code == 422, resp.text
     body = resp.json()
@@ -176,29 +225,59 @@ def test_bad_row_is_a_422_naming_the_field_and_the_service_still_answers(
     assert {"loc": ["rows", 1, field], "type": error_type} in [
         {"loc": d["loc"], "type": d["type"]} for d in body["detail"]
     ]
-
-    after = client.post("/predict", json={"rows": [good]})
-    assert after.status_code == 200, after.text
-    assert_matches_in_process(registry, [good], after.json())
+    assert batches(client) == before
+    assert_still_serving(registry, client)
 
 
-def test_body_without_rows_or_with_extra_top_level_field_is_a_422(
+def test_nan_and_infinity_are_a_422_naming_the_field(
     registry: Registry, client: httpx.Client
 ) -> None:
+    for value in (float("nan"), float("inf"), float("-inf")):
+        row = request_rows(registry, 1)[0] | {"tenure": value}
+        # Python's json writes NaN and Infinity, as many clients do.
+        resp = client.post(
+            "/predict",
+            content=json.dumps({"rows": [row]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert resp.status_code == 422, (value, resp.text)
+        assert "rows.0.tenure" in resp.json()["error"]
+        assert resp.json()["detail"][0]["type"] == "finite_number"
+    assert_still_serving(registry, client)
+
+
+def test_body_problems_are_400_or_422_naming_them(registry: Registry, client: httpx.Client) -> None:
     rows = request_rows(registry, 1)
-    for body, field in (({}, "rows"), ({"rows": rows, "threshold": 0.3}, "threshold")):
-        resp = client.post("/predict", json=body)
-        assert resp.status_code == 422, resp.text
-        assert field in resp.json()["error"]
-    assert client.post("/predict", json={"rows": []}).status_code == 422
+    before = batches(client)
+    cases: list[tuple[bytes, int, str]] = [
+        (b'{"rows": [{"tenure": 1,', 400, "JSON"),
+        (b"", 400, "JSON"),
+        (b"\xff\xfe", 400, "JSON"),
+        (b"{}", 422, "rows"),
+        (b"[]", 422, "invalid request"),
+        (b'{"rows": []}', 422, "rows"),
+        (b'{"rows": {}}', 422, "rows"),
+        (json.dumps({"rows": rows, "threshold": 0.3}).encode(), 422, "threshold"),
+    ]
+    for content, status, named in cases:
+        resp = client.post(
+            "/predict", content=content, headers={"Content-Type": "application/json"}
+        )
+        assert resp.status_code == status, (content, resp.text)
+        assert named in resp.json()["error"], (content, resp.text)
+    assert batches(client) == before
+    assert_still_serving(registry, client)
 
 
-def test_too_many_rows_is_a_413(registry: Registry, client: httpx.Client) -> None:
+def test_too_many_rows_or_too_large_a_body_is_a_413(
+    registry: Registry, client: httpx.Client
+) -> None:
     limit = registry.cfg.serving.max_rows_per_request
+    before = batches(client)
     rows = request_rows(registry, 1) * (limit + 1)
     resp = client.post("/predict", json={"rows": rows})
     assert resp.status_code == 413, resp.text
-    assert str(limit) in resp.json()["error"]
+    assert f"at most {limit}" in resp.json()["error"]
 
     padded = json.dumps({"rows": request_rows(registry, 1)}) + " " * (8 * 1024 * 1024)
     resp = client.post(
@@ -207,38 +286,263 @@ def test_too_many_rows_is_a_413(registry: Registry, client: httpx.Client) -> Non
     assert resp.status_code == 413, resp.text
     assert "bytes" in resp.json()["error"]
 
+    # No Content-Length (chunked): refused while reading, not after.
+    def chunks() -> Iterator[bytes]:
+        yield b'{"rows": ['
+        for _ in range(200):
+            yield b" " * 65536
 
-def test_malformed_json_is_a_400(client: httpx.Client) -> None:
-    resp = client.post(
-        "/predict", content=b'{"rows": [{"tenure": 1,', headers={"Content-Type": "application/json"}
-    )
-    assert resp.status_code == 400, resp.text
-    assert "JSON" in resp.json()["error"]
+    resp = client.post("/predict", content=chunks(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413, resp.text
+    assert batches(client) == before
+    assert_still_serving(registry, client)
 
 
-def test_model_endpoint_names_the_verified_version(
-    registry: Registry, client: httpx.Client
+def test_api_keys_401_403_and_429_each_say_why(
+    registry: Registry, server: ServiceProcess, client: httpx.Client
 ) -> None:
-    resp = client.get("/model")
-    assert resp.status_code == 200, resp.text
-    info = resp.json()
-    assert info["name"] == registry.model_name
-    assert info["version"] == registry.champion_version
-    assert info["alias"] == "champion"
-    assert info["sha256"] == sha256_file(registry.model_dir / "model.onnx")
-    assert "CPUExecutionProvider" in info["providers"]
-    assert info["numeric_features"] == list(registry.cfg.dataset.numeric_features)
+    body = {"rows": request_rows(registry, 1)}
+    before = batches(client)
+    with httpx.Client(base_url=server.url, timeout=30.0) as bare:
+        missing = bare.post("/predict", json=body)
+        assert missing.status_code == 401
+        assert "Authorization" in missing.json()["error"]
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+
+        wrong_scheme = bare.post("/predict", json=body, headers={"Authorization": "Basic eDp5"})
+        assert wrong_scheme.status_code == 401
+        assert "Bearer" in wrong_scheme.json()["error"]
+
+        unknown = bare.post("/predict", json=body, headers={"Authorization": "Bearer guess"})
+        assert unknown.status_code == 403
+        assert unknown.json()["error"] == "unknown API key"
+
+        revoked = bare.post(
+            "/predict", json=body, headers={"Authorization": f"Bearer {REVOKED_TOKEN}"}
+        )
+        assert revoked.status_code == 403
+        assert "'retired'" in revoked.json()["error"] and "revoked" in revoked.json()["error"]
+
+        from_env = bare.post(
+            "/predict", json=body, headers={"Authorization": f"Bearer {ENV_TOKEN}"}
+        )
+        assert from_env.status_code == 200, from_env.text
+
+        tiny = {"Authorization": f"Bearer {LIMITED_TOKEN}"}
+        statuses = [bare.post("/predict", json=body, headers=tiny) for _ in range(3)]
+        assert [r.status_code for r in statuses] == [200, 200, 429]
+        limited = statuses[-1]
+        assert int(limited.headers["retry-after"]) >= 1
+        assert "'tiny'" in limited.json()["error"] and "rate limit" in limited.json()["error"]
+        # The refused request did not reach the model; the two served ones and the env
+        # key's did.
+    assert batches(client) - before == 3
+    assert metric(client, "mlgate_requests_total", status="401") >= 2
+    assert metric(client, "mlgate_requests_total", status="403") >= 2
+    assert metric(client, "mlgate_requests_total", status="429") >= 1
+    assert_still_serving(registry, client)
 
 
-def test_openapi_documents_the_row_schema(registry: Registry, client: httpx.Client) -> None:
-    resp = client.get("/docs.json")
-    assert resp.status_code == 200, resp.text
-    spec = resp.json()
+def test_health_metrics_model_and_openapi(registry: Registry, client: httpx.Client) -> None:
+    with httpx.Client(base_url=client.base_url, timeout=10.0) as bare:
+        assert bare.get("/livez").status_code == 200
+        assert bare.get("/readyz").status_code == 200
+        info = bare.get("/model")
+        text = bare.get("/metrics")
+    assert info.status_code == 200, info.text
+    model = info.json()
+    assert model["name"] == registry.model_name
+    assert model["version"] == registry.champion_version
+    assert model["alias"] == "champion"
+    assert model["variant"] == VARIANT
+    assert model["sha256"] == sha256_file(registry.model_dir / "model.onnx")
+    assert "CPUExecutionProvider" in model["providers"]
+    assert model["numeric_features"] == list(registry.cfg.dataset.numeric_features)
+
+    assert text.status_code == 200
+    assert text.headers["content-type"].startswith("text/plain")
+    families = {f.name for f in text_string_to_metric_families(text.text)}
+    assert {
+        "mlgate_requests",
+        "mlgate_request_latency_seconds",
+        "mlgate_batch_rows",
+        "mlgate_score",
+        "mlgate_inference_log_rows",
+        "mlgate_model_info",
+    } <= families
+    version = registry.champion_version
+    assert metric(client, "mlgate_requests_total", status="200", model_version=version) > 0
+    assert metric(client, "mlgate_score_count", model_version=version, variant=VARIANT) > 0
+
+    spec = client.get("/docs.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
     row = body["schema"]["properties"]["rows"]["items"]
     assert set(row["required"]) == set(registry.cfg.dataset.features)
     assert row["additionalProperties"] is False
+    responses = spec["paths"]["/predict"]["post"]["responses"]
+    assert {"200", "400", "401", "403", "413", "422", "429", "503"} <= set(responses)
     assert "/model" in spec["paths"]
+
+
+def wait_for_log_rows(
+    registry: Registry, prefix: str, expected: int, timeout: float = 20.0
+) -> pd.DataFrame:
+    now = datetime.now(UTC)
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = read_inference_log(
+            registry.cfg.inference_log_dir(),
+            registry.model_name,
+            now - timedelta(hours=1),
+            now + timedelta(hours=1),
+        )
+        mine = frame[frame["request_id"].str.startswith(prefix)]
+        if len(mine) >= expected or time.monotonic() > deadline:
+            return mine
+        time.sleep(0.25)
+
+
+def test_each_prediction_is_in_the_inference_log(registry: Registry, client: httpx.Client) -> None:
+    rows = request_rows(registry, 3, start=40)
+    rows[1]["tenure"] = None
+    rows[2]["contract"] = None
+    resp = client.post("/predict", json={"rows": rows}, headers={"X-Request-ID": "log-check-1"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-request-id"] == "log-check-1"
+    logged = wait_for_log_rows(registry, "log-check-", 3)
+    assert len(logged) == 3
+    assert set(logged["model_name"]) == {registry.model_name}
+    assert set(logged["model_version"]) == {registry.champion_version}
+    assert set(logged["variant"]) == {VARIANT}
+    assert (logged["latency_ms"] > 0).all()
+    np.testing.assert_allclose(
+        logged["score"], [p["score"] for p in resp.json()["predictions"]], rtol=0, atol=0
+    )
+    assert logged["tenure"].tolist()[0] == rows[0]["tenure"]
+    assert pd.isna(logged["tenure"].tolist()[1])
+    assert logged["contract"].tolist()[2] is None
+    assert logged["contract"].tolist()[0] == rows[0]["contract"]
+    assert str(logged["ts"].dtype) == "datetime64[us, UTC]"
+
+
+def test_bounded_load_gives_no_5xx_and_loses_no_log_rows(
+    registry: Registry, server: ServiceProcess, client: httpx.Client
+) -> None:
+    """2,000 requests (single rows and 20-row requests) from 32 connections, at most 30 s."""
+    n_requests, connections, budget_s = 2000, 32, 30.0
+    pool = request_rows(registry, 200, start=1500)
+    dropped_before = metric(client, "mlgate_inference_log_rows_total", outcome="dropped")
+
+    async def run() -> list[tuple[int, int]]:
+        limits = httpx.Limits(max_connections=connections)
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(n_requests):
+            queue.put_nowait(i)
+        out: list[tuple[int, int]] = []
+        deadline = time.monotonic() + budget_s
+
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=30.0, limits=limits, headers=AUTH
+        ) as ac:
+
+            async def worker() -> None:
+                while not queue.empty() and time.monotonic() < deadline:
+                    i = queue.get_nowait()
+                    size = 20 if i % 10 == 0 else 1
+                    rows = [pool[(i + k) % len(pool)] for k in range(size)]
+                    r = await ac.post(
+                        "/predict", json={"rows": rows}, headers={"X-Request-ID": f"load-{i}"}
+                    )
+                    out.append((r.status_code, size))
+
+            await asyncio.gather(*(worker() for _ in range(connections)))
+        return out
+
+    started = time.monotonic()
+    results = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    statuses = [s for s, _ in results]
+    assert len(results) == n_requests, f"only {len(results)} requests in {budget_s} s"
+    assert [s for s in statuses if s >= 500] == []
+    assert set(statuses) == {200}
+    sent_rows = sum(size for _, size in results)
+
+    logged = wait_for_log_rows(registry, "load-", sent_rows)
+    assert len(logged) == sent_rows, f"{sent_rows - len(logged)} rows missing from the log"
+    assert logged["request_id"].nunique() == n_requests
+    dropped = metric(client, "mlgate_inference_log_rows_total", outcome="dropped")
+    assert dropped == dropped_before
+    print(f"load: {n_requests} requests, {sent_rows} rows in {elapsed:.1f} s")
+
+
+def test_schemathesis_finds_no_server_error(server: ServiceProcess, tmp_path: Path) -> None:
+    cli = Path(sys.executable).with_name("schemathesis")
+    result = subprocess.run(
+        [
+            str(cli),
+            "run",
+            f"{server.url}/docs.json",
+            "--checks",
+            "not_a_server_error",
+            "--header",
+            f"Authorization: {AUTH['Authorization']}",
+            "--max-examples",
+            "60",
+            "--seed",
+            "7",
+            "--workers",
+            "1",
+            "--generation-database",
+            "none",
+            "--request-timeout",
+            "20",
+            "--no-color",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout, result.stdout[-2000:]
+    assert server.is_running()
+
+
+def test_sigterm_finishes_requests_in_flight_and_writes_their_log_rows(
+    registry: Registry, server: ServiceProcess
+) -> None:
+    """The last test of the module's server: it stops it, as `ServiceProcess.stop` does."""
+    rows = request_rows(registry, 1000)
+
+    async def run() -> list[object]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60.0, headers=AUTH) as ac:
+
+            async def one(i: int) -> object:
+                try:
+                    r = await ac.post(
+                        "/predict", json={"rows": rows}, headers={"X-Request-ID": f"drain-{i}"}
+                    )
+                    return r.status_code
+                except httpx.ConnectError:
+                    return "refused"
+
+            tasks = [asyncio.create_task(one(i)) for i in range(8)]
+            await asyncio.sleep(0.3)
+            server.process.send_signal(signal.SIGTERM)
+            return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    outcomes = asyncio.run(run())
+    code = server.process.wait(timeout=60)
+    assert code == 0, server.output_tail()
+    # A request the server had accepted is answered; none is cut off or failed.
+    assert all(o in (200, "refused") for o in outcomes), outcomes
+    served = outcomes.count(200)
+    assert served >= 1, outcomes
+    logged = wait_for_log_rows(registry, "drain-", served * 1000, timeout=5)
+    assert len(logged) == served * 1000
+    assert "stopped:" in server.output_tail(80)
 
 
 def test_unknown_alias_fails_start_up_fast_with_the_reason(

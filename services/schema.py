@@ -1,0 +1,349 @@
+"""The request and response schema of `POST /predict`, generated from the dataset config.
+
+Two validators describe the same schema. msgspec decodes every request (about ten times
+faster than the pydantic path on a 1,000-row body) straight into value tuples in feature
+order. Only a body it refuses goes to pydantic, whose errors name every offending field with
+a type code; pydantic also supplies the OpenAPI document. The tests hold both to the same
+answers.
+
+Row rules: every configured feature, required; numbers for numeric features and strings
+for categorical ones, strictly (`"3"` or `true` for a number and `3` for a category are
+refused, not guessed); NaN, infinities and numbers beyond float32 range (the model computes
+in float32) are refused; a missing value is `null`.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from models.config import DatasetConfig
+
+_MAX_ERRORS_SHOWN = 50
+# The model computes in float32: a number beyond its range would reach it as infinity.
+FLOAT32_MAX = 3.4028234663852886e38
+_MSGSPEC_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+# Requests with at least this many rows get their columns built in the handler; smaller ones
+# keep their value tuples until a batch (or an inference log flush) builds the columns of
+# many at once: per-request numpy arrays cost more than the rows they hold.
+EAGER_ROWS = 64
+
+
+def _category_labels(values: Sequence[Any], missing: Sequence[int]) -> np.ndarray:
+    # Imported on first use, not at import: BentoML's arbiter imports this module, and the
+    # encoder's module brings pandas and scikit-learn.
+    from models.onnx_export import category_labels
+
+    return category_labels(values, missing)
+
+
+class RowBlock:
+    """The rows of a request, or of a batch of requests, for the encoder and the inference
+    log: value tuples (numeric features, then categorical ones, in the model's order) and,
+    built once when first needed, the same rows by column.
+
+    `numeric` is float64 shaped (numeric features, rows), NaN exactly where the client sent
+    null (the schema refuses NaN). `labels` holds one `category_labels` array per
+    categorical feature (null as `MISSING_CATEGORY`, what the model is fed), and `nulls`
+    the matching mask of the nulls the client sent, or None when it sent none."""
+
+    __slots__ = ("_labels", "_nulls", "_numeric", "k", "n", "rows")
+
+    def __init__(
+        self,
+        rows: Sequence[tuple[Any, ...]] | None,
+        n: int,
+        k: int,
+        columns: tuple[np.ndarray, tuple[np.ndarray, ...], tuple[np.ndarray | None, ...]]
+        | None = None,
+    ) -> None:
+        if rows is None and columns is None:
+            raise ValueError("a RowBlock needs its rows or its columns")
+        self.rows = rows
+        self.n = n
+        self.k = k
+        self._numeric: np.ndarray | None = None
+        self._labels: tuple[np.ndarray, ...] | None = None
+        self._nulls: tuple[np.ndarray | None, ...] | None = None
+        if columns is not None:
+            self._numeric, self._labels, self._nulls = columns
+
+    @classmethod
+    def from_columns(
+        cls,
+        numeric: np.ndarray,
+        labels: tuple[np.ndarray, ...],
+        nulls: tuple[np.ndarray | None, ...],
+    ) -> RowBlock:
+        return cls(None, numeric.shape[1], numeric.shape[0], (numeric, labels, nulls))
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def built(self) -> bool:
+        return self._numeric is not None
+
+    def build(self) -> RowBlock:
+        if self._numeric is not None:
+            return self
+        assert self.rows is not None
+        n, k = self.n, self.k
+        # One transpose in C; None becomes NaN in the float64 block.
+        columns = list(zip(*self.rows, strict=True))
+        self._numeric = np.array(columns[:k], dtype=np.float64).reshape(k, n)
+        labels: list[np.ndarray] = []
+        nulls: list[np.ndarray | None] = []
+        for column in columns[k:]:
+            if column.count(None):
+                missing = [i for i, v in enumerate(column) if v is None]
+                mask = np.zeros(n, dtype=bool)
+                mask[missing] = True
+                labels.append(_category_labels(column, missing))
+                nulls.append(mask)
+            else:
+                labels.append(_category_labels(column, ()))
+                nulls.append(None)
+        self._labels, self._nulls = tuple(labels), tuple(nulls)
+        return self
+
+    @property
+    def numeric(self) -> np.ndarray:
+        self.build()
+        assert self._numeric is not None
+        return self._numeric
+
+    @property
+    def labels(self) -> tuple[np.ndarray, ...]:
+        self.build()
+        assert self._labels is not None
+        return self._labels
+
+    @property
+    def nulls(self) -> tuple[np.ndarray | None, ...]:
+        self.build()
+        assert self._nulls is not None
+        return self._nulls
+
+    @staticmethod
+    def concat(blocks: Sequence[RowBlock]) -> RowBlock:
+        """One block of all rows, in order: the value tuples joined when no block has built
+        its columns yet (they are built once, for all), else the columns joined."""
+        if len(blocks) == 1:
+            return blocks[0]
+        if not any(b.built for b in blocks):
+            rows: list[tuple[Any, ...]] = []
+            for b in blocks:
+                assert b.rows is not None
+                rows.extend(b.rows)
+            return RowBlock(rows, len(rows), blocks[0].k)
+        numeric = np.concatenate([b.numeric for b in blocks], axis=1)
+        labels = tuple(
+            np.concatenate([b.labels[i] for b in blocks]) for i in range(len(blocks[0].labels))
+        )
+        nulls: list[np.ndarray | None] = []
+        for i in range(len(blocks[0].nulls)):
+            masks = [b.nulls[i] for b in blocks]
+            if all(m is None for m in masks):
+                nulls.append(None)
+                continue
+            filled = [
+                np.zeros(b.n, dtype=bool) if m is None else m
+                for b, m in zip(blocks, masks, strict=True)
+            ]
+            nulls.append(np.concatenate(filled))
+        return RowBlock.from_columns(numeric, labels, tuple(nulls))
+
+
+class RequestError(Exception):
+    """A request refused before it reached the model: status and the JSON body to send."""
+
+    def __init__(self, status: int, payload: dict[str, Any]) -> None:
+        super().__init__(payload.get("error", ""))
+        self.status = status
+        self.payload = payload
+
+
+class Prediction(BaseModel):
+    score: float = Field(description="probability of the positive class")
+    label: int = Field(description="1 when score > 0.5, as scikit-learn's predict")
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    predictions: list[Prediction]
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what was wrong, naming each offending field")
+    error_count: int | None = None
+    detail: list[ErrorDetail] | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    alias: str | None
+    sha256: str
+    variant: str
+    providers: list[str]
+    numeric_features: list[str]
+    categorical_features: list[str]
+
+
+def make_row_model(dataset: DatasetConfig) -> type[BaseModel]:
+    """One input row: every configured feature, required, null allowed (the pipeline
+    imputes numeric nulls and treats categorical nulls as a category of their own)."""
+    fields: dict[str, Any] = {}
+    for col in dataset.numeric_features:
+        fields[col] = (float | None, Field(..., ge=-FLOAT32_MAX, le=FLOAT32_MAX))
+    for col in dataset.categorical_features:
+        fields[col] = (str | None, Field(...))
+    config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    row: type[BaseModel] = create_model("Row", __config__=config, **fields)
+    return row
+
+
+def make_request_model(row_model: type[BaseModel], max_rows: int) -> type[BaseModel]:
+    config = ConfigDict(extra="forbid", strict=True)
+    request: type[BaseModel] = create_model(
+        "PredictRequest",
+        __config__=config,
+        rows=(list[row_model], Field(..., min_length=1, max_length=max_rows)),  # type: ignore[valid-type]
+    )
+    return request
+
+
+def request_openapi_schema(dataset: DatasetConfig, max_rows: int) -> dict[str, Any]:
+    """The request body schema with the row schema inlined (no `$ref` for a client to
+    chase)."""
+    row_model = make_row_model(dataset)
+    schema = make_request_model(row_model, max_rows).model_json_schema()
+    schema.pop("$defs", None)
+    schema["properties"]["rows"]["items"] = row_model.model_json_schema()
+    return schema
+
+
+def _error_body(message: str, err: ValidationError) -> dict[str, Any]:
+    errors = err.errors(include_url=False, include_context=False, include_input=False)
+    shown = errors[:_MAX_ERRORS_SHOWN]
+    fields = list(dict.fromkeys(".".join(str(p) for p in e["loc"]) for e in shown if e["loc"]))
+    return {
+        "error": f"{message}: {', '.join(fields)}" if fields else message,
+        "error_count": len(errors),
+        "detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in shown],
+    }
+
+
+def classify_validation_error(err: ValidationError) -> tuple[int, dict[str, Any]]:
+    """Malformed JSON is a 400, too many rows a 413, anything else about the body a 422;
+    the body names each offending field as a dotted path (`rows.0.tenure`)."""
+    errors = err.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        return 400, _error_body("request body is not valid JSON", err)
+    for e in errors:
+        if e["type"] == "too_long" and tuple(e["loc"]) == ("rows",):
+            ctx = e.get("ctx", {})
+            message = (
+                f"{ctx.get('actual_length', 'too many')} rows in one request, "
+                f"at most {ctx.get('max_length')} allowed"
+            )
+            return 413, {"error": message}
+    return 422, _error_body("invalid request", err)
+
+
+def _msgspec_error(err: msgspec.MsgspecError) -> RequestError:
+    """The fallback when pydantic accepts what msgspec refused (a number beyond float
+    range, an escape pydantic reads differently): msgspec's message, its path dotted."""
+    text = str(err)
+    if isinstance(err, msgspec.DecodeError):
+        return RequestError(400, {"error": f"request body is not valid JSON: {text}"})
+    match = _MSGSPEC_PATH.search(text)
+    loc: list[str | int] = []
+    if match:
+        for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", match.group("path")):
+            loc.append(part[0] if part[0] else int(part[1]))
+    field = ".".join(str(p) for p in loc)
+    message = text[: match.start()] if match else text
+    return RequestError(
+        422,
+        {
+            "error": f"invalid request: {field}" if field else f"invalid request: {message}",
+            "error_count": 1,
+            "detail": [{"loc": loc, "msg": message, "type": "invalid"}],
+        },
+    )
+
+
+class RequestDecoder:
+    """Bytes of a `/predict` body to a `RowBlock` in the model's feature order, or a
+    `RequestError`."""
+
+    def __init__(
+        self,
+        dataset: DatasetConfig,
+        numeric: Sequence[str],
+        categorical: Sequence[str],
+        max_rows: int,
+    ) -> None:
+        if sorted(numeric) != sorted(dataset.numeric_features) or sorted(categorical) != sorted(
+            dataset.categorical_features
+        ):
+            raise ValueError("the decoder's feature order must cover the dataset's features")
+        self.order = (*numeric, *categorical)
+        # Positional field names, renamed to the features: a feature need not be a valid
+        # Python identifier.
+        names = [f"f{i}" for i in range(len(self.order))]
+        number = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+        types: list[Any] = [number | None] * len(numeric) + [str | None] * len(categorical)
+        # gc=False: a 1,000-row body makes 1,000 of them, and they hold no references
+        # that could form a cycle.
+        row = msgspec.defstruct(
+            "Row",
+            list(zip(names, types, strict=True)),
+            forbid_unknown_fields=True,
+            rename=dict(zip(names, self.order, strict=True)),
+            gc=False,
+        )
+        rows_type = Annotated[list[row], msgspec.Meta(min_length=1, max_length=max_rows)]  # type: ignore[valid-type]
+        request = msgspec.defstruct(
+            "PredictRequest", [("rows", rows_type)], forbid_unknown_fields=True
+        )
+        self._decoder = msgspec.json.Decoder(request)
+        self._astuple = msgspec.structs.astuple
+        self._rows = operator.attrgetter("rows")
+        self._request_model = make_request_model(make_row_model(dataset), max_rows)
+        self._k = len(numeric)
+
+    def decode(self, body: bytes) -> RowBlock:
+        try:
+            request = self._decoder.decode(body)
+        except msgspec.MsgspecError as err:
+            raise self._explain(body, err) from None
+        astuple = self._astuple
+        rows = [astuple(r) for r in self._rows(request)]
+        block = RowBlock(rows, len(rows), self._k)
+        return block.build() if len(rows) >= EAGER_ROWS else block
+
+    def _explain(self, body: bytes, err: msgspec.MsgspecError) -> RequestError:
+        try:
+            self._request_model.model_validate_json(body)
+        except ValidationError as detailed:
+            status, payload = classify_validation_error(detailed)
+            return RequestError(status, payload)
+        return _msgspec_error(err)

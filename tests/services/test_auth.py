@@ -1,0 +1,110 @@
+"""API keys and the per-key token bucket, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.auth import (
+    ApiKey,
+    Authenticator,
+    TokenBucket,
+    hash_api_key,
+    merge_api_keys,
+    parse_api_keys_env,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def bearer(token: str) -> bytes:
+    return f"Bearer {token}".encode()
+
+
+def make_auth(clock: Clock, *keys: ApiKey, rate: float = 10.0, burst: int = 3) -> Authenticator:
+    return Authenticator(merge_api_keys(keys), rate_per_s=rate, burst=burst, clock=clock)
+
+
+def test_no_keys_means_authentication_off_and_says_so() -> None:
+    auth = make_auth(Clock())
+    assert not auth.enabled
+    assert auth.check(None) == (None, None)
+    assert "OFF" in auth.describe()
+
+
+def test_missing_or_malformed_header_is_401_with_a_challenge() -> None:
+    auth = make_auth(Clock(), ApiKey("a", hash_api_key("t")))
+    for header in (None, b"Basic dTpw", b"Bearer", b"Bearer   ", b"t"):
+        name, denial = auth.check(header)
+        assert name is None and denial is not None
+        assert denial.status == 401
+        assert "Bearer" in denial.message
+        assert (b"www-authenticate", b'Bearer realm="mlgate"') in denial.headers
+
+
+def test_unknown_is_403_revoked_is_403_naming_the_key_and_a_good_key_passes() -> None:
+    auth = make_auth(
+        Clock(), ApiKey("live", hash_api_key("good")), ApiKey("old", hash_api_key("gone"), True)
+    )
+    assert auth.check(bearer("good")) == ("live", None)
+    assert auth.check(b"bearer good") == ("live", None)
+    _, unknown = auth.check(bearer("guess"))
+    assert unknown is not None and (unknown.status, unknown.message) == (403, "unknown API key")
+    _, revoked = auth.check(bearer("gone"))
+    assert revoked is not None and revoked.status == 403 and "'old'" in revoked.message
+
+
+def test_revocation_anywhere_wins_over_an_active_entry() -> None:
+    digest = hash_api_key("t")
+    merged = merge_api_keys([ApiKey("a", digest)], [ApiKey("a-revoked", digest.upper(), True)])
+    assert merged[digest].revoked
+
+
+def test_bucket_allows_the_burst_then_429_with_retry_after_then_refills() -> None:
+    clock = Clock()
+    auth = make_auth(clock, ApiKey("k", hash_api_key("t")), rate=0.5, burst=2)
+    assert auth.check(bearer("t"))[1] is None
+    assert auth.check(bearer("t"))[1] is None
+    _, denial = auth.check(bearer("t"))
+    assert denial is not None and denial.status == 429
+    assert dict(denial.headers)[b"retry-after"] == b"2"
+    assert "'k'" in denial.message and "0.5 requests/s" in denial.message
+    clock.now += 2.0
+    assert auth.check(bearer("t"))[1] is None
+
+
+def test_per_key_limits_override_the_service_limits() -> None:
+    clock = Clock()
+    auth = make_auth(
+        clock,
+        ApiKey("big", hash_api_key("b")),
+        ApiKey("small", hash_api_key("s"), rate_per_s=1.0, burst=1),
+        rate=1000.0,
+        burst=1000,
+    )
+    assert auth.check(bearer("s"))[1] is None
+    small = auth.check(bearer("s"))[1]
+    assert small is not None and small.status == 429
+    assert all(auth.check(bearer("b"))[1] is None for _ in range(50))
+
+
+def test_token_bucket_never_exceeds_its_burst() -> None:
+    bucket = TokenBucket(rate=100.0, burst=5.0, tokens=5.0, updated=0.0)
+    assert [bucket.take(1000.0) for _ in range(6)][:5] == [0.0] * 5
+    assert bucket.take(1000.0) > 0
+
+
+def test_env_keys_parse_named_and_unnamed_and_refuse_tokens() -> None:
+    a, b = hash_api_key("x"), hash_api_key("y")
+    keys = parse_api_keys_env(f"ci:{a}, {b.upper()}\n")
+    assert [(k.name, k.sha256) for k in keys] == [("ci", a), (f"env-{b[:8]}", b)]
+    assert parse_api_keys_env(None) == [] and parse_api_keys_env("  ") == []
+    with pytest.raises(ValueError, match="not a sha256"):
+        parse_api_keys_env("my-secret-token")
+    with pytest.raises(ValueError, match="key name"):
+        parse_api_keys_env(f"bad!name:{a}")

@@ -1,0 +1,72 @@
+"""Our metrics, counted locally and flushed, read exactly as prometheus-client's own
+`observe` would have written them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.metrics import SCORE_BUCKETS, ServiceMetrics
+
+
+def samples(text: bytes, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            if s.name.startswith(name):
+                labels = tuple(sorted((k, v) for k, v in s.labels.items() if k == "le"))
+                out[(("name", s.name), *labels)] = s.value
+    return out
+
+
+def test_flushed_histograms_equal_prometheus_observe() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.random(500)
+    scores[:3] = [0.0, 0.05, 1.0]  # on bucket bounds
+    metrics = ServiceMetrics("churn", "3", "canary", "CPUExecutionProvider", "ab" * 32)
+    metrics.observe_scores(scores[:1])
+    metrics.observe_scores(scores[1:])
+    text, _ = metrics.render()
+
+    registry = CollectorRegistry()
+    reference = Histogram("mlgate_score", "x", buckets=SCORE_BUCKETS, registry=registry)
+    for s in scores:
+        reference.observe(s)
+    got = samples(text, "mlgate_score")
+    want = samples(generate_latest(registry), "mlgate_score")
+    assert {k: v for k, v in got.items() if "created" not in k[0][1]} == pytest.approx(
+        {k: v for k, v in want.items() if "created" not in k[0][1]}
+    )
+
+
+def value(text: str, sample: str, **labels: str) -> float:
+    want = {"model_name": "churn", "model_version": "3", "variant": "stable", **labels}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == sample and s.labels == want:
+                return float(s.value)
+    raise AssertionError(f"no sample {sample}{want}")
+
+
+def test_requests_by_status_latency_batches_and_log_counters() -> None:
+    metrics = ServiceMetrics("churn", "3", "stable", "CPUExecutionProvider", "ab" * 32)
+    for status in (200, 200, 422, 401):
+        metrics.observe_request(status, 0.003, 1 if status == 200 else 0)
+    metrics.observe_batch(2)
+    metrics.log_written(2)
+    metrics.log_dropped(1)
+    text = metrics.render()[0].decode()
+    assert value(text, "mlgate_requests_total", status="200") == 2
+    assert value(text, "mlgate_requests_total", status="422") == 1
+    assert value(text, "mlgate_requests_total", status="503") == 0
+    assert value(text, "mlgate_request_latency_seconds_bucket", le="0.005") == 4
+    assert value(text, "mlgate_request_latency_seconds_bucket", le="0.002") == 0
+    assert value(text, "mlgate_request_rows_count") == 2
+    assert value(text, "mlgate_batch_rows_bucket", le="2.0") == 1
+    assert value(text, "mlgate_inference_log_rows_total", outcome="dropped") == 1
+    assert value(text, "mlgate_inference_log_rows_total", outcome="written") == 2
+    assert "mlgate_model_info{" in text and 'provider="CPUExecutionProvider"' in text
+    # Counted once: a second render adds nothing.
+    assert value(metrics.render()[0].decode(), "mlgate_requests_total", status="200") == 2
