@@ -77,6 +77,10 @@ def test_served_deployments_exist_and_a_scheduled_run_executes(tmp_path):
             run = await run_deployment(monitoring.id, timeout=0)
             await runner.execute_flow_run(run.id)
             done = await client.read_flow_run(run.id)
+            # The harness's API is shared by the session: a leftover training deployment
+            # would make the monitoring tests start training there instead of in a subflow.
+            for dep in (training, monitoring):
+                await client.delete_deployment(dep.id)
         return crons, done.state.type.value
 
     crons, final = asyncio.run(scenario())
