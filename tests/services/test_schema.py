@@ -122,3 +122,24 @@ def test_refusals_name_the_problem(
 def test_float32_bound_is_inclusive(decoder: RequestDecoder) -> None:
     body = json.dumps({"rows": [{"a": FLOAT32_MAX, "b": -FLOAT32_MAX, "p": "x"}]}).encode()
     assert decoder.decode(body).n == 1
+
+
+def test_concat_keeps_row_order_across_small_and_large_blocks() -> None:
+    decoder = RequestDecoder(DATASET, ["a", "b"], ["p"], 1000)
+
+    def block(values: list[tuple[float | None, str | None]]) -> RowBlock:
+        rows = [{"a": a, "b": 0.0, "p": p} for a, p in values]
+        return decoder.decode(json.dumps({"rows": rows}).encode())
+
+    large = [(float(i), f"c{i}") for i in range(100)]
+    parts = [block([(1.0, "x")]), block(large), block([(None, None)]).build(), block([(2.0, "y")])]
+    joined = RowBlock.concat(parts)
+    expected = [(1.0, "x"), *large, (None, None), (2.0, "y")]
+    assert joined.n == len(expected)
+    got_a = [None if np.isnan(v) else v for v in joined.numeric[0].tolist()]
+    assert got_a == [a for a, _ in expected]
+    nulls = joined.nulls[0]
+    assert nulls is not None
+    assert [None if m else v for v, m in zip(joined.labels[0].tolist(), nulls, strict=True)] == [
+        p for _, p in expected
+    ]
