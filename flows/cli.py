@@ -33,7 +33,12 @@ app = typer.Typer(
 gates_app = typer.Typer(help="Gate results of registered versions.", no_args_is_help=True)
 models_app = typer.Typer(help="Registered models, versions and aliases.", no_args_is_help=True)
 app.add_typer(gates_app, name="gates")
+canary_app = typer.Typer(
+    help="Canary rollouts: a candidate earns @champion on live traffic through HAProxy.",
+    no_args_is_help=True,
+)
 app.add_typer(models_app, name="models")
+app.add_typer(canary_app, name="canary")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -508,6 +513,219 @@ def models_delete(
         registry.delete_version, client, cfg.registry, name, version, reason=reason, force=force
     )
     console.print(f"deleted {name} version {version}")
+
+
+# --- canary ---------------------------------------------------------------------------------
+
+# Events worth a line on the console while the controller walks the steps.
+_CANARY_EVENTS = {
+    "haproxy_started",
+    "stable_started",
+    "canary_started",
+    "baseline_measured",
+    "step_started",
+    "step_passed",
+    "rollback_decided",
+    "canary_weight_zero",
+    "promoted",
+    "stable_reloaded",
+    "rolled_back",
+    "done",
+    "superseded",
+    "resumed",
+    "controller_error",
+}
+
+
+def _canary_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from flows.registry import RegistryError
+    from services.canary import CanaryError
+    from services.haproxy import HAProxyError
+
+    try:
+        return fn(*args, **kwargs)
+    except (RegistryError, CanaryError, HAProxyError) as err:
+        raise _fail(str(err)) from None
+
+
+def print_canary_event(state: Any, event: str) -> None:
+    """One console line per notable controller event (the demo prints the same)."""
+    if event not in _CANARY_EVENTS:
+        return
+    last = state.events[-1] if state.events else {}
+    details = ", ".join(f"{k}={v}" for k, v in last.items() if k not in ("at", "event"))
+    if event == "step_passed" and state.steps_done:
+        result = state.steps_done[-1]["result"]
+        details = result["reason"]
+    console.print(
+        f"[dim]{last.get('at', '')}[/] canary v{state.candidate_version} "
+        f"[bold]{event}[/] weights {state.weights['stable']}/{state.weights['canary']}"
+        + (f": {details}" if details else ""),
+        highlight=False,
+    )
+
+
+def _run_controller(cfg: Any, config: Path) -> None:
+    from flows.canary import MlflowCanaryRegistry, decision_result
+    from flows.report import gate_tables
+    from services.canary import Phase, run_canary
+
+    try:
+        state = _canary_call(
+            run_canary, cfg, config, MlflowCanaryRegistry(cfg), on_event=print_canary_event
+        )
+    except KeyboardInterrupt:
+        raise _fail(
+            "controller interrupted: the canary's weight is 0 and the state is kept; "
+            "`mlgate canary resume` carries on, `mlgate canary abort` rolls back"
+        ) from None
+    console.print(gate_tables([decision_result(state)]))
+    decision = state.decision or {}
+    if state.phase == Phase.PROMOTED:
+        console.print(f"[green]PROMOTED[/] v{state.candidate_version} is @champion")
+        raise typer.Exit(EXIT_OK)
+    console.print(
+        f"[bold red]ROLLED BACK[/] v{state.candidate_version} at guardrail "
+        f"{decision.get('guardrail')}: {decision.get('reason')}; "
+        f"@champion stays v{state.stable_version}",
+        highlight=False,
+    )
+    raise typer.Exit(EXIT_REJECTED)
+
+
+@canary_app.command("start")
+def canary_start(
+    version: Annotated[str, typer.Argument(help="Candidate version.")],
+    config: ConfigOpt = Path("mlgate.yaml"),
+    port: Annotated[
+        int | None, typer.Option("--port", help="HAProxy's public port (default from config).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Start without passing offline evidence (recorded).")
+    ] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Why, with --force.")] = "",
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Run the controller in the background.")
+    ] = False,
+) -> None:
+    """Put VERSION on live traffic beside @champion and walk the steps.
+
+    Exit 0 when it is promoted, 3 when it is rolled back. A newer candidate given while a
+    canary runs replaces the older one, and the running controller restarts its analysis
+    with it."""
+    import subprocess
+    import sys
+
+    from flows.canary import begin_canary
+    from services.canary import canary_paths, controller_running
+
+    cfg = _load(config)
+    state = _canary_call(begin_canary, cfg, version, force=force, reason=reason, public_port=port)
+    if state.candidate_version != version:
+        console.print(
+            f"v{version} replaces the canary of v{state.candidate_version}: the controller "
+            "restarts its analysis with it"
+            + ("" if controller_running(cfg) else "; run `mlgate canary resume`")
+        )
+        return
+    console.print(
+        f"canary of {cfg.registry.model_name} v{version} against @champion "
+        f"v{state.stable_version} on {state.public_url}: steps "
+        f"{', '.join(f'{p}%' for p in state.steps)}, judged every {cfg.canary.interval_s:g} s"
+    )
+    if detach:
+        log = canary_paths(cfg).root / "controller.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", "canary", "resume", "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        console.print(f"controller running in the background (pid {proc.pid}, log {log})")
+        return
+    _run_controller(cfg, config)
+
+
+@canary_app.command("resume")
+def canary_resume(config: ConfigOpt = Path("mlgate.yaml")) -> None:
+    """Carry on the recorded canary after its controller stopped.
+
+    A step under analysis is analysed again from fresh counters; a decision already taken
+    is carried out."""
+    _run_controller(_load(config), config)
+
+
+@canary_app.command("status")
+def canary_status_cmd(config: ConfigOpt = Path("mlgate.yaml"), as_json: JsonOpt = False) -> None:
+    """The canary's phase, step, weights, each step's verdict and HAProxy's live counters."""
+    from services.canary import canary_status
+
+    status = canary_status(_load(config)).to_dict()
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    if status.get("canary", "") is None:
+        console.print(f"no canary recorded ({status['state_file']})")
+        return
+    console.print(
+        f"{status['model']} v{status['candidate_version']} against v{status['stable_version']}: "
+        f"[bold]{status['phase']}[/], step {status['step_percent']}% "
+        f"(weights stable {status['weights']['stable']} / canary {status['weights']['canary']}), "
+        f"controller {'running' if status['controller_running'] else 'not running'}, "
+        f"public {status['public_url']}",
+        highlight=False,
+    )
+    table = Table(title="steps")
+    for col in ("step", "status", "stable / canary responses", "seconds"):
+        table.add_column(col)
+    for d in status["steps_done"]:
+        counts = d.get("haproxy") or {}
+        table.add_row(
+            f"{d['percent']}%",
+            d["status"],
+            f"{counts.get('stable', {}).get('responses', '?')} / "
+            f"{counts.get('canary', {}).get('responses', '?')}",
+            str(d.get("seconds")),
+        )
+    if status.get("current"):
+        cur = status["current"]
+        table.add_row(f"{cur['percent']}%", cur.get("status") or "analysing", "", "")
+    console.print(table)
+    if status.get("decision"):
+        d = status["decision"]
+        console.print(f"decision: {d['outcome']} ({d.get('guardrail')}): {d['reason']}")
+    for name, live in status.get("live", {}).items():
+        console.print(f"HAProxy {name}: {live}", highlight=False)
+
+
+@canary_app.command("abort")
+def canary_abort(reason: ReasonOpt, config: ConfigOpt = Path("mlgate.yaml")) -> None:
+    """Roll the canary back now: weight 0, canary stopped, version tagged, @champion kept."""
+    from flows.canary import MlflowCanaryRegistry
+    from services.canary import abort_canary
+
+    cfg = _load(config)
+    state = _canary_call(abort_canary, cfg, reason, MlflowCanaryRegistry(cfg), config_path=config)
+    console.print(
+        f"canary of v{state.candidate_version} {state.phase}; @champion stays "
+        f"v{state.stable_version}"
+    )
+
+
+@canary_app.command("stop")
+def canary_stop(
+    config: ConfigOpt = Path("mlgate.yaml"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Also while a canary is under way (untagged).")
+    ] = False,
+) -> None:
+    """Stop the canary target: HAProxy and every instance it started."""
+    from services.canary import stop_target
+
+    _canary_call(stop_target, _load(config), force=force)
+    console.print("canary target stopped")
 
 
 def main() -> None:

@@ -2,16 +2,23 @@
 
 Trains a champion (or a challenger to the previous run's champion), then a deliberately
 small challenger that the champion gate should turn down, serves @champion with BentoML,
-sends real predictions and checks them against ONNX Runtime in-process.
+sends real predictions and checks them against ONNX Runtime in-process, runs a drift
+episode, and finally two canary rollouts through HAProxy with the holdout replayed as live
+traffic: a healthy retrained candidate that earns @champion step by step, and a candidate
+made bad on purpose (trained on shuffled labels) that is rolled back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,15 +30,19 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
+from checks.result import GateResult
 from flows.report import gate_tables
 from flows.runtime import use_embedded_prefect
 from models.config import MlgateConfig, load_config
-from models.data import load_dataset
+from models.data import load_dataset, split_data
 from models.onnx_export import make_session, predict_proba_with_schema
+from services.canary import CanaryState, StateStore, canary_paths
 from services.launcher import start_service
 from services.model_store import load_registered_model
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
     from flows.monitoring import MonitoringOutcome
     from flows.training import TrainingOutcome
 
@@ -54,22 +65,29 @@ def _free_port(preferred: int) -> int:
             return int(s.getsockname()[1])
 
 
-def _run_training(title: str, config: Path, env: dict[str, str] | None = None) -> TrainingOutcome:
-    from flows.training import training_flow
-
-    console.print(Rule(title))
+@contextlib.contextmanager
+def _environ(env: dict[str, str] | None) -> Iterator[None]:
+    """`env` added to the process environment (config overrides) for the block."""
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     try:
-        t = time.perf_counter()
-        outcome = training_flow(config_path=str(config))
-        elapsed = time.perf_counter() - t
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _run_training(title: str, config: Path, env: dict[str, str] | None = None) -> TrainingOutcome:
+    from flows.training import training_flow
+
+    console.print(Rule(title))
+    with _environ(env):
+        t = time.perf_counter()
+        outcome = training_flow(config_path=str(config))
+        elapsed = time.perf_counter() - t
     console.print(gate_tables(outcome.gates))
     verdict = "[green]ACCEPTED[/]" if outcome.accepted else "[bold red]REJECTED[/]"
     console.print(
@@ -127,10 +145,8 @@ def _drift_episode(
     labelled.to_parquet(incoming / f"labelled-{datetime.now(UTC):%Y%m%dT%H%M%S}.parquet")
     console.print(f"dropped {len(labelled)} labelled rows of the shifted period into {incoming}")
     env = {"MLGATE_MONITOR__WINDOW_HOURS": str(EPISODE_WINDOW_S / 3600)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     outcomes = []
-    try:
+    with _environ(env):
         labels = ["stable", "shifted 1", "shifted 2", "shifted 3"]
         for label, end in zip(labels, window_ends, strict=True):
             out = monitoring_flow(config_path=str(config), now=end + timedelta(seconds=1))
@@ -143,13 +159,169 @@ def _drift_episode(
             if out.training:
                 console.print(f"   training: {out.training[:400]}")
             outcomes.append(out)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return outcomes
+
+
+# The demo's canary: steps as configured, judged every 3 s on at least 40 requests a side
+# (the defaults are 60 s and 100, for real traffic), with the holdout replayed at 120
+# requests a second through HAProxy.
+DEMO_CANARY = {
+    "MLGATE_CANARY__INTERVAL_S": "3",
+    "MLGATE_CANARY__MIN_REQUESTS": "40",
+    "MLGATE_CANARY__MAX_WAIT_S": "60",
+    "MLGATE_CANARY__DRAIN_TIMEOUT_S": "5",
+}
+REPLAY_RATE = 120.0
+# Retrained candidates for the canary: the bundled config's model with a few trees more or
+# less, one that differs from the current champion (a model identical to it would be
+# "nothing new to register").
+HEALTHY_TREES = (170, 160, 140, 180)
+
+
+@dataclass
+class CanaryEpisode:
+    healthy: TrainingOutcome
+    healthy_state: CanaryState | None
+    bad_version: str
+    bad_state: CanaryState
+    champion_before_bad: str | None
+    champion_after: str | None
+    clients: dict[str, object]
+    outside_canary_failures: int
+
+
+def _healthy_params(client: MlflowClient, cfg: MlgateConfig) -> dict[str, str]:
+    from flows import registry
+
+    mv = registry.get_alias_version(client, cfg.registry.model_name, "champion")
+    trees = client.get_run(mv.run_id).data.params.get("n_estimators") if mv and mv.run_id else None
+    chosen = next(n for n in HEALTHY_TREES if str(n) != trees)
+    params = {**cfg.train.params, "n_estimators": chosen}
+    return {"MLGATE_TRAIN__PARAMS": json.dumps(params)}
+
+
+def _register_bad_candidate(client: MlflowClient, cfg: MlgateConfig) -> str:
+    """The config's model trained on shuffled labels: valid probabilities that carry no
+    signal, every score near the base rate. It would fail the champion gate, so it is
+    registered directly (with no gate evidence) and forced onto the canary, with the reason
+    recorded: only the canary stands between it and users here."""
+    from flows import registry
+    from models.data import split_data
+    from models.onnx_export import export_onnx
+    from models.train import train_model
+
+    df = load_dataset(cfg.dataset)
+    train = split_data(df, cfg.dataset, cfg.train).train.copy()
+    target = cfg.dataset.target
+    train[target] = np.random.default_rng(7).permutation(train[target].to_numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipeline = train_model(train, cfg.dataset, cfg.train).pipeline
+    mv = registry.register_onnx_model(
+        client,
+        cfg.registry,
+        cfg.dataset,
+        export_onnx(pipeline, cfg.dataset),
+        run_name="demo-shuffled-labels",
+        tags={"demo.made_bad": "trained on shuffled labels", "estimator": cfg.train.estimator},
+        description="demo: a candidate made bad on purpose (trained on shuffled labels)",
+    )
+    return str(mv.version)
+
+
+def _print_decision(state: CanaryState, *, summary: bool = True) -> None:
+    """The verdict's guardrail table (on a promotion, the last step's: the summary lists
+    every step), the decision with its numbers, and HAProxy's per-server counts per step."""
+    from flows.canary import decision_result
+
+    if summary:
+        console.print(gate_tables([decision_result(state)], max_passed_rows=None))
+    if state.steps_done and state.phase == "promoted":
+        last = GateResult.from_dict(state.steps_done[-1]["result"])
+        console.print(gate_tables([last], max_passed_rows=None))
+    decision = state.decision or {}
+    console.print(
+        f"[bold]decision[/]: {decision.get('outcome')} v{state.candidate_version}"
+        + (f" at guardrail {decision['guardrail']}" if decision.get("guardrail") else "")
+        + f": {decision.get('reason')}",
+        highlight=False,
+    )
+    for step in state.steps_done:
+        counts = step.get("haproxy", {})
+        console.print(
+            f"   step {step['percent']:>3}%: HAProxy responses stable "
+            f"{counts.get('stable', {}).get('responses')} / canary "
+            f"{counts.get('canary', {}).get('responses')} in {step['seconds']:.1f} s",
+            highlight=False,
+        )
+
+
+def _canary_episode(config: Path, cfg: MlgateConfig) -> CanaryEpisode:
+    from flows import registry
+    from flows.canary import MlflowCanaryRegistry, begin_canary
+    from flows.cli import print_canary_event
+    from services.canary import run_canary, stop_target
+    from services.traffic import Replayer
+
+    client = registry.connect(cfg.registry)
+    public = _free_port(cfg.canary.public_port or cfg.serving.port)
+    env = {**DEMO_CANARY, "MLGATE_CANARY__PUBLIC_PORT": str(public)}
+    holdout = split_data(load_dataset(cfg.dataset), cfg.dataset, cfg.train).holdout
+    rows = json.loads(holdout[list(cfg.dataset.features)].to_json(orient="records"))
+    bodies = [json.dumps({"rows": [r]}).encode() for r in rows]
+    with (
+        _environ(env),
+        Replayer(public, bodies, rate=REPLAY_RATE, wait_for_target=True, max_s=900) as clients,
+    ):
+        ccfg = load_config(config)
+        healthy = _run_training(
+            f"5. canary, training flow with canary.enabled: a retrained candidate on live "
+            f"traffic (holdout replayed at {REPLAY_RATE:g} req/s through HAProxy on :{public})",
+            config,
+            {"MLGATE_CANARY__ENABLED": "true", **_healthy_params(client, ccfg)},
+        )
+        healthy_state = StateStore(canary_paths(ccfg)).read() if healthy.version else None
+        if healthy_state is not None and healthy_state.candidate_version == healthy.version:
+            # The training flow printed the canary's summary with its other gates.
+            _print_decision(healthy_state, summary=False)
+        else:
+            healthy_state = None
+            console.print(f"no canary ran: {healthy.reason[:300]}")
+
+        console.print(Rule("6. canary of a candidate made bad on purpose (shuffled labels)"))
+        bad = _register_bad_candidate(client, ccfg)
+        champion_before = MlflowCanaryRegistry(ccfg).champion_version()
+        console.print(f"registered v{bad} without gate evidence; forcing it onto the canary")
+        begin_canary(
+            ccfg,
+            bad,
+            force=True,
+            reason="demo: a candidate made bad on purpose, to show the rollback",
+        )
+        bad_state = run_canary(
+            ccfg, config, MlflowCanaryRegistry(ccfg), on_event=print_canary_event
+        )
+        _print_decision(bad_state)
+        champion_after = MlflowCanaryRegistry(ccfg).champion_version()
+        clients.stop()
+        stop_target(ccfg)
+    summary = clients.summary()
+    console.print(
+        f"clients through HAProxy: {summary['answers']}; transport errors "
+        f"{summary['transport_errors'] or 'none'}; failed outside the canary's share: "
+        f"{clients.outside_canary_failures()}",
+        highlight=False,
+    )
+    return CanaryEpisode(
+        healthy,
+        healthy_state,
+        bad,
+        bad_state,
+        champion_before,
+        champion_after,
+        summary,
+        clients.outside_canary_failures(),
+    )
 
 
 def main(config: Path = Path("mlgate.yaml")) -> int:
@@ -214,6 +386,7 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
     console.print(f"a bad request (tenure='long') got HTTP {bad.status_code}: {bad.text[:200]}")
 
     episode = _drift_episode(config, cfg, window_ends, shifted_batches)
+    canary = _canary_episode(config, cfg)
 
     console.print(Rule("summary"))
     client = registry.connect(cfg.registry)
@@ -243,17 +416,27 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
         f"drift episode: stable window retrained={retrains[0]}, shifted windows "
         f"retrained={retrains[1:]} -> {sum(retrains)} retraining(s)"
     )
-    ok = (
-        body["model_version"] == champion.version
-        and worst < 1e-5
-        and 400 <= bad.status_code < 500
-        and retrains == [False, False, False, True]
+    healthy_phase = canary.healthy_state.phase if canary.healthy_state else "none"
+    bad_decision = canary.bad_state.decision or {}
+    console.print(
+        f"canary: healthy v{canary.healthy.version} {healthy_phase}; bad v{canary.bad_version} "
+        f"{canary.bad_state.phase} at {bad_decision.get('guardrail')}; @champion "
+        f"v{canary.champion_before_bad} -> v{canary.champion_after}"
     )
-    if not ok:
-        console.print(
-            "[bold red]demo check failed: served answers differ from in-process ONNX, or the "
-            "drift episode did not retrain exactly once[/]"
-        )
+    checks = {
+        "served answers equal in-process ONNX": body["model_version"] == champion.version
+        and worst < 1e-5,
+        "a bad request got a 4xx": 400 <= bad.status_code < 500,
+        "the drift episode retrained exactly once": retrains == [False, False, False, True],
+        "the healthy canary was promoted": healthy_phase == "promoted",
+        "the bad canary was rolled back, @champion untouched": canary.bad_state.phase
+        == "rolled_back"
+        and canary.champion_after == canary.champion_before_bad,
+        "no client request failed outside the canary's share": canary.outside_canary_failures == 0,
+    }
+    failed = [name for name, ok in checks.items() if not ok]
+    if failed:
+        console.print(f"[bold red]demo check failed: not {'; not '.join(failed)}[/]")
         return 1
     return 0
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import tenacity
 from filelock import FileLock
@@ -28,7 +28,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from checks.result import GateResult
-from models.config import RegistryConfig
+from models.config import DatasetConfig, RegistryConfig
+
+if TYPE_CHECKING:
+    from models.onnx_export import OnnxModel
 
 AUDIT_EXPERIMENT = "mlgate-audit"
 SHA_TAG = "onnx_sha256"
@@ -238,6 +241,38 @@ def register_version(
     if mv.status != "READY":
         raise RegistryError(f"model version {name}/{mv.version} stuck in status {mv.status}")
     return mv
+
+
+def register_onnx_model(
+    client: MlflowClient,
+    registry: RegistryConfig,
+    dataset: DatasetConfig,
+    onnx_model: OnnxModel,
+    *,
+    run_name: str,
+    tags: dict[str, str],
+    description: str = "",
+) -> ModelVersion:
+    """Register an ONNX model made outside the training flow (the demo's deliberately bad
+    candidate, tests' hand-made ones) under the same contract: `model.onnx` and
+    `schema.json` under its own run's `model/` artifacts and the sha256 tag. Only the tags
+    given are set: no gate evidence is invented for it."""
+    from models.onnx_export import write_model_dir
+
+    exp_id = ensure_experiment(client, registry, registry.experiment)
+    run = client.create_run(exp_id, run_name=run_name, tags={"mlgate.made_by": run_name})
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(onnx_model, dataset, Path(tmp) / MODEL_ARTIFACT_DIR)
+        client.log_artifacts(run.info.run_id, str(model_dir), MODEL_ARTIFACT_DIR)
+    client.set_terminated(run.info.run_id)
+    return register_version(
+        client,
+        registry.model_name,
+        run.info.run_id,
+        onnx_model.sha256,
+        tags=tags,
+        description=description or run_name,
+    )
 
 
 def gate_tags(mv: ModelVersion) -> dict[str, str]:

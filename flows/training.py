@@ -19,7 +19,7 @@ from checks.champion import ScoredModel, compare_to_champion
 from checks.data_quality import DataProfile, check_data_quality, profile_reference
 from checks.drift import check_drift
 from checks.parity import check_parity
-from checks.result import GateResult
+from checks.result import GateResult, GateStatus
 from flows import registry
 from flows.evidence import render_model_report
 from models.config import MlgateConfig, load_config
@@ -35,6 +35,7 @@ from models.onnx_export import (
 )
 from models.reference import SCORE_COLUMN, ReferenceHistograms, compute_reference_histograms
 from models.train import predict_proba, train_model
+from services.canary import Phase
 from services.model_store import load_registered_model
 
 
@@ -327,12 +328,16 @@ def training_flow(
 
         reason = f"training run {run_id}: data, parity and champion gates passed"
         # The flow moves aliases through the same evidence-checked, compare-and-set path as
-        # a person does. No canary stage exists yet, so a challenger that passed every
-        # offline gate also becomes the champion, compared against the champion we judged.
-        for alias, expected in (
-            ("challenger", _alias_version(client, cfg, "challenger")),
-            ("champion", champion.version),
-        ):
+        # a person does. With the canary enabled (and a champion to compare with live), the
+        # challenger must then earn @champion on live traffic; otherwise passing every
+        # offline gate makes it the champion, compared against the champion we judged.
+        canary_on = cfg.canary.enabled and champion.version is not None
+        moves: list[tuple[str, str | None]] = [
+            ("challenger", _alias_version(client, cfg, "challenger"))
+        ]
+        if not canary_on:
+            moves.append(("champion", champion.version))
+        for alias, expected in moves:
             registry.promote(
                 client,
                 cfg.registry,
@@ -342,6 +347,10 @@ def training_flow(
                 reason=reason,
                 expected_from=expected,
                 actor=_actor(),
+            )
+        if canary_on:
+            return _finish(
+                client, cfg, run_id, _canary_step(client, cfg, config_path, mv, gates, outcome_kw)
             )
         outcome = TrainingOutcome(
             True,
@@ -355,6 +364,39 @@ def training_flow(
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+
+
+def _canary_step(
+    client: MlflowClient,
+    cfg: MlgateConfig,
+    config_path: str,
+    mv: Any,
+    gates: list[GateResult],
+    outcome_kw: dict[str, Any],
+) -> TrainingOutcome:
+    """The challenger on live traffic (`flows.canary.canary_rollout`); accepted only when
+    the canary promoted it."""
+    from flows.canary import canary_rollout, decision_result
+
+    version = str(mv.version)
+    state = canary_rollout(cfg, str(Path(config_path).resolve()), version, _actor())
+    verdict = decision_result(state)
+    if state.candidate_version != version:
+        verdict = dataclasses.replace(
+            verdict,
+            status=GateStatus.INCONCLUSIVE,
+            reason=f"superseded by v{state.candidate_version} during the canary",
+        )
+    gates = [*gates, verdict]
+    promoted = state.phase == Phase.PROMOTED and state.candidate_version == version
+    client.set_model_version_tag(
+        cfg.registry.model_name, version, "mlgate.outcome", "accepted" if promoted else "rejected"
+    )
+    if not promoted:
+        return _rejected("canary", gates, **outcome_kw)
+    return TrainingOutcome(
+        True, None, verdict.reason, gates=gates, champion_after=version, **outcome_kw
+    )
 
 
 def training_drift(

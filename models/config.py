@@ -187,8 +187,10 @@ class CanaryConfig(_Section):
     """The canary rollout: the canary's share of traffic at each step (percent, ending at
     100), how often a step is judged, and the guardrails (`checks/canary.py`). A step
     without `min_requests` per side is inconclusive; one still inconclusive after
-    `max_wait_s` rolls back. `public_port` is HAProxy's (None: `serving.port`)."""
+    `max_wait_s` rolls back. `public_port` is HAProxy's (None: `serving.port`). With
+    `enabled`, the training flow sets only `@challenger` and the canary moves `@champion`."""
 
+    enabled: bool = False
     steps: tuple[int, ...] = (5, 25, 50, 100)
     interval_s: float = Field(default=60.0, gt=0.0)
     max_wait_s: float = Field(default=900.0, gt=0.0)

@@ -1,0 +1,188 @@
+"""Canary rollouts from `flows/`: the registry side of `services.canary` on MLflow, the
+offline-evidence check before a canary starts, and the Prefect task the training flow runs
+as its last step when `canary.enabled`.
+
+`services/` does not import `flows/`: the controller reaches the registry only through the
+`CanaryRegistry` protocol, which `MlflowCanaryRegistry` implements here with the same
+evidence-checked, compare-and-set `registry.promote` that a person's `mlgate promote` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from checks.result import CheckRow, GateResult, GateStatus
+from flows import registry
+from models.config import MlgateConfig
+from services.canary import (
+    CanaryBusyError,
+    CanaryError,
+    CanaryState,
+    StateStore,
+    canary_paths,
+    controller_running,
+    run_canary,
+    start_canary,
+)
+
+CANARY_EVIDENCE_DIR = "evidence/canary"
+FORCED_TAG = "canary.forced_start"
+_WAIT_POLL_S = 0.5
+
+
+class MlflowCanaryRegistry:
+    """`services.canary.CanaryRegistry` on MLflow."""
+
+    def __init__(self, cfg: MlgateConfig, actor: str | None = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.registry.model_name
+        self.client = registry.connect(cfg.registry)
+        self.actor = actor or registry.current_actor()
+        self.notes: list[tuple[str, str]] = []
+
+    def champion_version(self) -> str | None:
+        mv = registry.get_alias_version(self.client, self.name, "champion")
+        return str(mv.version) if mv else None
+
+    def record_result(self, version: str, result: GateResult, tags: Mapping[str, str]) -> None:
+        """The verdict as version tags (`gate.canary`, `canary.*`) and the whole result, with
+        every step's window, as a JSON artifact of the version's run."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, version, key, value)
+        mv = self.client.get_model_version(self.name, version)
+        if mv.run_id:
+            path = f"{CANARY_EVIDENCE_DIR}/v{version}-{result.status.value}.json"
+            registry.log_json_artifact(self.client, mv.run_id, path, result.to_dict())
+            run = self.client.get_run(mv.run_id)
+            self.client.set_model_version_tag(
+                self.name, version, "evidence.canary", f"{run.info.artifact_uri}/{path}"
+            )
+
+    def promote(self, version: str, *, expected_from: str | None, reason: str) -> None:
+        registry.promote(
+            self.client,
+            self.cfg.registry,
+            self.name,
+            version,
+            reason=reason,
+            alias="champion",
+            expected_from=expected_from,
+            actor=self.actor,
+        )
+
+    def notify(self, title: str, body: str) -> None:
+        self.notes.append((title, body))
+        registry.notify(self.cfg.registry, title, body)
+
+
+def offline_gates(cfg: MlgateConfig) -> tuple[str, ...]:
+    """The gates a candidate must carry before a canary: the registry's required gates but
+    the canary itself."""
+    return tuple(g for g in cfg.registry.required_gates if g != "canary")
+
+
+def begin_canary(
+    cfg: MlgateConfig,
+    version: str,
+    *,
+    force: bool = False,
+    reason: str = "",
+    public_port: int | None = None,
+    actor: str | None = None,
+) -> CanaryState:
+    """Record a canary of `version` after checking that it passed the offline gates. With
+    `force` (and a reason) a version without that evidence is let onto live traffic; the
+    reason is tagged on the version (`canary.forced_start`). The controller still decides:
+    a forced start is never a forced promotion."""
+    client = registry.connect(cfg.registry)
+    name = cfg.registry.model_name
+    try:
+        mv = client.get_model_version(name, str(version))
+    except Exception:
+        raise registry.RegistryError(f"{name} has no version {version}") from None
+    missing = registry.missing_evidence(mv, offline_gates(cfg))
+    if missing:
+        if not force:
+            raise registry.EvidenceError(name, str(version), missing)
+        if not reason.strip():
+            raise registry.RegistryError("--force needs --reason")
+        who = actor or registry.current_actor()
+        client.set_model_version_tag(name, str(version), FORCED_TAG, f"{who}: {reason}"[:4000])
+    return start_canary(
+        cfg, str(version), MlflowCanaryRegistry(cfg, actor), public_port=public_port
+    )
+
+
+def decision_result(state: CanaryState) -> GateResult:
+    """The canary's verdict as a `GateResult`: the summary of every step on a promotion,
+    the failing window on a rollback."""
+    decision = state.decision or {}
+    if decision.get("result"):
+        return GateResult.from_dict(decision["result"])
+    return GateResult(
+        "canary",
+        GateStatus.INCONCLUSIVE,
+        f"canary of v{state.candidate_version} ended {state.phase} without a decision",
+        checks=(CheckRow("canary", GateStatus.INCONCLUSIVE, state.phase, "a decision"),),
+    )
+
+
+@task(name="canary", cache_policy=NO_CACHE)
+def canary_rollout(
+    cfg: MlgateConfig,
+    config_path: str,
+    version: str,
+    actor: str,
+    on_event: Callable[[CanaryState, str], None] | None = None,
+) -> CanaryState:
+    """The training flow's last step: the candidate on live traffic through HAProxy, step by
+    step, until it is promoted or rolled back. A controller already running this model's
+    canary (a person's `mlgate canary start`) is joined rather than duplicated: the newer
+    candidate replaces the older there, and this task waits for the end."""
+    logger = get_run_logger()
+    cr = MlflowCanaryRegistry(cfg, actor)
+    start_canary(cfg, version, cr)
+
+    def log_event(state: CanaryState, event: str) -> None:
+        if event in ("running", "step_passed", "rollback_decided", "promoted", "done"):
+            logger.info(
+                "canary v%s: %s (step %s, weights %s)",
+                state.candidate_version,
+                event,
+                state.step_index,
+                state.weights,
+            )
+        if on_event is not None:
+            on_event(state, event)
+
+    try:
+        return run_canary(cfg, Path(config_path), cr, on_event=log_event)
+    except CanaryBusyError:
+        logger.info(
+            "a canary controller already runs for %s: waiting for it", cfg.registry.model_name
+        )
+    store = StateStore(canary_paths(cfg))
+    while True:
+        state = store.read()
+        if state is None:
+            raise CanaryError("the canary state vanished while another controller ran it")
+        if state.terminal and state.candidate_version == version:
+            return state
+        if state.candidate_version != version and _newer(state.candidate_version, version):
+            # A newer candidate took over the rollout: this one was superseded.
+            return state
+        if not controller_running(cfg):
+            # The other controller stopped without finishing: carry it on here.
+            with contextlib.suppress(CanaryBusyError):
+                return run_canary(cfg, Path(config_path), cr, on_event=log_event)
+        time.sleep(_WAIT_POLL_S)
+
+
+def _newer(a: str, b: str) -> bool:
+    return a.isdigit() and b.isdigit() and int(a) > int(b)

@@ -1,0 +1,1463 @@
+"""The canary controller: a candidate earns `@champion` on live traffic, or is rolled back.
+
+The target is local and real: HAProxy on the public port (`services/haproxy.py`) splits
+traffic by weight between two BentoML instances, `stable` (serving `@champion`) and
+`canary` (the candidate version, `MLGATE_VARIANT=canary`). The controller walks the
+configured steps (the canary's share in percent), and at every interval reads HAProxy's
+per-server counters and both instances' `/metrics`, and judges the window since the step
+began with `checks.canary.check_canary_step`.
+
+- pass at a step: the next step; pass at the last one: the candidate is tagged with the
+  canary evidence and promoted through the registry (compare-and-set against the stable's
+  version), a new stable instance loads the new champion, takes the traffic, and the canary
+  drains and stops.
+- fail, or a step still inconclusive after `max_wait_s`, or an abort: the canary's weight
+  goes to 0 first, then it drains and stops, the version is tagged with the guardrail that
+  tripped and its numbers, and a notification goes out. `@champion` is never touched.
+
+Before the first step the stable is measured alone at full traffic for an interval (the
+baseline): at 100 % the stable answers nothing, and the canary is held to that window, at
+the same load.
+
+Everything the controller knows is in one JSON file, `<store_dir>/canary/<model>/state.json`,
+written atomically under one file lock. HAProxy and the instances run in sessions of their
+own and outlive the controller; a restarted controller adopts them by pid (checked against
+the process start time) and resumes from the state: a step that was being analysed is
+analysed again from fresh counters (a partial window is never carried over), a decision
+already taken is carried out, and promotion requires a passing analysis of every step.
+Only one controller runs at a time (a second lock, held for the controller's life).
+
+The registry is reached through `CanaryRegistry`, which `flows/` implements: `services/`
+does not import `flows/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from filelock import FileLock, Timeout
+from prometheus_client.parser import text_string_to_metric_families
+
+from checks.canary import Histogram, VariantWindow, check_canary_step
+from checks.result import CheckRow, GateResult, GateStatus
+from models.config import CanaryConfig, MlgateConfig
+from services import haproxy
+from services.haproxy import ServerStats
+from services.launcher import ServiceProcess, ServiceStartError, start_service
+
+STATE_FORMAT = 1
+GATE_TAG = "gate.canary"
+VARIANT_ENV = "MLGATE_VARIANT"
+# Names the service exports on /metrics (services/metrics.py).
+LATENCY_METRIC = "mlgate_request_latency_seconds"
+SCORE_METRIC = "mlgate_score"
+_MAX_EVENTS = 300
+_POLL_S = 0.2
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    PROMOTING = "promoting"
+    RELOADING = "reloading"
+    ROLLING_BACK = "rolling_back"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+
+
+TERMINAL = frozenset({Phase.PROMOTED, Phase.ROLLED_BACK})
+
+
+class CanaryError(RuntimeError):
+    """A canary that cannot be started, run or aborted; the message says why."""
+
+
+class CanaryBusyError(CanaryError):
+    """Another controller is running this model's canary."""
+
+
+class CanaryRegistry(Protocol):
+    """What the controller needs from the registry; `flows/` implements it on MLflow."""
+
+    def champion_version(self) -> str | None:
+        """The version `@champion` points at now."""
+        ...
+
+    def record_result(self, version: str, result: GateResult, tags: Mapping[str, str]) -> None:
+        """Tag `version` (`gate.canary` and `canary.*`) and keep `result` as its evidence."""
+        ...
+
+    def promote(self, version: str, *, expected_from: str | None, reason: str) -> None:
+        """Move `@champion` to `version` if it still points at `expected_from`."""
+        ...
+
+    def notify(self, title: str, body: str) -> None:
+        """Best effort: never raises for a notification that could not be sent."""
+        ...
+
+
+@dataclass(frozen=True)
+class CanaryPaths:
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def state_lock(self) -> Path:
+        return self.root / "state.json.lock"
+
+    @property
+    def controller_lock(self) -> Path:
+        return self.root / "controller.lock"
+
+    @property
+    def haproxy_config(self) -> Path:
+        return self.root / "haproxy.cfg"
+
+    @property
+    def haproxy_log(self) -> Path:
+        return self.root / "haproxy.log"
+
+    @property
+    def haproxy_socket(self) -> Path:
+        return haproxy.socket_path_for(self.root)
+
+    @property
+    def instances(self) -> Path:
+        return self.root / "instances"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+
+def canary_paths(cfg: MlgateConfig) -> CanaryPaths:
+    return CanaryPaths(cfg.registry.store_dir.resolve() / "canary" / cfg.registry.model_name)
+
+
+@dataclass
+class InstanceRecord:
+    """A BentoML instance of the target: which version it serves and how to find it."""
+
+    variant: str
+    version: str
+    port: int
+    pid: int
+    start_time: int | None
+    home: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class HAProxyRecord:
+    pid: int
+    start_time: int | None
+    host: str
+    port: int
+    socket: str
+    config: str
+
+
+@dataclass
+class CanaryState:
+    """The controller's whole memory; see the module docstring for how it is used.
+
+    `baseline` is the stable's window alone at full traffic, measured before the first
+    step: at 100 % the stable answers nothing, and the canary is held to it. `steps_done`
+    holds one entry per step analysed to a pass (percent, window, HAProxy's per-server
+    counts, the gate result); `current` the step being analysed (informational: a
+    restarted controller analyses that step again from fresh counters); `decision` the
+    outcome once taken (`promote` or `rollback`, the guardrail, the reason, the result);
+    `done` the parts of carrying it out that are finished. `abort_requested` and
+    `pending_candidate` are written by others and only read by the controller."""
+
+    model_name: str
+    candidate_version: str
+    stable_version: str
+    steps: list[int]
+    phase: str = Phase.STARTING
+    step_index: int = 0
+    weights: dict[str, int] = field(default_factory=lambda: {"stable": 100, "canary": 0})
+    public_host: str = "127.0.0.1"
+    public_port: int = 3000
+    started_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    haproxy: HAProxyRecord | None = None
+    stable: InstanceRecord | None = None
+    canary: InstanceRecord | None = None
+    retired: list[InstanceRecord] = field(default_factory=list)
+    baseline: dict[str, Any] | None = None
+    steps_done: list[dict[str, Any]] = field(default_factory=list)
+    current: dict[str, Any] | None = None
+    decision: dict[str, Any] | None = None
+    done: list[str] = field(default_factory=list)
+    controller_pid: int | None = None
+    resumes: int = 0
+    abort_requested: dict[str, Any] | None = None
+    pending_candidate: str | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    format: int = STATE_FORMAT
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+    @property
+    def public_url(self) -> str:
+        return f"http://{self.public_host}:{self.public_port}"
+
+    def event(self, kind: str, **details: Any) -> None:
+        self.events.append({"at": _now_iso(), "event": kind, **details})
+        del self.events[:-_MAX_EVENTS]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CanaryState:
+        if d.get("format") != STATE_FORMAT:
+            raise CanaryError(f"canary state format {d.get('format')} is not {STATE_FORMAT}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        for key in ("stable", "canary"):
+            if values.get(key):
+                values[key] = InstanceRecord(**values[key])
+        values["retired"] = [InstanceRecord(**r) for r in values.get("retired", [])]
+        if values.get("haproxy"):
+            values["haproxy"] = HAProxyRecord(**values["haproxy"])
+        return cls(**values)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Strict JSON: non-finite floats become strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --- the state file ---------------------------------------------------------------------
+
+
+class StateStore:
+    """`state.json` under `state.json.lock`. Reads without the lock are safe (writes are
+    atomic renames); every write merges the fields other processes own."""
+
+    def __init__(self, paths: CanaryPaths) -> None:
+        self.paths = paths
+
+    def lock(self) -> FileLock:
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.paths.state_lock), timeout=30)
+
+    def read(self) -> CanaryState | None:
+        try:
+            raw = json.loads(self.paths.state.read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as err:
+            raise CanaryError(f"canary state {self.paths.state} is not valid JSON: {err}") from None
+        return CanaryState.from_dict(raw)
+
+    def write_locked(self, state: CanaryState) -> None:
+        """Write with the lock already held."""
+        state.updated_at = time.time()
+        tmp = self.paths.state.with_suffix(".json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(state.to_dict(), f, indent=1, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.paths.state)
+
+    def save(self, state: CanaryState) -> None:
+        """The controller's write: the requests others made meanwhile are kept."""
+        with self.lock():
+            on_disk = self.read()
+            if on_disk is not None and on_disk.started_at == state.started_at:
+                state.abort_requested = on_disk.abort_requested or state.abort_requested
+                state.pending_candidate = on_disk.pending_candidate or state.pending_candidate
+            self.write_locked(state)
+
+
+class _ControllerLock:
+    """Held for a controller's whole life; the OS releases it when the process dies."""
+
+    def __init__(self, paths: CanaryPaths) -> None:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(paths.controller_lock), timeout=0)
+
+    def __enter__(self) -> _ControllerLock:
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise CanaryBusyError(
+                f"another canary controller holds {self._lock.lock_file}"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def controller_running(cfg: MlgateConfig) -> bool:
+    try:
+        with _ControllerLock(canary_paths(cfg)):
+            return False
+    except CanaryBusyError:
+        return True
+
+
+# --- reading the two sides ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceMetrics:
+    versions: frozenset[str]
+    latency: Histogram | None
+    scores: Histogram | None
+
+
+def parse_metrics(text: str) -> InstanceMetrics:
+    """The latency and score histograms of an instance's `/metrics`, summed over label sets
+    (one per model version and variant), and the model versions they name."""
+    buckets: dict[str, dict[float, float]] = {LATENCY_METRIC: {}, SCORE_METRIC: {}}
+    sums: dict[str, float] = {LATENCY_METRIC: 0.0, SCORE_METRIC: 0.0}
+    seen: set[str] = set()
+    versions: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        if family.name not in buckets:
+            continue
+        seen.add(family.name)
+        for sample in family.samples:
+            if "model_version" in sample.labels:
+                versions.add(sample.labels["model_version"])
+            if sample.name == f"{family.name}_bucket":
+                le = float(sample.labels["le"])
+                buckets[family.name][le] = buckets[family.name].get(le, 0.0) + sample.value
+            elif sample.name == f"{family.name}_sum":
+                sums[family.name] += sample.value
+
+    def histogram(name: str) -> Histogram | None:
+        if name not in seen or not buckets[name]:
+            return None
+        return Histogram.from_cumulative(sorted(buckets[name].items()), sums[name])
+
+    return InstanceMetrics(frozenset(versions), histogram(LATENCY_METRIC), histogram(SCORE_METRIC))
+
+
+def read_metrics(url: str, timeout: float) -> InstanceMetrics | str:
+    """The instance's metrics, or why they could not be read."""
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=timeout)
+    except httpx.HTTPError as err:
+        return f"/metrics unreachable at {url}: {type(err).__name__}: {err}"
+    if response.status_code != 200:
+        return f"/metrics at {url} answered {response.status_code}"
+    try:
+        parsed = parse_metrics(response.text)
+    except Exception as err:
+        return f"/metrics at {url} unparsable: {type(err).__name__}: {err}"
+    missing = [
+        n for n, h in ((LATENCY_METRIC, parsed.latency), (SCORE_METRIC, parsed.scores)) if h is None
+    ]
+    if missing:
+        return f"/metrics at {url} lacks {', '.join(missing)}"
+    return parsed
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    at: float
+    servers: dict[str, ServerStats] | None
+    haproxy_problem: str | None
+    metrics: dict[str, InstanceMetrics | str]
+
+
+def take_snapshot(
+    socket_path: Path, instances: Mapping[str, InstanceRecord | None], timeout: float
+) -> Snapshot:
+    at = time.monotonic()
+    servers: dict[str, ServerStats] | None = None
+    problem = None
+    try:
+        servers = haproxy.server_stats(socket_path)
+    except haproxy.HAProxyError as err:
+        problem = f"HAProxy statistics unreadable: {err}"
+    metrics: dict[str, InstanceMetrics | str] = {}
+    for variant, record in instances.items():
+        metrics[variant] = read_metrics(record.url, timeout) if record else f"no {variant} instance"
+    return Snapshot(at, servers, problem, metrics)
+
+
+def window_between(
+    before: Snapshot, after: Snapshot, variant: str, version: str | None, weight: int
+) -> VariantWindow:
+    """What `variant` did between two snapshots, or a window whose `problem` says why its
+    numbers cannot be trusted."""
+    seconds = after.at - before.at
+
+    def broken(problem: str) -> VariantWindow:
+        return VariantWindow(variant, version, seconds, problem=problem)
+
+    if before.servers is None or after.servers is None:
+        return broken(before.haproxy_problem or after.haproxy_problem or "no HAProxy stats")
+    m0, m1 = before.metrics.get(variant), after.metrics.get(variant)
+    if isinstance(m0, str) or m0 is None:
+        return broken(m0 or "no metrics at the window's start")
+    if isinstance(m1, str) or m1 is None:
+        return broken(m1 or "no metrics at the window's end")
+    if version is not None and m1.versions and m1.versions != {version}:
+        return broken(f"serves version(s) {sorted(m1.versions)}, expected {version}")
+    s0, s1 = before.servers[variant], after.servers[variant]
+    if weight > 0 and s1.status.startswith(("DOWN", "MAINT", "NOLB")):
+        return broken(f"HAProxy reports the server {s1.status}")
+    counts = {
+        "responses": s1.responses_total - s0.responses_total,
+        "server_errors": s1.responses.get("5xx", 0) - s0.responses.get("5xx", 0),
+        "client_errors": s1.responses.get("4xx", 0) - s0.responses.get("4xx", 0),
+        "connection_errors": s1.connection_errors - s0.connection_errors,
+        "response_errors": s1.response_errors - s0.response_errors,
+    }
+    if any(v < 0 for v in counts.values()):
+        return broken("HAProxy counters went down (HAProxy restarted during the window)")
+    assert m0.latency and m1.latency and m0.scores and m1.scores
+    try:
+        latency = m1.latency.minus(m0.latency)
+        scores = m1.scores.minus(m0.scores)
+    except ValueError as err:
+        return broken(f"instance metrics: {err} (the instance restarted during the window)")
+    return VariantWindow(
+        variant=variant,
+        version=version,
+        seconds=seconds,
+        requests=counts["responses"] + counts["connection_errors"],
+        server_errors=counts["server_errors"],
+        client_errors=counts["client_errors"],
+        connection_errors=counts["connection_errors"],
+        response_errors=counts["response_errors"],
+        latency=latency,
+        scores=scores,
+    )
+
+
+# --- processes -------------------------------------------------------------------------
+
+# ServiceProcess objects of the instances this process launched: stopping through them
+# also reaps the child and closes its log.
+_LAUNCHED: dict[int, ServiceProcess] = {}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _served_version(url: str, timeout: float = 5.0) -> str | None:
+    try:
+        response = httpx.get(f"{url}/model", timeout=timeout)
+        if response.status_code == 200:
+            return str(response.json()["version"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        pass
+    return None
+
+
+def instance_ok(record: InstanceRecord, timeout: float = 3.0) -> bool:
+    """The recorded process is alive, ready and serves the recorded version."""
+    if not haproxy.pid_alive(record.pid, record.start_time):
+        return False
+    try:
+        if httpx.get(f"{record.url}/readyz", timeout=timeout).status_code != 200:
+            return False
+    except httpx.HTTPError:
+        return False
+    return _served_version(record.url, timeout) == record.version
+
+
+def stop_instance(record: InstanceRecord, timeout: float = 15.0) -> None:
+    """A graceful stop: SIGCONT to the whole process tree first (a frozen instance cannot act
+    on SIGTERM), SIGTERM to the server, which stops its workers; SIGKILL to whatever of the
+    tree is left after `timeout`. The instance's BentoML home (its metrics files) goes, its
+    log stays."""
+    proc = _LAUNCHED.pop(record.pid, None)
+    if haproxy.pid_alive(record.pid, record.start_time):
+        tree = haproxy.signal_tree(record.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(haproxy.pid_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for p in tree:
+            if haproxy.pid_alive(p):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, signal.SIGKILL)
+    if proc is not None:
+        proc.stop(timeout=5.0)
+    shutil.rmtree(Path(record.home) / "bentoml", ignore_errors=True)
+
+
+# --- the controller ----------------------------------------------------------------------
+
+
+class _Superseded(Exception):
+    pass
+
+
+class _Decided(Exception):
+    pass
+
+
+class Controller:
+    """One run of the state machine; `run_canary` is its entry point."""
+
+    def __init__(
+        self,
+        cfg: MlgateConfig,
+        config_path: Path | None,
+        registry: CanaryRegistry,
+        *,
+        env: Mapping[str, str] | None = None,
+        on_event: Callable[[CanaryState, str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.canary_cfg: CanaryConfig = cfg.canary
+        self.config_path = Path(config_path).resolve() if config_path else None
+        self.registry = registry
+        self.env = dict(env or {})
+        self.paths = canary_paths(cfg)
+        self.store = StateStore(self.paths)
+        self.on_event = on_event
+
+    # persistence --------------------------------------------------------------------
+
+    def save(self, state: CanaryState, event: str | None = None, **details: Any) -> None:
+        if event:
+            state.event(event, **details)
+        self.store.save(state)
+        if event and self.on_event is not None:
+            self.on_event(state, event)
+
+    @property
+    def socket(self) -> Path:
+        return self.paths.haproxy_socket
+
+    # target -------------------------------------------------------------------------
+
+    def ensure_haproxy(self, state: CanaryState) -> None:
+        rec = state.haproxy
+        if (
+            rec is not None
+            and rec.port == state.public_port
+            and rec.host == state.public_host
+            and haproxy.pid_alive(rec.pid, rec.start_time)
+            and haproxy.haproxy_alive(rec.pid, Path(rec.socket))
+        ):
+            return
+        if rec is not None:
+            haproxy.signal_and_wait(rec.pid, signal.SIGTERM, timeout=5, start_time=rec.start_time)
+        stable_ok = state.stable is not None and haproxy.pid_alive(
+            state.stable.pid, state.stable.start_time
+        )
+        canary_ok = state.canary is not None and haproxy.pid_alive(
+            state.canary.pid, state.canary.start_time
+        )
+        text = haproxy.render_config(
+            host=state.public_host,
+            public_port=state.public_port,
+            socket_path=self.socket,
+            stable_port=state.stable.port if stable_ok and state.stable else None,
+            stable_weight=state.weights.get("stable", 100),
+            canary_port=state.canary.port if canary_ok and state.canary else None,
+            canary_weight=state.weights.get("canary", 0),
+        )
+        haproxy.write_config(self.paths.haproxy_config, text)
+        pid = haproxy.start_haproxy(self.paths.haproxy_config, self.socket, self.paths.haproxy_log)
+        state.haproxy = HAProxyRecord(
+            pid=pid,
+            start_time=haproxy.process_start_time(pid),
+            host=state.public_host,
+            port=state.public_port,
+            socket=str(self.socket),
+            config=str(self.paths.haproxy_config),
+        )
+        self.save(state, "haproxy_started", pid=pid, port=state.public_port)
+
+    def launch(self, state: CanaryState, variant: str, *, version: str | None) -> InstanceRecord:
+        """Start an instance of `version` (None: `@champion`), record it before waiting for
+        it (so that a controller that dies meanwhile leaves no orphan), wait until ready."""
+        if self.config_path is None:
+            raise CanaryError("launching an instance needs the config file's path")
+        port = _free_port()
+        label = f"v{version}" if version else "champion"
+        home = self.paths.instances / f"{variant}-{label}-{port}"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {
+            **self.env,
+            VARIANT_ENV: variant,
+            # Each instance needs a BentoML home of its own: `bentoml serve` empties the
+            # Prometheus directory under it at start, which would wipe the other
+            # instance's metrics.
+            "BENTOML_HOME": str(home / "bentoml"),
+        }
+        proc = start_service(
+            self.config_path,
+            alias=None if version else "champion",
+            version=version,
+            port=port,
+            host="127.0.0.1",
+            log_path=home / "service.log",
+            env=env,
+        )
+        _LAUNCHED[proc.pid] = proc
+        record = InstanceRecord(
+            variant=variant,
+            version=version or "?",
+            port=port,
+            pid=proc.pid,
+            start_time=haproxy.process_start_time(proc.pid),
+            home=str(home),
+        )
+        state.retired.append(record)
+        self.save(state, "instance_launching", variant=variant, version=version, port=port)
+        try:
+            proc.wait_ready(timeout=self.canary_cfg.start_timeout_s)
+        except ServiceStartError:
+            stop_instance(record, timeout=5)
+            state.retired.remove(record)
+            self.save(state)
+            raise
+        served = _served_version(record.url)
+        if served is None:
+            stop_instance(record, timeout=5)
+            state.retired.remove(record)
+            self.save(state)
+            raise ServiceStartError(f"{variant} instance on {record.url} does not name its model")
+        record.version = served
+        state.retired.remove(record)
+        return record
+
+    def stable_instance(self, state: CanaryState) -> InstanceRecord:
+        """The stable instance serving `@champion`, launched when none runs. It comes up
+        before HAProxy does on a fresh target, so that HAProxy never listens on the public
+        port without a server to answer (clients would get 503s from HAProxy itself)."""
+        rec = state.stable
+        if rec is None or not instance_ok(rec) or rec.version != state.stable_version:
+            if rec is not None and rec not in state.retired:
+                # Stopped once HAProxy points at the new one (`stop_retired`).
+                state.retired.append(rec)
+            rec = self.launch(state, "stable", version=None)
+            state.stable = rec
+            self.save(state, "stable_started", version=rec.version, port=rec.port)
+        return rec
+
+    def ensure_stable(self, state: CanaryState) -> None:
+        rec = self.stable_instance(state)
+        haproxy.point_server(self.socket, "stable", rec.port, state.weights["stable"])
+        haproxy.wait_server_status(self.socket, "stable", "UP", timeout=30)
+
+    def ensure_canary(self, state: CanaryState) -> None:
+        rec = state.canary
+        if rec is not None and rec.version == state.candidate_version and instance_ok(rec):
+            haproxy.point_server(self.socket, "canary", rec.port, state.weights["canary"])
+        else:
+            if rec is not None:
+                haproxy.park_server(self.socket, "canary")
+                state.weights["canary"] = 0
+                state.canary = None
+                self.retire(state, rec)
+            try:
+                rec = self.launch(state, "canary", version=state.candidate_version)
+            except ServiceStartError as err:
+                raise self.decide_rollback(
+                    state, "startup", f"the canary instance did not start: {err}"
+                ) from None
+            state.canary = rec
+            self.save(state, "canary_started", version=rec.version, port=rec.port)
+            haproxy.point_server(self.socket, "canary", rec.port, 0)
+        try:
+            haproxy.wait_server_status(self.socket, "canary", "UP", timeout=30)
+        except haproxy.HAProxyError as err:
+            raise self.decide_rollback(state, "startup", str(err)) from None
+
+    def retire(self, state: CanaryState, rec: InstanceRecord) -> None:
+        """Stop an instance that no longer has a role; recorded first, so that a controller
+        that dies in between stops it on its next start."""
+        if rec not in state.retired:
+            state.retired.append(rec)
+        self.save(state)
+        stop_instance(rec, timeout=self.canary_cfg.drain_timeout_s)
+        state.retired.remove(rec)
+        self.save(state, "instance_stopped", variant=rec.variant, version=rec.version)
+
+    def stop_retired(self, state: CanaryState) -> None:
+        for rec in list(state.retired):
+            self.retire(state, rec)
+
+    def set_weights(self, state: CanaryState, stable: int, canary: int) -> None:
+        haproxy.set_weights(self.socket, {"stable": stable, "canary": canary})
+        state.weights = {"stable": stable, "canary": canary}
+        self.save(state, "weights", stable=stable, canary=canary)
+
+    # the walk -----------------------------------------------------------------------
+
+    def run(self) -> CanaryState:
+        with _ControllerLock(self.paths):
+            while True:
+                state = self.store.read()
+                if state is None:
+                    raise CanaryError(f"no canary recorded in {self.paths.state}; start one first")
+                if state.terminal:
+                    return state
+                if state.controller_pid is not None and state.controller_pid != os.getpid():
+                    state.resumes += 1
+                    self.save(state, "resumed", phase=state.phase, step_index=state.step_index)
+                state.controller_pid = os.getpid()
+                self.save(state)
+                try:
+                    self.advance(state)
+                except (_Superseded, _Decided):
+                    continue
+                except BaseException as err:
+                    self.park_after_error(state, err)
+                    raise
+
+    def park_after_error(self, state: CanaryState, err: BaseException) -> None:
+        """A controller that fails (or is interrupted) while the canary takes traffic takes
+        it out first, as far as it still can; a restart resumes from the state, with the
+        step analysed again. A SIGKILL gives no such chance, and needs none: the canary
+        keeps the weight it was being judged at until the next controller resumes."""
+        with contextlib.suppress(Exception):
+            if state.phase in (Phase.STARTING, Phase.RUNNING) and state.canary is not None:
+                self.set_weights(state, 100, 0)
+            self.save(state, "controller_error", error=f"{type(err).__name__}: {err}"[:500])
+
+    def advance(self, state: CanaryState) -> None:
+        if self.newer_candidate(state) is not None and state.phase in (
+            Phase.STARTING,
+            Phase.RUNNING,
+        ):
+            self.supersede(state)
+        phase = Phase(state.phase)
+        if phase in (Phase.STARTING, Phase.RUNNING):
+            self.walk(state)
+        elif phase is Phase.PROMOTING:
+            self.promote(state)
+        elif phase is Phase.RELOADING:
+            self.reload_stable(state)
+        elif phase is Phase.ROLLING_BACK:
+            self.rollback(state)
+
+    def newer_candidate(self, state: CanaryState) -> str | None:
+        pending = state.pending_candidate
+        if pending is None or pending == state.candidate_version:
+            return None
+        return pending if _version_key(pending) > _version_key(state.candidate_version) else None
+
+    def check_requests(self, state: CanaryState) -> None:
+        """Between ticks: an abort or a newer candidate written by another process."""
+        on_disk = self.store.read()
+        if on_disk is None or on_disk.started_at != state.started_at:
+            return
+        state.abort_requested = on_disk.abort_requested
+        state.pending_candidate = on_disk.pending_candidate
+        if state.abort_requested:
+            reason = state.abort_requested.get("reason", "")
+            by = state.abort_requested.get("by", "")
+            raise self.decide_rollback(state, "abort", f"aborted by {by}: {reason}")
+        if self.newer_candidate(state) is not None:
+            raise _Superseded()
+
+    def sleep(self, state: CanaryState, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            self.check_requests(state)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(_POLL_S, left))
+
+    def walk(self, state: CanaryState) -> None:
+        champion = self.registry.champion_version()
+        if champion != state.stable_version:
+            raise self.decide_rollback(
+                state,
+                "champion_moved",
+                f"@champion is v{champion}, not v{state.stable_version} as when the canary "
+                "started: the analysis compares against a stable that is no longer champion",
+            )
+        self.stable_instance(state)
+        self.ensure_haproxy(state)
+        self.ensure_stable(state)
+        self.stop_retired(state)
+        self.ensure_canary(state)
+        if state.phase == Phase.STARTING:
+            state.phase = Phase.RUNNING
+            self.save(state, "running", candidate=state.candidate_version)
+        cfg = self.canary_cfg
+        if state.baseline is None:
+            self.measure_baseline(state)
+        while state.step_index < len(state.steps):
+            percent = state.steps[state.step_index]
+            self.set_weights(state, 100 - percent, percent)
+            instances = {"stable": state.stable, "canary": state.canary}
+            baseline = take_snapshot(self.socket, instances, cfg.metrics_timeout_s)
+            started_wall, started = time.time(), time.monotonic()
+            state.current = {
+                "percent": percent,
+                "started_at": started_wall,
+                "ticks": 0,
+                "last_result": None,
+            }
+            self.save(state, "step_started", percent=percent)
+            while True:
+                self.sleep(state, cfg.interval_s)
+                snap = take_snapshot(self.socket, instances, cfg.metrics_timeout_s)
+                canary_w = window_between(
+                    baseline, snap, "canary", state.candidate_version, percent
+                )
+                stable_w = window_between(
+                    baseline, snap, "stable", state.stable_version, 100 - percent
+                )
+                if percent == 100 and stable_w.problem is None and state.baseline:
+                    stable_w = VariantWindow.from_dict(state.baseline["window"])
+                result = check_canary_step(stable_w, canary_w, cfg, step_percent=percent)
+                state.current["ticks"] += 1
+                state.current["last_result"] = result.to_dict()
+                self.save(state)
+                if result.status is GateStatus.FAIL:
+                    guardrail = result.evidence.get("failed_guardrail") or "metrics"
+                    raise self.decide_rollback(state, guardrail, result.reason, result)
+                if result.status is GateStatus.PASS:
+                    state.steps_done.append(
+                        {
+                            "percent": percent,
+                            "candidate_version": state.candidate_version,
+                            "started_at": started_wall,
+                            "ended_at": time.time(),
+                            "seconds": round(time.monotonic() - started, 3),
+                            "haproxy": _haproxy_counts(baseline, snap),
+                            "result": result.to_dict(),
+                        }
+                    )
+                    state.step_index += 1
+                    state.current = None
+                    self.save(state, "step_passed", percent=percent)
+                    break
+                if time.monotonic() - started >= cfg.max_wait_s:
+                    raise self.decide_rollback(
+                        state,
+                        "min_requests",
+                        f"step {percent}% still inconclusive after {cfg.max_wait_s:g} s: "
+                        f"{result.reason}",
+                        result,
+                    )
+        state.phase = Phase.PROMOTING
+        self.save(state, "analysis_complete", steps=[s["percent"] for s in state.steps_done])
+        self.promote(state)
+
+    def measure_baseline(self, state: CanaryState) -> None:
+        """The stable alone at full traffic for at least one interval, with the canary up
+        and idle: what the canary at 100 % is compared with, at the same load (a window of
+        the stable at 50 % would have half the load, and no window exists at 100 %)."""
+        cfg = self.canary_cfg
+        self.set_weights(state, 100, 0)
+        instances = {"stable": state.stable}
+        first = take_snapshot(self.socket, instances, cfg.metrics_timeout_s)
+        started_wall, started = time.time(), time.monotonic()
+        state.current = {"percent": 0, "started_at": started_wall, "ticks": 0, "last_result": None}
+        self.save(state, "baseline_started")
+        while True:
+            self.sleep(state, cfg.interval_s)
+            snap = take_snapshot(self.socket, instances, cfg.metrics_timeout_s)
+            window = window_between(first, snap, "stable", state.stable_version, 100)
+            state.current["ticks"] += 1
+            if window.problem is not None:
+                raise self.decide_rollback(
+                    state, "metrics", f"baseline of the stable unreadable: {window.problem}"
+                )
+            if window.requests >= cfg.min_requests:
+                state.baseline = {
+                    "started_at": started_wall,
+                    "ended_at": time.time(),
+                    "haproxy": _haproxy_counts(first, snap),
+                    "window": window.to_dict(),
+                }
+                state.current = None
+                self.save(state, "baseline_measured", requests=window.requests)
+                return
+            self.save(state)
+            if time.monotonic() - started >= cfg.max_wait_s:
+                raise self.decide_rollback(
+                    state,
+                    "min_requests",
+                    f"the stable answered {window.requests:,} requests in "
+                    f"{cfg.max_wait_s:g} s, fewer than the {cfg.min_requests:,} a baseline "
+                    "needs",
+                )
+
+    def decide_rollback(
+        self,
+        state: CanaryState,
+        guardrail: str,
+        reason: str,
+        result: GateResult | None = None,
+    ) -> _Decided:
+        """Record the decision first, then carry it out: a controller that dies in between
+        finishes the rollback on restart."""
+        if result is None:
+            percent = int((state.current or {}).get("percent", 0))
+            result = GateResult(
+                name="canary",
+                status=GateStatus.FAIL,
+                reason=reason,
+                metrics={"step_percent": float(percent)},
+                evidence={"failed_guardrail": guardrail, "step_percent": percent},
+                checks=(CheckRow(guardrail, GateStatus.FAIL, "tripped", "-", reason),),
+            )
+        state.decision = {
+            "outcome": "rollback",
+            "guardrail": guardrail,
+            "reason": reason,
+            "at": _now_iso(),
+            "result": result.to_dict(),
+        }
+        state.phase = Phase.ROLLING_BACK
+        self.save(state, "rollback_decided", guardrail=guardrail, reason=reason[:500])
+        self.rollback(state)
+        return _Decided()
+
+    # outcomes -----------------------------------------------------------------------
+
+    def rollback(self, state: CanaryState) -> None:
+        assert state.decision is not None
+        decision = state.decision
+        if "weight_zero" not in state.done:
+            self.ensure_haproxy(state)
+            self.set_weights(state, 100, 0)
+            state.done.append("weight_zero")
+            self.save(state, "canary_weight_zero")
+        if "canary_stopped" not in state.done:
+            if state.canary is not None:
+                haproxy.wait_drained(self.socket, "canary", timeout=self.canary_cfg.drain_timeout_s)
+                with contextlib.suppress(haproxy.HAProxyError):
+                    haproxy.park_server(self.socket, "canary")
+                rec, state.canary = state.canary, None
+                self.retire(state, rec)
+            state.done.append("canary_stopped")
+            self.save(state)
+        if "tagged" not in state.done:
+            result = GateResult.from_dict(decision["result"])
+            self.registry.record_result(
+                state.candidate_version, result, _failure_tags(state, decision, result)
+            )
+            state.done.append("tagged")
+            self.save(state, "tagged", status="fail")
+        if "notified" not in state.done:
+            self.registry.notify(
+                f"mlgate: canary of {state.model_name} v{state.candidate_version} rolled back",
+                f"guardrail {decision['guardrail']}: {decision['reason']}\n"
+                f"@champion stays v{state.stable_version}.",
+            )
+            state.done.append("notified")
+        state.phase = Phase.ROLLED_BACK
+        state.current = None
+        self.save(state, "rolled_back", guardrail=decision["guardrail"])
+
+    def promote(self, state: CanaryState) -> None:
+        incomplete = analysis_gaps(state)
+        if incomplete:
+            # Never reached by the walk; a state edited or damaged by hand could.
+            raise self.decide_rollback(
+                state, "incomplete_analysis", f"refusing to promote: {incomplete}"
+            )
+        summary = summarize_steps(state)
+        if "promoted" not in state.done:
+            champion = self.registry.champion_version()
+            if champion != state.candidate_version:
+                if champion != state.stable_version:
+                    raise self.decide_rollback(
+                        state,
+                        "champion_moved",
+                        f"@champion moved to v{champion} during the canary "
+                        f"(the analysis was against v{state.stable_version})",
+                    )
+                if "tagged" not in state.done:
+                    self.registry.record_result(
+                        state.candidate_version, summary, _pass_tags(state, summary)
+                    )
+                    state.done.append("tagged")
+                    self.save(state, "tagged", status="pass")
+                try:
+                    self.registry.promote(
+                        state.candidate_version,
+                        expected_from=state.stable_version,
+                        reason=f"canary passed: {summary.reason}",
+                    )
+                except Exception as err:
+                    state.done = [d for d in state.done if d != "tagged"]
+                    raise self.decide_rollback(
+                        state, "promotion", f"promotion refused: {type(err).__name__}: {err}"
+                    ) from None
+            state.decision = {
+                "outcome": "promote",
+                "guardrail": None,
+                "reason": summary.reason,
+                "at": _now_iso(),
+                "result": summary.to_dict(),
+            }
+            state.done.append("promoted")
+            state.phase = Phase.RELOADING
+            self.save(state, "promoted", version=state.candidate_version)
+        self.reload_stable(state)
+
+    def reload_stable(self, state: CanaryState) -> None:
+        """The stable instance loads the new champion (a fresh instance beside the old one),
+        takes all the traffic, and the canary drains and stops."""
+        self.ensure_haproxy(state)
+        old = state.stable
+        if old is None or old.version != state.candidate_version or not instance_ok(old):
+            new = self.launch(state, "stable", version=None)
+            if old is not None and old not in state.retired:
+                state.retired.append(old)
+            state.stable = new
+            self.save(state, "stable_reloaded", version=new.version, port=new.port)
+        assert state.stable is not None
+        haproxy.point_server(self.socket, "stable", state.stable.port, state.weights["stable"])
+        haproxy.wait_server_status(self.socket, "stable", "UP", timeout=30)
+        self.set_weights(state, 100, 0)
+        if state.canary is not None:
+            haproxy.wait_drained(self.socket, "canary", timeout=self.canary_cfg.drain_timeout_s)
+            with contextlib.suppress(haproxy.HAProxyError):
+                haproxy.park_server(self.socket, "canary")
+            rec, state.canary = state.canary, None
+            self.retire(state, rec)
+        self.stop_retired(state)
+        state.stable_version = state.stable.version
+        if "notified" not in state.done:
+            self.registry.notify(
+                f"mlgate: canary of {state.model_name} v{state.candidate_version} promoted",
+                f"{summarize_steps(state).reason}\n@champion is now v{state.candidate_version}.",
+            )
+            state.done.append("notified")
+        state.phase = Phase.PROMOTED
+        self.save(state, "done", champion=state.candidate_version)
+
+    def supersede(self, state: CanaryState) -> None:
+        """A newer candidate restarts the analysis from its first step."""
+        new = self.newer_candidate(state)
+        assert new is not None
+        old = state.candidate_version
+        if state.canary is not None:
+            self.ensure_haproxy(state)
+            self.set_weights(state, 100, 0)
+            haproxy.wait_drained(self.socket, "canary", timeout=self.canary_cfg.drain_timeout_s)
+            with contextlib.suppress(haproxy.HAProxyError):
+                haproxy.park_server(self.socket, "canary")
+            rec, state.canary = state.canary, None
+            self.retire(state, rec)
+        note = GateResult(
+            name="canary",
+            status=GateStatus.INCONCLUSIVE,
+            reason=f"superseded by v{new} after {len(state.steps_done)} step(s)",
+            evidence={"steps": state.steps_done},
+        )
+        self.registry.record_result(
+            old, note, {GATE_TAG: "inconclusive", "canary.superseded_by": new}
+        )
+        state.candidate_version = new
+        state.step_index = 0
+        state.baseline = None
+        state.steps_done = []
+        state.current = None
+        state.decision = None
+        state.done = []
+        state.phase = Phase.STARTING
+        self.save(state, "superseded", old=old, new=new)
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)
+
+
+def _haproxy_counts(before: Snapshot, after: Snapshot) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    if before.servers is None or after.servers is None:
+        return out
+    for name in haproxy.SERVERS:
+        s0, s1 = before.servers[name], after.servers[name]
+        out[name] = {
+            "responses": s1.responses_total - s0.responses_total,
+            "2xx": s1.responses.get("2xx", 0) - s0.responses.get("2xx", 0),
+            "4xx": s1.responses.get("4xx", 0) - s0.responses.get("4xx", 0),
+            "5xx": s1.responses.get("5xx", 0) - s0.responses.get("5xx", 0),
+            "connection_errors": s1.connection_errors - s0.connection_errors,
+            "selected": s1.selected - s0.selected,
+        }
+    return out
+
+
+def analysis_gaps(state: CanaryState) -> str:
+    """Empty when every step was analysed to a pass for this candidate, in order; otherwise
+    what is missing."""
+    done = [s for s in state.steps_done if s.get("candidate_version") == state.candidate_version]
+    percents = [s["percent"] for s in done]
+    if percents != list(state.steps):
+        return f"steps analysed {percents}, configured {state.steps}"
+    failed = [s["percent"] for s in done if s["result"]["status"] != GateStatus.PASS.value]
+    if failed:
+        return f"steps {failed} did not pass"
+    return ""
+
+
+def summarize_steps(state: CanaryState) -> GateResult:
+    """One `canary` result for the whole rollout: every step's verdict and the worst numbers
+    seen, as evidence for the promotion."""
+    results = [GateResult.from_dict(s["result"]) for s in state.steps_done]
+    metrics: dict[str, float] = {"steps": float(len(results))}
+    for key, pick in (
+        ("error_rate_delta", max),
+        ("p99_ratio", max),
+        ("score_psi", max),
+        ("invalid_outputs", max),
+        ("canary_requests", sum),
+        ("stable_requests", sum),
+    ):
+        values = [r.metrics[key] for r in results if math.isfinite(r.metrics.get(key, math.nan))]
+        if values:
+            metrics[key] = float(pick(values))
+    rows = tuple(
+        CheckRow(
+            f"step {int(r.metrics.get('step_percent', 0))}%",
+            r.status,
+            f"{int(r.metrics.get('canary_requests', 0)):,} canary requests",
+            "all guardrails",
+            r.reason,
+        )
+        for r in results
+    )
+    status = GateStatus.PASS if results and all(r.passed for r in results) else GateStatus.FAIL
+    reason = (
+        f"v{state.candidate_version} against v{state.stable_version} over steps "
+        f"{', '.join(f'{p}%' for p in state.steps)}: "
+        f"{int(metrics.get('canary_requests', 0)):,} canary requests, max error-rate delta "
+        f"{metrics.get('error_rate_delta', math.nan):+.4f}, max p99 ratio "
+        f"{metrics.get('p99_ratio', math.nan):.2f}, max score PSI "
+        f"{metrics.get('score_psi', math.nan):.4f}"
+    )
+    evidence = {"steps": [{k: v for k, v in s.items() if k != "result"} for s in state.steps_done]}
+    evidence["results"] = [s["result"] for s in state.steps_done]
+    return GateResult("canary", status, reason, metrics, evidence, rows)
+
+
+def _fmt_tag(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _pass_tags(state: CanaryState, summary: GateResult) -> dict[str, str]:
+    tags = {
+        GATE_TAG: "pass",
+        "canary.stable_version": state.stable_version,
+        "canary.steps": ",".join(str(p) for p in state.steps),
+        "canary.finished_at": _now_iso(),
+    }
+    tags.update({f"canary.{k}": _fmt_tag(v) for k, v in summary.metrics.items()})
+    return tags
+
+
+def _failure_tags(
+    state: CanaryState, decision: dict[str, Any], result: GateResult
+) -> dict[str, str]:
+    tags = {
+        GATE_TAG: "fail",
+        "canary.failed_guardrail": str(decision["guardrail"]),
+        "canary.failed_step": str(int(result.metrics.get("step_percent", 0))),
+        "canary.stable_version": state.stable_version,
+        "canary.reason": decision["reason"][:4000],
+        "canary.finished_at": _now_iso(),
+    }
+    tags.update(
+        {
+            f"canary.{k}": _fmt_tag(v)
+            for k, v in result.metrics.items()
+            if not (isinstance(v, float) and math.isnan(v))
+        }
+    )
+    return tags
+
+
+# --- the public API -----------------------------------------------------------------------
+
+
+def start_canary(
+    cfg: MlgateConfig,
+    candidate_version: str,
+    registry: CanaryRegistry,
+    *,
+    public_port: int | None = None,
+) -> CanaryState:
+    """Record a canary of `candidate_version` against the current `@champion`; nothing is
+    launched here (`run_canary` brings up HAProxy and the instances, or adopts those that
+    run). While a canary of an older candidate is under way, the newer one replaces it: the
+    running controller restarts its analysis with it at its next tick, or the next
+    `run_canary` does. Returns the recorded state."""
+    candidate = str(candidate_version)
+    store = StateStore(canary_paths(cfg))
+    with store.lock():
+        existing = store.read()
+        if existing is not None and not existing.terminal:
+            if candidate == existing.candidate_version:
+                return existing
+            if _version_key(candidate) < _version_key(existing.candidate_version):
+                raise CanaryError(
+                    f"a canary of v{existing.candidate_version} is under way; v{candidate} "
+                    "is older and does not replace it"
+                )
+            existing.pending_candidate = candidate
+            existing.event("newer_candidate", version=candidate)
+            store.write_locked(existing)
+            return existing
+        champion = registry.champion_version()
+        if champion is None:
+            raise CanaryError(
+                f"{cfg.registry.model_name} has no @champion to compare a canary with; "
+                "promote the first version directly"
+            )
+        if champion == candidate:
+            raise CanaryError(f"v{candidate} already holds @champion")
+        state = CanaryState(
+            model_name=cfg.registry.model_name,
+            candidate_version=candidate,
+            stable_version=champion,
+            steps=list(cfg.canary.steps),
+            public_host=cfg.serving.host,
+            public_port=public_port or cfg.canary.public_port or cfg.serving.port,
+        )
+        if existing is not None:
+            # The target outlives a canary: HAProxy and the stable instance are reused.
+            state.haproxy, state.stable = existing.haproxy, existing.stable
+            state.retired = list(existing.retired)
+            if existing.canary is not None:
+                state.retired.append(existing.canary)
+            if public_port is None and existing.haproxy is not None:
+                state.public_host = existing.public_host
+                state.public_port = existing.public_port
+            _archive(store.paths, existing)
+        state.event("started", candidate=candidate, stable=champion)
+        store.write_locked(state)
+        return state
+
+
+def _archive(paths: CanaryPaths, state: CanaryState) -> None:
+    paths.runs.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(state.started_at))
+    target = paths.runs / f"{stamp}-v{state.candidate_version}-{state.phase}.json"
+    target.write_text(json.dumps(state.to_dict(), indent=1))
+
+
+def run_canary(
+    cfg: MlgateConfig,
+    config_path: Path | str,
+    registry: CanaryRegistry,
+    *,
+    env: Mapping[str, str] | None = None,
+    on_event: Callable[[CanaryState, str], None] | None = None,
+) -> CanaryState:
+    """Walk the recorded canary to its end (promoted or rolled back) and return the final
+    state; resumes whatever a previous controller left. `env` is added to the instances'
+    environment; `on_event(state, event)` is called after each recorded event. Raises
+    `CanaryBusyError` while another controller runs it."""
+    return Controller(cfg, Path(config_path), registry, env=env, on_event=on_event).run()
+
+
+def abort_canary(
+    cfg: MlgateConfig,
+    reason: str,
+    registry: CanaryRegistry,
+    *,
+    by: str | None = None,
+    wait_s: float = 60.0,
+    config_path: Path | str | None = None,
+) -> CanaryState:
+    """Roll the canary back now. A running controller does it at its next poll (within
+    a fraction of a second); with none running, this call does it. Too late once the
+    candidate was promoted: use `mlgate rollback` then."""
+    if not reason.strip():
+        raise CanaryError("an abort needs a reason")
+    store = StateStore(canary_paths(cfg))
+    with store.lock():
+        state = store.read()
+        if state is None or state.terminal:
+            raise CanaryError("no canary under way")
+        if state.phase in (Phase.PROMOTING, Phase.RELOADING):
+            raise CanaryError(
+                f"v{state.candidate_version} passed every step and is being promoted; "
+                "roll back with `mlgate rollback` afterwards"
+            )
+        state.abort_requested = {
+            "reason": reason,
+            "by": by or f"pid {os.getpid()}",
+            "at": _now_iso(),
+        }
+        state.event("abort_requested", reason=reason)
+        store.write_locked(state)
+    deadline = time.monotonic() + wait_s
+    while controller_running(cfg):
+        current = store.read()
+        if current is not None and current.terminal:
+            return current
+        if time.monotonic() > deadline:
+            raise CanaryError(f"the running controller did not roll back within {wait_s:g} s")
+        time.sleep(_POLL_S)
+    controller = Controller(cfg, Path(config_path) if config_path else None, registry)
+    with _ControllerLock(controller.paths):
+        current = store.read()
+        assert current is not None
+        if not current.terminal:
+            if current.phase != Phase.ROLLING_BACK:
+                with contextlib.suppress(_Decided):
+                    raise controller.decide_rollback(
+                        current, "abort", f"aborted by {state.abort_requested['by']}: {reason}"
+                    )
+            else:
+                controller.rollback(current)
+        final = store.read()
+    assert final is not None
+    return final
+
+
+@dataclass(frozen=True)
+class CanaryStatus:
+    state: CanaryState | None
+    controller_running: bool
+    live: dict[str, dict[str, Any]]
+    state_file: str
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.state
+        if s is None:
+            return {
+                "canary": None,
+                "controller_running": self.controller_running,
+                "state_file": self.state_file,
+            }
+        current_percent = s.steps[s.step_index] if s.step_index < len(s.steps) else None
+        last = (s.current or {}).get("last_result") or {}
+        return _jsonable(
+            {
+                "model": s.model_name,
+                "phase": s.phase,
+                "candidate_version": s.candidate_version,
+                "stable_version": s.stable_version,
+                "steps": s.steps,
+                "step_index": s.step_index,
+                "step_percent": current_percent,
+                "weights": s.weights,
+                "public_url": s.public_url,
+                "controller_running": self.controller_running,
+                "resumes": s.resumes,
+                "steps_done": [
+                    {
+                        "percent": d["percent"],
+                        "status": d["result"]["status"],
+                        "seconds": d.get("seconds"),
+                        "haproxy": d.get("haproxy"),
+                        "metrics": d["result"]["metrics"],
+                    }
+                    for d in s.steps_done
+                ],
+                "current": {
+                    "percent": (s.current or {}).get("percent"),
+                    "ticks": (s.current or {}).get("ticks"),
+                    "status": last.get("status"),
+                    "reason": last.get("reason"),
+                }
+                if s.current
+                else None,
+                "decision": {k: v for k, v in (s.decision or {}).items() if k != "result"} or None,
+                "abort_requested": s.abort_requested,
+                "pending_candidate": s.pending_candidate,
+                "live": self.live,
+                "state_file": self.state_file,
+            }
+        )
+
+
+def canary_status(cfg: MlgateConfig) -> CanaryStatus:
+    """The recorded state, whether a controller runs it, and HAProxy's live weights and
+    server status when HAProxy answers."""
+    paths = canary_paths(cfg)
+    state = StateStore(paths).read()
+    live: dict[str, dict[str, Any]] = {}
+    if state is not None and state.haproxy is not None:
+        with contextlib.suppress(haproxy.HAProxyError):
+            for name, stats in haproxy.server_stats(Path(state.haproxy.socket)).items():
+                live[name] = {
+                    "status": stats.status,
+                    "weight": stats.weight,
+                    "responses": stats.responses_total,
+                    "5xx": stats.server_errors,
+                    "connection_errors": stats.connection_errors,
+                }
+    return CanaryStatus(state, controller_running(cfg), live, str(paths.state))
+
+
+def stop_target(cfg: MlgateConfig, *, force: bool = False) -> None:
+    """Stop HAProxy and every instance of the target (the demo's and the tests' teardown).
+    Refuses while a controller runs, and while a canary is under way unless `force` (the
+    candidate is then left untagged: abort it instead to record why)."""
+    paths = canary_paths(cfg)
+    store = StateStore(paths)
+    with _ControllerLock(paths):
+        state = store.read()
+        if state is None:
+            return
+        if not state.terminal and not force:
+            raise CanaryError(
+                f"the canary of v{state.candidate_version} is {state.phase}; abort it first"
+            )
+        for rec in [state.canary, state.stable, *state.retired]:
+            if rec is not None:
+                stop_instance(rec, timeout=cfg.canary.drain_timeout_s)
+        if state.haproxy is not None:
+            haproxy.stop_haproxy(state.haproxy.pid)
+        state.canary = state.stable = state.haproxy = None
+        state.retired = []
+        if not state.terminal:
+            state.phase = Phase.ROLLED_BACK
+            state.decision = state.decision or {
+                "outcome": "rollback",
+                "guardrail": "stopped",
+                "reason": "the target was stopped",
+                "at": _now_iso(),
+            }
+        state.event("target_stopped")
+        with store.lock():
+            store.write_locked(state)

@@ -1,0 +1,323 @@
+"""The canary guardrails on hand-built windows: each one trips for its own reason, a small
+window is never a pass, and unreadable numbers fail closed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from checks.canary import (
+    GUARDRAILS,
+    Histogram,
+    VariantWindow,
+    check_canary_step,
+    invalid_scores,
+    merged_buckets,
+    score_psi,
+)
+from checks.drift import psi
+from checks.result import GateResult, GateStatus
+from models.config import CanaryConfig, ConfigError, config_from_dict
+
+# The service's buckets (services/metrics.py): latency in seconds, scores in twentieths.
+LATENCY_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)
+SCORE_BOUNDS = (*(round(0.05 * i, 2) for i in range(1, 21)), math.inf)
+
+CFG = CanaryConfig(min_requests=100)
+
+
+def histogram(values: np.ndarray, bounds: tuple[float, ...]) -> Histogram:
+    """Counts per bucket as prometheus-client files them: a value goes to the first bucket
+    whose upper bound is >= it."""
+    finite = np.asarray(values, dtype=np.float64)
+    index = np.searchsorted(np.asarray(bounds), finite, side="left")
+    counts = np.bincount(index, minlength=len(bounds))[: len(bounds)]
+    return Histogram(bounds, tuple(float(c) for c in counts), float(finite.sum()))
+
+
+def window(
+    variant: str,
+    *,
+    n: int = 1000,
+    errors: int = 0,
+    client_errors: int = 0,
+    latency_ms: float | np.ndarray = 1.0,
+    scores: np.ndarray | None = None,
+    seed: int = 0,
+    problem: str | None = None,
+) -> VariantWindow:
+    rng = np.random.default_rng(seed)
+    if np.isscalar(latency_ms):
+        lat = rng.gamma(4.0, float(latency_ms) / 4.0, n) / 1000.0
+    else:
+        lat = np.asarray(latency_ms) / 1000.0
+    if scores is None:
+        scores = rng.beta(0.8, 2.2, n)
+    return VariantWindow(
+        variant=variant,
+        version="2" if variant == "canary" else "1",
+        seconds=10.0,
+        requests=n,
+        server_errors=errors,
+        client_errors=client_errors,
+        latency=histogram(lat, LATENCY_BOUNDS),
+        scores=histogram(scores, SCORE_BOUNDS),
+        problem=problem,
+    )
+
+
+def test_twins_pass_every_guardrail() -> None:
+    stable = window("stable", n=2000, seed=1)
+    canary = window("canary", n=400, seed=2)
+    result = check_canary_step(stable, canary, CFG, step_percent=25)
+    assert result.status is GateStatus.PASS, result.reason
+    assert [c.status for c in result.checks] == [GateStatus.PASS] * len(GUARDRAILS)
+    assert result.evidence["failed_guardrail"] is None
+    assert result.metrics["score_psi"] < 0.1
+    assert result.metrics["p99_ratio"] == pytest.approx(1.0, abs=0.5)
+
+
+def test_canary_errors_trip_the_error_rate() -> None:
+    stable = window("stable", n=1000, seed=1)
+    canary = window("canary", n=200, errors=6, seed=2)
+    result = check_canary_step(stable, canary, CFG, step_percent=5)
+    assert result.status is GateStatus.FAIL
+    assert result.evidence["failed_guardrail"] == "error_rate"
+    assert result.metrics["error_rate_delta"] == pytest.approx(0.03)
+    assert "error_rate" in result.reason
+
+
+def test_client_errors_both_sides_share_cancel_out() -> None:
+    # Clients that send bad rows hit both sides alike: not the canary's doing.
+    stable = window("stable", n=1000, client_errors=50, seed=1)
+    canary = window("canary", n=200, client_errors=11, seed=2)
+    result = check_canary_step(stable, canary, CFG, step_percent=5)
+    assert result.status is GateStatus.PASS, result.reason
+    assert result.metrics["error_rate_delta"] == pytest.approx(0.005)
+
+
+def test_canary_refusing_rows_the_stable_scores_trips_the_error_rate() -> None:
+    stable = window("stable", n=1000, seed=1)
+    canary = window("canary", n=200, client_errors=30, seed=2)
+    result = check_canary_step(stable, canary, CFG, step_percent=5)
+    assert result.evidence["failed_guardrail"] == "error_rate"
+
+
+def test_slow_canary_trips_the_p99_ratio() -> None:
+    stable = window("stable", latency_ms=1.0, seed=1)
+    canary = window("canary", n=200, latency_ms=12.0, seed=2)
+    result = check_canary_step(stable, canary, CFG, step_percent=5)
+    assert result.status is GateStatus.FAIL
+    assert result.evidence["failed_guardrail"] == "latency_p99"
+    assert result.metrics["p99_ratio"] > 5
+    assert result.metrics["canary_p99_ms"] > result.metrics["stable_p99_ms"] + 10
+
+
+def test_large_ratio_within_the_absolute_slack_passes() -> None:
+    # 0.6 ms against 1.5 ms at p99 is 2.5x, and scheduler noise on a busy host.
+    stable = window("stable", latency_ms=0.3, seed=1)
+    canary = window("canary", n=200, latency_ms=0.8, seed=2)
+    result = check_canary_step(stable, canary, CFG, step_percent=5)
+    assert result.metrics["p99_ratio"] > CFG.max_p99_ratio
+    assert result.status is GateStatus.PASS, result.reason
+    latency = result.checks[GUARDRAILS.index("latency_p99")]
+    assert latency.detail == "within the slack"
+
+
+def test_shifted_scores_trip_the_psi() -> None:
+    rng = np.random.default_rng(3)
+    collapsed = np.clip(rng.normal(0.27, 0.02, 200), 0, 1)
+    stable = window("stable", seed=1)
+    canary = window("canary", n=200, scores=collapsed, seed=2)
+    result = check_canary_step(stable, canary, CFG, step_percent=5)
+    assert result.status is GateStatus.FAIL
+    assert result.evidence["failed_guardrail"] == "score_psi"
+    assert result.metrics["score_psi"] > 1.0
+
+
+@pytest.mark.parametrize("n_canary", [20, 30, 100])
+def test_psi_of_twins_fails_about_once_in_a_thousand_windows(n_canary: int) -> None:
+    """Raw PSI of 30 rows against 600 exceeds 0.25 in ~3 % of windows of one distribution;
+    the gate fails only beyond the noise bound as well, and still catches a real shift."""
+    rng = np.random.default_rng(11)
+    stable_n, draws = 600, 500
+    false_fails = 0
+    for _ in range(draws):
+        stable = window("stable", n=stable_n, scores=rng.beta(0.8, 2.2, stable_n))
+        canary = window("canary", n=n_canary, scores=rng.beta(0.8, 2.2, n_canary))
+        result = check_canary_step(stable, canary, CFG, step_percent=5)
+        false_fails += result.checks[GUARDRAILS.index("score_psi")].status is GateStatus.FAIL
+    assert false_fails <= 2
+    collapsed = np.clip(rng.normal(0.27, 0.02, n_canary), 0, 1)
+    shifted = check_canary_step(
+        window("stable", n=stable_n),
+        window("canary", n=n_canary, scores=collapsed),
+        CFG,
+        step_percent=5,
+    )
+    assert shifted.evidence["failed_guardrail"] == "score_psi"
+
+
+def test_psi_is_the_drift_gate_psi_on_the_merged_bins() -> None:
+    rng = np.random.default_rng(5)
+    stable = histogram(rng.beta(0.8, 2.2, 1000), SCORE_BOUNDS)
+    canary = histogram(rng.beta(1.2, 2.0, 300), SCORE_BOUNDS)
+    value, bins = score_psi(stable, canary, 10)
+    ref = np.asarray(stable.counts)
+    cur = np.asarray(canary.counts)
+    groups = merged_buckets(ref, 10)
+    assert len(groups) == bins
+    assert [i for g in groups for i in g] == list(range(len(SCORE_BOUNDS)))
+    ref_m = np.array([ref[g].sum() for g in groups])
+    cur_m = np.array([cur[g].sum() for g in groups])
+    assert value == pytest.approx(psi(ref_m / ref_m.sum(), cur_m, ref_count=ref_m.sum()))
+
+
+def test_merged_buckets_give_a_dominant_bucket_its_own_group() -> None:
+    groups = merged_buckets(np.array([10.0, 0, 0, 30, 60]), 2)
+    assert groups == [[0, 1, 2, 3], [4]]
+
+
+def test_invalid_outputs_fail_even_in_a_small_window() -> None:
+    scores = np.array([0.2] * 9 + [1.5])
+    canary = window("canary", n=10, scores=scores)
+    result = check_canary_step(window("stable"), canary, CFG, step_percent=5)
+    assert result.status is GateStatus.FAIL
+    assert result.evidence["failed_guardrail"] == "invalid_outputs"
+    assert result.metrics["invalid_outputs"] == 1
+
+
+def test_nan_score_is_counted_from_the_histogram_sum() -> None:
+    h = Histogram(SCORE_BOUNDS, tuple([1.0] + [0.0] * 20), math.nan)
+    assert invalid_scores(h) == 1
+
+
+def test_too_few_requests_is_inconclusive_never_pass() -> None:
+    stable = window("stable", n=1000)
+    canary = window("canary", n=CFG.min_requests - 1)
+    result = check_canary_step(stable, canary, CFG, step_percent=5)
+    assert result.status is GateStatus.INCONCLUSIVE
+    assert "inconclusive" in result.reason
+    statuses = {g: result.checks[i].status for i, g in enumerate(GUARDRAILS)}
+    assert statuses["min_requests"] is GateStatus.INCONCLUSIVE
+    for g in ("error_rate", "latency_p99", "score_psi"):
+        assert statuses[g] is GateStatus.INCONCLUSIVE
+
+
+def test_errors_beyond_chance_fail_before_min_requests() -> None:
+    canary = window("canary", n=15, errors=5)
+    result = check_canary_step(window("stable"), canary, CFG, step_percent=5)
+    assert result.status is GateStatus.FAIL
+    assert result.evidence["failed_guardrail"] == "error_rate"
+    assert result.metrics["error_rate_p_value"] < 0.001
+
+
+def test_one_error_in_a_small_window_waits_for_more() -> None:
+    canary = window("canary", n=20, errors=1)
+    result = check_canary_step(window("stable"), canary, CFG, step_percent=5)
+    assert result.status is GateStatus.INCONCLUSIVE
+    assert result.metrics["error_rate_p_value"] > 0.001
+
+
+def test_psi_over_the_bound_but_within_noise_waits_for_more() -> None:
+    cfg = CanaryConfig(min_requests=10)
+    stable = Histogram(SCORE_BOUNDS, tuple([30.0] * 20 + [0.0]))
+    lower, upper = [1.0] * 4 + [0.0] * 6, [2.0] * 6 + [1.0] * 4
+    canary = Histogram(SCORE_BOUNDS, tuple([*lower, *upper, 0.0]))
+    base = window("x")
+    result = check_canary_step(
+        VariantWindow("stable", "1", 10.0, requests=600, latency=base.latency, scores=stable),
+        VariantWindow("canary", "2", 10.0, requests=20, latency=base.latency, scores=canary),
+        cfg,
+        step_percent=5,
+    )
+    assert cfg.max_score_psi <= result.metrics["score_psi"] < result.metrics["score_psi_noise"]
+    assert result.status is GateStatus.INCONCLUSIVE
+    assert "sampling noise" in result.reason
+
+
+def test_too_few_requests_with_errors_is_still_not_a_pass() -> None:
+    canary = window("canary", n=10, errors=10)
+    result = check_canary_step(window("stable"), canary, CFG, step_percent=5)
+    assert result.status is not GateStatus.PASS
+
+
+@pytest.mark.parametrize("side", ["stable", "canary"])
+def test_unreadable_metrics_on_either_side_fail_closed(side: str) -> None:
+    broken = VariantWindow(side, "1", 10.0, problem="/metrics unreachable: timed out")
+    stable = broken if side == "stable" else window("stable")
+    canary = broken if side == "canary" else window("canary")
+    result = check_canary_step(stable, canary, CFG, step_percent=5)
+    assert result.status is GateStatus.FAIL
+    assert result.evidence["failed_guardrail"] == "metrics"
+    assert "unreachable" in result.reason
+
+
+def test_missing_score_histogram_fails() -> None:
+    canary = VariantWindow("canary", "2", 10.0, requests=500, latency=window("x").latency)
+    result = check_canary_step(window("stable"), canary, CFG, step_percent=5)
+    assert result.status is GateStatus.FAIL
+    assert result.evidence["failed_guardrail"] == "score_psi"
+
+
+def test_an_error_inside_the_gate_fails_closed() -> None:
+    other = Histogram((0.5, math.inf), (1.0, 1.0))
+    canary = VariantWindow("canary", "2", 10.0, requests=500, latency=other, scores=other)
+    result = check_canary_step(window("stable"), canary, CFG, step_percent=5)
+    assert result.status is GateStatus.FAIL
+    assert "canary gate error" in result.reason
+
+
+def test_first_failing_guardrail_in_order_is_the_reported_one() -> None:
+    rng = np.random.default_rng(3)
+    canary = window("canary", n=200, errors=50, latency_ms=20.0, scores=rng.uniform(0.9, 1.0, 200))
+    result = check_canary_step(window("stable"), canary, CFG, step_percent=5)
+    failed = [g for i, g in enumerate(GUARDRAILS) if result.checks[i].status is GateStatus.FAIL]
+    assert failed == ["error_rate", "latency_p99", "score_psi"]
+    assert result.evidence["failed_guardrail"] == "error_rate"
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    h = Histogram.from_cumulative([(0.001, 50), (0.002, 90), (0.005, 100), (math.inf, 100)])
+    assert h.count == 100
+    assert h.quantile(0.5) == pytest.approx(0.001)
+    assert h.quantile(0.99) == pytest.approx(0.002 + 0.003 * 0.9)
+    beyond = Histogram.from_cumulative([(0.001, 1), (math.inf, 100)])
+    assert beyond.quantile(0.99) == math.inf
+    assert math.isnan(Histogram.from_cumulative([(math.inf, 0)]).quantile(0.99))
+
+
+def test_histogram_difference_refuses_a_counter_reset() -> None:
+    later = Histogram.from_cumulative([(0.001, 5), (math.inf, 5)])
+    earlier = Histogram.from_cumulative([(0.001, 9), (math.inf, 9)])
+    with pytest.raises(ValueError, match="counter reset"):
+        later.minus(earlier)
+
+
+def test_window_and_result_survive_json() -> None:
+    stable, canary = window("stable"), window("canary", n=300)
+    result = check_canary_step(stable, canary, CFG, step_percent=50)
+    again = GateResult.from_dict(result.to_dict())
+    assert again.status is result.status and again.checks == result.checks
+    assert VariantWindow.from_dict(canary.to_dict()) == canary
+
+
+@pytest.mark.parametrize(
+    "steps", [(100,), (5, 25), (25, 5, 100), (5, 5, 100), (0, 50, 100), (50, 100, 150)]
+)
+def test_config_refuses_steps_that_do_not_climb_to_100(steps: tuple[int, ...]) -> None:
+    with pytest.raises(ConfigError, match="steps"):
+        config_from_dict(
+            {
+                "dataset": {"path": "x.csv", "target": "y", "numeric_features": ["a"]},
+                "canary": {"steps": list(steps)},
+            }
+        )
+
+
+def test_default_config_is_the_issue_s_plan() -> None:
+    cfg = CanaryConfig()
+    assert cfg.steps == (5, 25, 50, 100)
+    assert cfg.max_wait_s >= cfg.interval_s
