@@ -63,6 +63,17 @@ class MlflowCanaryRegistry:
             self.client.set_model_version_tag(
                 self.name, version, "evidence.canary", f"{run.info.artifact_uri}/{path}"
             )
+        registry.record_canary(
+            self.client,
+            self.cfg.registry,
+            self.name,
+            version,
+            stable_version=str(tags.get("canary.stable_version", "None")),
+            outcome=result.status.value,
+            reason=result.reason,
+            actor=self.actor,
+            evidence={"tags": dict(tags)},
+        )
 
     def promote(self, version: str, *, expected_from: str | None, reason: str) -> None:
         registry.promote(

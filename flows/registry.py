@@ -590,6 +590,35 @@ def delete_version(
     )
 
 
+def record_canary(
+    client: MlflowClient,
+    registry: RegistryConfig,
+    name: str,
+    version: str,
+    *,
+    stable_version: str,
+    outcome: str,
+    reason: str,
+    actor: str | None = None,
+    evidence: dict[str, Any] | None = None,
+) -> str:
+    """A canary's verdict as a run of the audit experiment, beside the alias moves (under the
+    pseudo-alias `canary`, so it never counts as a move of `@champion`)."""
+    return _record(
+        client,
+        registry,
+        kind="canary",
+        name=name,
+        alias="canary",
+        from_version=stable_version,
+        to_version=str(version),
+        reason=f"{outcome}: {reason}",
+        actor=actor or current_actor(),
+        forced=False,
+        evidence=evidence or {},
+    )
+
+
 def notify(registry: RegistryConfig, title: str, body: str) -> bool:
     """Best effort: a notification that cannot be sent never undoes a registry move."""
     if not registry.notify_urls:

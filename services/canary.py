@@ -1088,7 +1088,13 @@ class Controller:
             evidence={"steps": state.steps_done},
         )
         self.registry.record_result(
-            old, note, {GATE_TAG: "inconclusive", "canary.superseded_by": new}
+            old,
+            note,
+            {
+                GATE_TAG: "inconclusive",
+                "canary.superseded_by": new,
+                "canary.stable_version": state.stable_version,
+            },
         )
         state.candidate_version = new
         state.step_index = 0

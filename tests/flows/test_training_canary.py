@@ -136,6 +136,16 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
     assert clients.failed() == 0 and not clients.transport_errors, clients.summary()
     assert clients.answered("canary", 200) > 0
 
+    # Each verdict is in the audit experiment beside the alias moves, never as one of them.
+    audit = registry.alias_history(registry.connect(cfg.registry), "churn", "canary")
+    assert [(h["mlgate.kind"], h["to_version"], h["reason"].split(":")[0]) for h in audit] == [
+        ("canary", "3", "fail"),
+        ("canary", "2", "pass"),
+    ]
+    assert registry.holder_stack(
+        registry.alias_history(registry.connect(cfg.registry), "churn", "champion")
+    ) == ["1", "2"]
+
     # The CLI on the same registry: status, a refused start, nothing left to abort.
     status = runner.invoke(app, ["canary", "status", "--config", str(config_path), "--json"])
     assert status.exit_code == 0, status.output
