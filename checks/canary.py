@@ -240,10 +240,10 @@ class VariantWindow:
 
 
 def invalid_scores(scores: Histogram | None) -> int:
-    """Scores above 1 land beyond the last finite bound (1.0); a NaN observation lands in
-    no comparable place, but it makes the histogram's sum NaN, so it counts at least once.
-    Scores below 0 share the first bucket with valid ones and are counted when the first
-    bound is 0 (a histogram that has a bucket for them)."""
+    """Scores above 1 land beyond the last finite bound (1.0), and so does NaN (the service
+    puts it in the +Inf bucket); scores below 0 are counted when the first bound is below 0
+    (the service's first bucket is `le=-1e-09`, so a score of exactly 0 stays valid). A NaN
+    sum, where a histogram exports one, counts once more."""
     if scores is None:
         return 0
     over = 0.0

@@ -541,10 +541,11 @@ def _canary_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     from flows.registry import RegistryError
     from services.canary import CanaryError
     from services.haproxy import HAProxyError
+    from services.launcher import ServiceStartError
 
     try:
         return fn(*args, **kwargs)
-    except (RegistryError, CanaryError, HAProxyError) as err:
+    except (RegistryError, CanaryError, HAProxyError, ServiceStartError) as err:
         raise _fail(str(err)) from None
 
 
@@ -575,9 +576,18 @@ def _run_controller(cfg: Any, config: Path) -> None:
             run_canary, cfg, config, MlflowCanaryRegistry(cfg), on_event=print_canary_event
         )
     except KeyboardInterrupt:
+        from services.canary import StateStore, canary_paths
+
+        left = StateStore(canary_paths(cfg)).read()
+        where = (
+            f"{left.phase}, weights stable {left.weights['stable']} / canary "
+            f"{left.weights['canary']}"
+            if left
+            else "no state"
+        )
         raise _fail(
-            "controller interrupted: the canary's weight is 0 and the state is kept; "
-            "`mlgate canary resume` carries on, `mlgate canary abort` rolls back"
+            f"controller interrupted ({where}); the state is kept: `mlgate canary resume` "
+            "carries on, `mlgate canary abort` rolls back"
         ) from None
     console.print(gate_tables([decision_result(state)]))
     decision = state.decision or {}
@@ -634,6 +644,9 @@ def canary_start(
         f"{', '.join(f'{p}%' for p in state.steps)}, judged every {cfg.canary.interval_s:g} s"
     )
     if detach:
+        if controller_running(cfg):
+            console.print("a controller already runs this canary; `mlgate canary status`")
+            return
         log = canary_paths(cfg).root / "controller.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(
@@ -707,10 +720,15 @@ def canary_abort(reason: ReasonOpt, config: ConfigOpt = Path("mlgate.yaml")) -> 
     from services.canary import abort_canary
 
     cfg = _load(config)
-    state = _canary_call(abort_canary, cfg, reason, MlflowCanaryRegistry(cfg), config_path=config)
+    # A running controller may be starting an instance: allow for that before giving up.
+    wait_s = cfg.canary.start_timeout_s + cfg.canary.drain_timeout_s + 60.0
+    state = _canary_call(
+        abort_canary, cfg, reason, MlflowCanaryRegistry(cfg), config_path=config, wait_s=wait_s
+    )
+    if state.phase != "rolled_back":
+        raise _fail(f"canary of v{state.candidate_version} ended {state.phase}, not rolled back")
     console.print(
-        f"canary of v{state.candidate_version} {state.phase}; @champion stays "
-        f"v{state.stable_version}"
+        f"canary of v{state.candidate_version} rolled back; @champion stays v{state.stable_version}"
     )
 
 

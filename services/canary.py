@@ -66,6 +66,7 @@ LATENCY_METRIC = "mlgate_request_latency_seconds"
 SCORE_METRIC = "mlgate_score"
 _MAX_EVENTS = 300
 _POLL_S = 0.2
+_PROBE_GRACE_S = 1.0
 
 
 class Phase(StrEnum):
@@ -307,9 +308,9 @@ class StateStore:
 class _ControllerLock:
     """Held for a controller's whole life; the OS releases it when the process dies."""
 
-    def __init__(self, paths: CanaryPaths) -> None:
+    def __init__(self, paths: CanaryPaths, timeout: float = 0.0) -> None:
         paths.root.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(paths.controller_lock), timeout=0)
+        self._lock = FileLock(str(paths.controller_lock), timeout=timeout)
 
     def __enter__(self) -> _ControllerLock:
         try:
@@ -597,14 +598,21 @@ class Controller:
             canary_weight=state.weights.get("canary", 0),
         )
         haproxy.write_config(self.paths.haproxy_config, text)
-        pid = haproxy.start_haproxy(self.paths.haproxy_config, self.socket, self.paths.haproxy_log)
-        state.haproxy = HAProxyRecord(
-            pid=pid,
-            start_time=haproxy.process_start_time(pid),
-            host=state.public_host,
-            port=state.public_port,
-            socket=str(self.socket),
-            config=str(self.paths.haproxy_config),
+
+        def record(pid: int) -> None:
+            # Before waiting for it: a controller that dies meanwhile leaves no orphan.
+            state.haproxy = HAProxyRecord(
+                pid=pid,
+                start_time=haproxy.process_start_time(pid),
+                host=state.public_host,
+                port=state.public_port,
+                socket=str(self.socket),
+                config=str(self.paths.haproxy_config),
+            )
+            self.save(state)
+
+        pid = haproxy.start_haproxy(
+            self.paths.haproxy_config, self.socket, self.paths.haproxy_log, on_spawn=record
         )
         self.save(state, "haproxy_started", pid=pid, port=state.public_port)
 
@@ -715,6 +723,18 @@ class Controller:
         state.retired.remove(rec)
         self.save(state, "instance_stopped", variant=rec.variant, version=rec.version)
 
+    def retire_canary(self, state: CanaryState) -> None:
+        """The canary, already at weight 0, drains, leaves HAProxy's rotation and stops;
+        so does any instance left retired by a controller that died mid-way. HAProxy being
+        gone does not keep an instance running."""
+        if state.canary is not None:
+            with contextlib.suppress(haproxy.HAProxyError):
+                haproxy.wait_drained(self.socket, "canary", timeout=self.canary_cfg.drain_timeout_s)
+                haproxy.park_server(self.socket, "canary")
+            rec, state.canary = state.canary, None
+            self.retire(state, rec)
+        self.stop_retired(state)
+
     def stop_retired(self, state: CanaryState) -> None:
         for rec in list(state.retired):
             self.retire(state, rec)
@@ -727,12 +747,15 @@ class Controller:
     # the walk -----------------------------------------------------------------------
 
     def run(self) -> CanaryState:
-        with _ControllerLock(self.paths):
+        # A moment's wait: `controller_running` probes by taking this lock briefly.
+        with _ControllerLock(self.paths, timeout=_PROBE_GRACE_S):
             while True:
                 state = self.store.read()
                 if state is None:
                     raise CanaryError(f"no canary recorded in {self.paths.state}; start one first")
                 if state.terminal:
+                    if self.start_successor(state):
+                        continue
                     return state
                 if state.controller_pid is not None and state.controller_pid != os.getpid():
                     state.resumes += 1
@@ -746,6 +769,29 @@ class Controller:
                 except BaseException as err:
                     self.park_after_error(state, err)
                     raise
+
+    def start_successor(self, state: CanaryState) -> bool:
+        """A newer candidate that arrived while this canary was being promoted or rolled
+        back gets its own canary now, against whatever `@champion` is after this one."""
+        with self.store.lock():
+            on_disk = self.store.read()
+            if on_disk is None or on_disk.started_at != state.started_at:
+                return False
+            nxt = self.newer_candidate(on_disk)
+            if nxt is None:
+                return False
+            champion = self.registry.champion_version()
+            if champion is None or champion == nxt:
+                on_disk.pending_candidate = None
+                on_disk.event("successor_dropped", version=nxt, champion=champion)
+                self.store.write_locked(on_disk)
+                return False
+            successor = _next_state(self.cfg, nxt, champion, on_disk, public_port=None)
+            _archive(self.paths, on_disk)
+            self.store.write_locked(successor)
+        if self.on_event is not None:
+            self.on_event(successor, "started")
+        return True
 
     def park_after_error(self, state: CanaryState, err: BaseException) -> None:
         """A controller that fails (or is interrupted) while the canary takes traffic takes
@@ -877,9 +923,25 @@ class Controller:
                         f"{result.reason}",
                         result,
                     )
-        state.phase = Phase.PROMOTING
-        self.save(state, "analysis_complete", steps=[s["percent"] for s in state.steps_done])
+        self.enter_promoting(state)
         self.promote(state)
+
+    def enter_promoting(self, state: CanaryState) -> None:
+        """RUNNING -> PROMOTING as a check-and-set under the state lock: an abort that was
+        written before it wins (and `abort_canary` refuses once PROMOTING is on disk)."""
+        with self.store.lock():
+            on_disk = self.store.read()
+            if on_disk is not None and on_disk.started_at == state.started_at:
+                state.abort_requested = on_disk.abort_requested or state.abort_requested
+                state.pending_candidate = on_disk.pending_candidate or state.pending_candidate
+            if not state.abort_requested:
+                state.phase = Phase.PROMOTING
+                state.event("analysis_complete", steps=[s["percent"] for s in state.steps_done])
+                self.store.write_locked(state)
+        if state.phase != Phase.PROMOTING:
+            self.check_requests(state)  # raises the abort's rollback
+        elif self.on_event is not None:
+            self.on_event(state, "analysis_complete")
 
     def measure_baseline(self, state: CanaryState) -> None:
         """The stable alone at full traffic for at least one interval, with the canary up
@@ -958,25 +1020,28 @@ class Controller:
         assert state.decision is not None
         decision = state.decision
         if "weight_zero" not in state.done:
-            self.ensure_haproxy(state)
-            self.set_weights(state, 100, 0)
+            # A canary that never got a target (an abort before the first run) has no
+            # traffic to take away.
+            if state.haproxy is not None or state.canary is not None:
+                self.ensure_haproxy(state)
+                stable = state.stable
+                if stable is None or not haproxy.pid_alive(stable.pid, stable.start_time):
+                    # At 100/0 nobody would answer: a stable comes up first.
+                    with contextlib.suppress(Exception):
+                        self.ensure_stable(state)
+                self.set_weights(state, 100, 0)
             state.done.append("weight_zero")
             self.save(state, "canary_weight_zero")
         if "canary_stopped" not in state.done:
-            if state.canary is not None:
-                haproxy.wait_drained(self.socket, "canary", timeout=self.canary_cfg.drain_timeout_s)
-                with contextlib.suppress(haproxy.HAProxyError):
-                    haproxy.park_server(self.socket, "canary")
-                rec, state.canary = state.canary, None
-                self.retire(state, rec)
+            self.retire_canary(state)
             state.done.append("canary_stopped")
             self.save(state)
-        if "tagged" not in state.done:
+        if "tagged_fail" not in state.done:
             result = GateResult.from_dict(decision["result"])
             self.registry.record_result(
                 state.candidate_version, result, _failure_tags(state, decision, result)
             )
-            state.done.append("tagged")
+            state.done.append("tagged_fail")
             self.save(state, "tagged", status="fail")
         if "notified" not in state.done:
             self.registry.notify(
@@ -1007,11 +1072,11 @@ class Controller:
                         f"@champion moved to v{champion} during the canary "
                         f"(the analysis was against v{state.stable_version})",
                     )
-                if "tagged" not in state.done:
+                if "tagged_pass" not in state.done:
                     self.registry.record_result(
                         state.candidate_version, summary, _pass_tags(state, summary)
                     )
-                    state.done.append("tagged")
+                    state.done.append("tagged_pass")
                     self.save(state, "tagged", status="pass")
                 try:
                     self.registry.promote(
@@ -1020,10 +1085,15 @@ class Controller:
                         reason=f"canary passed: {summary.reason}",
                     )
                 except Exception as err:
-                    state.done = [d for d in state.done if d != "tagged"]
-                    raise self.decide_rollback(
-                        state, "promotion", f"promotion refused: {type(err).__name__}: {err}"
-                    ) from None
+                    # The move may have happened before a later part of it (the audit
+                    # record) failed: the registry, not the exception, says which.
+                    if self.registry.champion_version() != state.candidate_version:
+                        raise self.decide_rollback(
+                            state,
+                            "promotion",
+                            f"promotion refused: {type(err).__name__}: {err}",
+                        ) from None
+                    state.event("promotion_error_after_move", error=str(err)[:500])
             state.decision = {
                 "outcome": "promote",
                 "guardrail": None,
@@ -1051,13 +1121,7 @@ class Controller:
         haproxy.point_server(self.socket, "stable", state.stable.port, state.weights["stable"])
         haproxy.wait_server_status(self.socket, "stable", "UP", timeout=30)
         self.set_weights(state, 100, 0)
-        if state.canary is not None:
-            haproxy.wait_drained(self.socket, "canary", timeout=self.canary_cfg.drain_timeout_s)
-            with contextlib.suppress(haproxy.HAProxyError):
-                haproxy.park_server(self.socket, "canary")
-            rec, state.canary = state.canary, None
-            self.retire(state, rec)
-        self.stop_retired(state)
+        self.retire_canary(state)
         state.stable_version = state.stable.version
         if "notified" not in state.done:
             self.registry.notify(
@@ -1076,11 +1140,7 @@ class Controller:
         if state.canary is not None:
             self.ensure_haproxy(state)
             self.set_weights(state, 100, 0)
-            haproxy.wait_drained(self.socket, "canary", timeout=self.canary_cfg.drain_timeout_s)
-            with contextlib.suppress(haproxy.HAProxyError):
-                haproxy.park_server(self.socket, "canary")
-            rec, state.canary = state.canary, None
-            self.retire(state, rec)
+            self.retire_canary(state)
         note = GateResult(
             name="canary",
             status=GateStatus.INCONCLUSIVE,
@@ -1239,12 +1299,17 @@ def start_canary(
     with store.lock():
         existing = store.read()
         if existing is not None and not existing.terminal:
-            if candidate == existing.candidate_version:
+            if candidate in (existing.candidate_version, existing.pending_candidate):
                 return existing
-            if _version_key(candidate) < _version_key(existing.candidate_version):
+            newest = max(
+                [v for v in (existing.candidate_version, existing.pending_candidate) if v],
+                key=_version_key,
+            )
+            if _version_key(candidate) < _version_key(newest):
                 raise CanaryError(
-                    f"a canary of v{existing.candidate_version} is under way; v{candidate} "
-                    "is older and does not replace it"
+                    f"a canary of v{existing.candidate_version} is under way"
+                    + (f" (v{newest} waiting)" if newest != existing.candidate_version else "")
+                    + f"; v{candidate} is older and does not replace it"
                 )
             existing.pending_candidate = candidate
             existing.event("newer_candidate", version=candidate)
@@ -1258,27 +1323,41 @@ def start_canary(
             )
         if champion == candidate:
             raise CanaryError(f"v{candidate} already holds @champion")
-        state = CanaryState(
-            model_name=cfg.registry.model_name,
-            candidate_version=candidate,
-            stable_version=champion,
-            steps=list(cfg.canary.steps),
-            public_host=cfg.serving.host,
-            public_port=public_port or cfg.canary.public_port or cfg.serving.port,
-        )
+        state = _next_state(cfg, candidate, champion, existing, public_port=public_port)
         if existing is not None:
-            # The target outlives a canary: HAProxy and the stable instance are reused.
-            state.haproxy, state.stable = existing.haproxy, existing.stable
-            state.retired = list(existing.retired)
-            if existing.canary is not None:
-                state.retired.append(existing.canary)
-            if public_port is None and existing.haproxy is not None:
-                state.public_host = existing.public_host
-                state.public_port = existing.public_port
             _archive(store.paths, existing)
-        state.event("started", candidate=candidate, stable=champion)
         store.write_locked(state)
         return state
+
+
+def _next_state(
+    cfg: MlgateConfig,
+    candidate: str,
+    champion: str,
+    existing: CanaryState | None,
+    *,
+    public_port: int | None,
+) -> CanaryState:
+    """A fresh canary of `candidate` against `champion`; the target of a finished one
+    (HAProxy and the stable instance) is reused."""
+    state = CanaryState(
+        model_name=cfg.registry.model_name,
+        candidate_version=candidate,
+        stable_version=champion,
+        steps=list(cfg.canary.steps),
+        public_host=cfg.serving.host,
+        public_port=public_port or cfg.canary.public_port or cfg.serving.port,
+    )
+    if existing is not None:
+        state.haproxy, state.stable = existing.haproxy, existing.stable
+        state.retired = list(existing.retired)
+        if existing.canary is not None:
+            state.retired.append(existing.canary)
+        if public_port is None and existing.haproxy is not None:
+            state.public_host = existing.public_host
+            state.public_port = existing.public_port
+    state.event("started", candidate=candidate, stable=champion)
+    return state
 
 
 def _archive(paths: CanaryPaths, state: CanaryState) -> None:

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,9 @@ def render_config(
             # termination flags saying where each one ended.
             "    log stdout format raw local0",
             f"    stats socket {socket_path} mode 600 level admin",
+            # A second HAProxy (one whose controller died before recording it) must fail
+            # to bind the public port rather than silently share it.
+            "    noreuseport",
             "    stats timeout 30s",
             "    maxconn 2000",
             "",
@@ -214,7 +218,9 @@ def server_stats(socket_path: Path) -> dict[str, ServerStats]:
             current_sessions=_int(row, "scur"),
             responses={k: _int(row, f"hrsp_{k}") for k in ("1xx", "2xx", "3xx", "4xx", "5xx")}
             | {"other": _int(row, "hrsp_other")},
-            connection_errors=_int(row, "econ"),
+            # Refused or failed connections: `econ` once retries are exhausted, `wretr`
+            # for each retry (a refusal redispatched to the other server shows only there).
+            connection_errors=_int(row, "econ") + _int(row, "wretr"),
             response_errors=_int(row, "eresp"),
             selected=_int(row, "lbtot"),
         )
@@ -294,10 +300,15 @@ def check_config(binary: str, config_path: Path) -> None:
 
 
 def start_haproxy(
-    config_path: Path, socket_path: Path, log_path: Path, timeout: float = 15.0
+    config_path: Path,
+    socket_path: Path,
+    log_path: Path,
+    timeout: float = 15.0,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> int:
     """Validate the configuration, start HAProxy in the foreground of a new session and
-    wait until its admin socket answers. Returns its pid."""
+    wait until its admin socket answers. Returns its pid; `on_spawn(pid)` is called as soon
+    as the process exists, so that the caller can record it before waiting."""
     binary = find_haproxy()
     check_config(binary, config_path)
     with contextlib.suppress(FileNotFoundError):
@@ -310,6 +321,8 @@ def start_haproxy(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    if on_spawn is not None:
+        on_spawn(process.pid)
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:

@@ -48,8 +48,9 @@ LATENCY_BUCKETS_S = (
     10.0,
 )
 ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-# Twenty equal-width bins: the canary guardrail computes a prediction PSI from them.
-SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+# Twenty equal-width bins: the canary guardrail computes a prediction PSI from them. The
+# bucket below 0 and the one above 1 (+Inf, where NaN lands too) hold invalid outputs.
+SCORE_BUCKETS = (-1e-9, *(round(0.05 * i, 2) for i in range(1, 21)))
 FLUSH_INTERVAL_S = 1.0
 
 
@@ -78,11 +79,15 @@ class _LocalHistogram:
         self._sum = 0.0
 
     def observe(self, value: float) -> None:
-        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        # NaN compares false with every bound and would land past the last one: it goes
+        # into the +Inf bucket (and makes the sum NaN), where the canary counts it invalid.
+        last = len(self._bounds) - 1
+        self._counts[min(bisect.bisect_left(self._bounds, value), last)] += 1
         self._sum += value
 
     def observe_many(self, values: np.ndarray) -> None:
-        index = np.searchsorted(self._array_bounds, values, side="left")
+        last = len(self._bounds) - 1
+        index = np.minimum(np.searchsorted(self._array_bounds, values, side="left"), last)
         counts = np.bincount(index, minlength=len(self._bounds))
         for i in np.flatnonzero(counts).tolist():
             self._counts[i] += int(counts[i])

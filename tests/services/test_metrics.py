@@ -70,3 +70,23 @@ def test_requests_by_status_latency_batches_and_log_counters() -> None:
     assert "mlgate_model_info{" in text and 'provider="CPUExecutionProvider"' in text
     # Counted once: a second render adds nothing.
     assert value(metrics.render()[0].decode(), "mlgate_requests_total", status="200") == 2
+
+
+def test_invalid_scores_land_where_the_canary_counts_them() -> None:
+    """NaN, negative and above-1 scores, one at a time and in a batch, reach the buckets
+    the canary guardrail reads as invalid outputs; valid ones (0 and 1 included) do not."""
+    from checks.canary import invalid_scores
+    from services.canary import parse_metrics
+
+    metrics = ServiceMetrics("churn", "3", "canary", "CPUExecutionProvider", "ab" * 32)
+    metrics.observe_scores(np.array([0.0, 0.5, 1.0]))
+    valid = parse_metrics(metrics.render()[0].decode()).scores
+    assert valid is not None and valid.count == 3 and invalid_scores(valid) == 0
+
+    metrics.observe_scores(np.array([np.nan, -0.2, 1.5, 0.3]))
+    metrics.observe_scores(np.array([np.nan]))
+    scores = parse_metrics(metrics.render()[0].decode()).scores
+    assert scores is not None and scores.count == 8
+    # NaN x2 and 1.5 in the +Inf bucket, -0.2 in the one below 0. (With a negative bucket
+    # prometheus-client exports no `_sum`, so the NaN sum is not there to count.)
+    assert invalid_scores(scores) == 4

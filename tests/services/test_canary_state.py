@@ -1,0 +1,153 @@
+"""The controller's bookkeeping where no process needs to run: the check-and-set into
+PROMOTING against an abort, the successor canary of a candidate that arrived while the
+previous one was finishing, and which candidate may replace which.
+
+The registry here is an in-memory `CanaryRegistry` (the protocol the controller is written
+against): these cases are about the state file, and the MLflow side of the same calls is
+exercised in tests/services/test_canary.py and tests/flows/test_training_canary.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from checks.result import CheckRow, GateResult, GateStatus
+from models.config import load_config
+from services.canary import (
+    CanaryError,
+    CanaryState,
+    Controller,
+    Phase,
+    StateStore,
+    _Decided,
+    canary_paths,
+    start_canary,
+)
+from tests.conftest import write_config
+
+
+class MemoryRegistry:
+    def __init__(self, champion: str | None) -> None:
+        self.champion = champion
+        self.tags: dict[str, dict[str, str]] = {}
+        self.results: list[tuple[str, GateResult]] = []
+        self.notes: list[str] = []
+        self.promotions: list[tuple[str, str | None]] = []
+
+    def champion_version(self) -> str | None:
+        return self.champion
+
+    def record_result(self, version: str, result: GateResult, tags: Mapping[str, str]) -> None:
+        self.tags.setdefault(version, {}).update(tags)
+        self.results.append((version, result))
+
+    def promote(self, version: str, *, expected_from: str | None, reason: str) -> None:
+        assert self.champion == expected_from
+        self.promotions.append((version, expected_from))
+        self.champion = version
+
+    def notify(self, title: str, body: str) -> None:
+        self.notes.append(title)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return load_config(write_config(tmp_path, canary={"steps": [50, 100], "interval_s": 1.0}))
+
+
+def _passed_every_step(state: CanaryState) -> None:
+    for percent in state.steps:
+        result = GateResult(
+            "canary",
+            GateStatus.PASS,
+            f"step {percent}% passed",
+            {"step_percent": float(percent), "canary_requests": 100.0},
+            checks=(CheckRow("requests per side", GateStatus.PASS, "100", ">= 100"),),
+        )
+        state.steps_done.append(
+            {
+                "percent": percent,
+                "candidate_version": state.candidate_version,
+                "started_at": 0.0,
+                "ended_at": 1.0,
+                "seconds": 1.0,
+                "haproxy": {},
+                "result": result.to_dict(),
+            }
+        )
+    state.step_index = len(state.steps)
+    state.phase = Phase.RUNNING
+
+
+def test_an_abort_written_before_promotion_wins(cfg) -> None:  # type: ignore[no-untyped-def]
+    registry = MemoryRegistry(champion="1")
+    state = start_canary(cfg, "2", registry)
+    _passed_every_step(state)
+    store = StateStore(canary_paths(cfg))
+    store.save(state)
+    # Another process aborts between the last passing window and the move to PROMOTING.
+    with store.lock():
+        on_disk = store.read()
+        assert on_disk is not None
+        on_disk.abort_requested = {"reason": "release freeze", "by": "ops", "at": "now"}
+        store.write_locked(on_disk)
+
+    controller = Controller(cfg, None, registry)
+    with pytest.raises(_Decided):
+        controller.enter_promoting(state)
+    final = store.read()
+    assert final is not None and final.phase == Phase.ROLLED_BACK
+    assert final.decision is not None and final.decision["guardrail"] == "abort"
+    assert registry.champion == "1" and registry.promotions == []
+    assert registry.tags["2"]["gate.canary"] == "fail"
+    # Nothing ran, so nothing was started to take traffic away from.
+    assert final.haproxy is None and final.weights == {"stable": 100, "canary": 0}
+
+
+def test_without_an_abort_the_analysis_moves_to_promoting(cfg) -> None:  # type: ignore[no-untyped-def]
+    registry = MemoryRegistry(champion="1")
+    state = start_canary(cfg, "2", registry)
+    _passed_every_step(state)
+    controller = Controller(cfg, None, registry)
+    controller.save(state)
+    controller.enter_promoting(state)
+    on_disk = StateStore(canary_paths(cfg)).read()
+    assert on_disk is not None and on_disk.phase == Phase.PROMOTING
+    # Once PROMOTING is on disk an abort is refused rather than silently lost.
+    from services.canary import abort_canary
+
+    with pytest.raises(CanaryError, match="being promoted"):
+        abort_canary(cfg, "too late", registry)
+
+
+def test_a_candidate_arriving_while_one_finishes_gets_its_own_canary(cfg) -> None:  # type: ignore[no-untyped-def]
+    registry = MemoryRegistry(champion="1")
+    state = start_canary(cfg, "2", registry)
+    # v3 arrives, then v4; v3 may not replace the newer v4 that is waiting.
+    assert start_canary(cfg, "3", registry).pending_candidate == "3"
+    assert start_canary(cfg, "4", registry).pending_candidate == "4"
+    with pytest.raises(CanaryError, match="older"):
+        start_canary(cfg, "3", registry)
+
+    # v2 ends (promoted) before its controller saw v4.
+    store = StateStore(canary_paths(cfg))
+    with store.lock():
+        state = store.read()
+        assert state is not None
+        state.phase = Phase.PROMOTED
+        store.write_locked(state)
+    registry.champion = "2"
+
+    controller = Controller(cfg, None, registry)
+    assert controller.start_successor(state) is True
+    successor = store.read()
+    assert successor is not None
+    assert (successor.candidate_version, successor.stable_version) == ("4", "2")
+    assert successor.phase == Phase.STARTING and successor.steps_done == []
+    archived = list(canary_paths(cfg).runs.glob("*-v2-promoted.json"))
+    assert len(archived) == 1
+    # Nothing newer is waiting now.
+    assert controller.start_successor(successor) is False
