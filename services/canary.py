@@ -898,7 +898,20 @@ class Controller:
                 self.save(state)
                 if result.status is GateStatus.FAIL:
                     guardrail = result.evidence.get("failed_guardrail") or "metrics"
-                    raise self.decide_rollback(state, guardrail, result.reason, result)
+                    # Only the stable's numbers unreadable (it crashed, say): roll back to
+                    # be safe, but the candidate's evidence is missing, not bad.
+                    stable_only = (
+                        guardrail == "metrics"
+                        and stable_w.problem is not None
+                        and canary_w.problem is None
+                    )
+                    raise self.decide_rollback(
+                        state,
+                        guardrail,
+                        result.reason,
+                        result,
+                        verdict=GateStatus.INCONCLUSIVE if stable_only else GateStatus.FAIL,
+                    )
                 if result.status is GateStatus.PASS:
                     state.steps_done.append(
                         {
@@ -989,9 +1002,12 @@ class Controller:
         guardrail: str,
         reason: str,
         result: GateResult | None = None,
+        *,
+        verdict: GateStatus = GateStatus.FAIL,
     ) -> _Decided:
         """Record the decision first, then carry it out: a controller that dies in between
-        finishes the rollback on restart."""
+        finishes the rollback on restart. `verdict` is the `gate.canary` tag the candidate
+        gets: INCONCLUSIVE when the stable, not the candidate, could not be judged."""
         if result is None:
             percent = int((state.current or {}).get("percent", 0))
             result = GateResult(
@@ -1006,6 +1022,7 @@ class Controller:
             "outcome": "rollback",
             "guardrail": guardrail,
             "reason": reason,
+            "verdict": verdict.value,
             "at": _now_iso(),
             "result": result.to_dict(),
         }
@@ -1262,7 +1279,7 @@ def _failure_tags(
     state: CanaryState, decision: dict[str, Any], result: GateResult
 ) -> dict[str, str]:
     tags = {
-        GATE_TAG: "fail",
+        GATE_TAG: str(decision.get("verdict", GateStatus.FAIL.value)),
         "canary.failed_guardrail": str(decision["guardrail"]),
         "canary.failed_step": str(int(result.metrics.get("step_percent", 0))),
         "canary.stable_version": state.stable_version,

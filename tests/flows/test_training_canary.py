@@ -27,7 +27,13 @@ from flows.training import TrainingOutcome, training_flow
 from models.config import load_config
 from models.data import load_dataset, split_data
 from services import haproxy
-from services.canary import StateStore, abort_canary, canary_paths, stop_target
+from services.canary import (
+    StateStore,
+    abort_canary,
+    canary_paths,
+    controller_running,
+    stop_target,
+)
 from services.traffic import Replayer
 from tests.conftest import write_config
 from tests.services.conftest import free_port
@@ -159,3 +165,20 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
         app, ["canary", "abort", "--reason", "nothing", "--config", str(config_path)]
     )
     assert none.exit_code == EXIT_ERROR and "no canary under way" in none.output
+
+    # As a person runs it: a detached controller, its status, an abort from the CLI.
+    started = runner.invoke(app, ["canary", "start", "3", "--detach", "--config", str(config_path)])
+    assert started.exit_code == 0 and "controller running in the background" in started.output
+    deadline = time.monotonic() + 60
+    while not controller_running(cfg) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = runner.invoke(app, ["canary", "status", "--config", str(config_path), "--json"])
+    shown = json.loads(status.output)
+    assert (shown["candidate_version"], shown["stable_version"]) == ("3", "2")
+    assert shown["controller_running"] and shown["phase"] in ("starting", "running")
+    aborted_cli = runner.invoke(
+        app, ["canary", "abort", "--reason", "changed my mind", "--config", str(config_path)]
+    )
+    assert aborted_cli.exit_code == 0, aborted_cli.output
+    assert "rolled back; @champion stays v2" in aborted_cli.output
+    assert _alias(cfg, "champion") == "2" and not controller_running(cfg)

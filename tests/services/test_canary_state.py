@@ -151,3 +151,21 @@ def test_a_candidate_arriving_while_one_finishes_gets_its_own_canary(cfg) -> Non
     assert len(archived) == 1
     # Nothing newer is waiting now.
     assert controller.start_successor(successor) is False
+
+
+def test_a_rollback_for_the_stables_missing_numbers_tags_the_candidate_inconclusive(cfg) -> None:  # type: ignore[no-untyped-def]
+    registry = MemoryRegistry(champion="1")
+    state = start_canary(cfg, "2", registry)
+    controller = Controller(cfg, None, registry)
+    with pytest.raises(_Decided):
+        raise controller.decide_rollback(
+            state,
+            "metrics",
+            "stable: /metrics unreachable",
+            verdict=GateStatus.INCONCLUSIVE,
+        )
+    assert state.phase == Phase.ROLLED_BACK and registry.champion == "1"
+    tags = registry.tags["2"]
+    assert tags["gate.canary"] == "inconclusive"
+    assert tags["canary.failed_guardrail"] == "metrics"
+    assert registry.notes and "rolled back" in registry.notes[-1]
