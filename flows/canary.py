@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -27,6 +28,7 @@ from services.canary import (
     StateStore,
     canary_paths,
     controller_running,
+    final_state_for,
     run_canary,
     start_canary,
 )
@@ -158,7 +160,22 @@ def canary_rollout(
     candidate replaces the older there, and this task waits for the end."""
     logger = get_run_logger()
     cr = MlflowCanaryRegistry(cfg, actor)
-    start_canary(cfg, version, cr)
+    recorded = start_canary(cfg, version, cr)
+    # Which finished canary is this version's: the controller may go on with a newer one.
+    not_before = recorded.started_at if recorded.candidate_version == version else time.time()
+    final = _rollout(cfg, config_path, version, cr, logger, on_event)
+    return final_state_for(cfg, version, not_before) or final
+
+
+def _rollout(
+    cfg: MlgateConfig,
+    config_path: str,
+    version: str,
+    cr: MlflowCanaryRegistry,
+    logger: Any,
+    on_event: Callable[[CanaryState, str], None] | None,
+) -> CanaryState:
+    """Run the controller, or wait for the one already running and carry on if it stops."""
 
     def log_event(state: CanaryState, event: str) -> None:
         if event in ("running", "step_passed", "rollback_decided", "promoted", "done"):

@@ -566,15 +566,21 @@ def print_canary_event(state: Any, event: str) -> None:
     )
 
 
-def _run_controller(cfg: Any, config: Path) -> None:
+def _run_controller(
+    cfg: Any, config: Path, version: str | None = None, not_before: float = 0.0
+) -> None:
+    """Run the controller to the end; the verdict shown (and the exit status) is that of
+    `version`'s canary when given (the controller may go on with a newer one after it)."""
     from flows.canary import MlflowCanaryRegistry, decision_result
     from flows.report import gate_tables
-    from services.canary import Phase, run_canary
+    from services.canary import Phase, final_state_for, run_canary
 
     try:
         state = _canary_call(
             run_canary, cfg, config, MlflowCanaryRegistry(cfg), on_event=print_canary_event
         )
+        if version is not None:
+            state = final_state_for(cfg, version, not_before) or state
     except KeyboardInterrupt:
         from services.canary import StateStore, canary_paths
 
@@ -658,7 +664,7 @@ def canary_start(
             )
         console.print(f"controller running in the background (pid {proc.pid}, log {log})")
         return
-    _run_controller(cfg, config)
+    _run_controller(cfg, config, version, state.started_at)
 
 
 @canary_app.command("resume")

@@ -674,15 +674,16 @@ class Controller:
         """The stable instance serving `@champion`, launched when none runs. It comes up
         before HAProxy does on a fresh target, so that HAProxy never listens on the public
         port without a server to answer (clients would get 503s from HAProxy itself)."""
-        rec = state.stable
-        if rec is None or not instance_ok(rec) or rec.version != state.stable_version:
-            if rec is not None and rec not in state.retired:
-                # Stopped once HAProxy points at the new one (`stop_retired`).
-                state.retired.append(rec)
+        old = state.stable
+        if old is None or not instance_ok(old) or old.version != state.stable_version:
             rec = self.launch(state, "stable", version=None)
+            if old is not None and old not in state.retired:
+                # Stopped once HAProxy points at the new one (`stop_retired`).
+                state.retired.append(old)
             state.stable = rec
             self.save(state, "stable_started", version=rec.version, port=rec.port)
-        return rec
+            return rec
+        return old
 
     def ensure_stable(self, state: CanaryState) -> None:
         rec = self.stable_instance(state)
@@ -736,7 +737,13 @@ class Controller:
         self.stop_retired(state)
 
     def stop_retired(self, state: CanaryState) -> None:
+        live = {r.pid for r in (state.stable, state.canary) if r is not None}
         for rec in list(state.retired):
+            if rec.pid in live:
+                # Never stop an instance that still has a role (a record kept twice).
+                state.retired.remove(rec)
+                self.save(state)
+                continue
             self.retire(state, rec)
 
     def set_weights(self, state: CanaryState, stable: int, canary: int) -> None:
@@ -773,6 +780,11 @@ class Controller:
     def start_successor(self, state: CanaryState) -> bool:
         """A newer candidate that arrived while this canary was being promoted or rolled
         back gets its own canary now, against whatever `@champion` is after this one."""
+        if self.newer_candidate(self.store.read() or state) is None:
+            return False
+        # The registry is asked before the state lock is taken: other processes wait on
+        # that lock, and must not wait on MLflow.
+        champion = self.registry.champion_version()
         with self.store.lock():
             on_disk = self.store.read()
             if on_disk is None or on_disk.started_at != state.started_at:
@@ -780,8 +792,7 @@ class Controller:
             nxt = self.newer_candidate(on_disk)
             if nxt is None:
                 return False
-            champion = self.registry.champion_version()
-            if champion is None or champion == nxt:
+            if champion is None or _version_key(nxt) <= _version_key(champion):
                 on_disk.pending_candidate = None
                 on_disk.event("successor_dropped", version=nxt, champion=champion)
                 self.store.write_locked(on_disk)
@@ -952,8 +963,14 @@ class Controller:
                 state.event("analysis_complete", steps=[s["percent"] for s in state.steps_done])
                 self.store.write_locked(state)
         if state.phase != Phase.PROMOTING:
-            self.check_requests(state)  # raises the abort's rollback
-        elif self.on_event is not None:
+            assert state.abort_requested is not None
+            raise self.decide_rollback(
+                state,
+                "abort",
+                f"aborted by {state.abort_requested.get('by', '')}: "
+                f"{state.abort_requested.get('reason', '')}",
+            )
+        if self.on_event is not None:
             self.on_event(state, "analysis_complete")
 
     def measure_baseline(self, state: CanaryState) -> None:
@@ -974,7 +991,10 @@ class Controller:
             state.current["ticks"] += 1
             if window.problem is not None:
                 raise self.decide_rollback(
-                    state, "metrics", f"baseline of the stable unreadable: {window.problem}"
+                    state,
+                    "metrics",
+                    f"baseline of the stable unreadable: {window.problem}",
+                    verdict=GateStatus.INCONCLUSIVE,
                 )
             if window.requests >= cfg.min_requests:
                 state.baseline = {
@@ -1067,6 +1087,11 @@ class Controller:
                 f"@champion stays v{state.stable_version}.",
             )
             state.done.append("notified")
+        if state.haproxy is not None:
+            # The public port keeps answering with the stable, even if HAProxy died after
+            # the canary's weight went to 0.
+            with contextlib.suppress(Exception):
+                self.ensure_haproxy(state)
         state.phase = Phase.ROLLED_BACK
         state.current = None
         self.save(state, "rolled_back", guardrail=decision["guardrail"])
@@ -1377,6 +1402,27 @@ def _next_state(
     return state
 
 
+def final_state_for(cfg: MlgateConfig, version: str, not_before: float = 0.0) -> CanaryState | None:
+    """The finished canary of `version` that started at or after `not_before`: the current
+    state when it is that one, else the newest archived one (a controller goes on with a
+    successor canary after it). None while it runs, or when it was superseded."""
+    paths = canary_paths(cfg)
+    current = StateStore(paths).read()
+    if (
+        current is not None
+        and current.candidate_version == version
+        and current.terminal
+        and current.started_at >= not_before
+    ):
+        return current
+    for path in sorted(paths.runs.glob(f"*-v{version}-*.json"), reverse=True):
+        with contextlib.suppress(CanaryError, ValueError, KeyError, TypeError):
+            archived = CanaryState.from_dict(json.loads(path.read_text()))
+            if archived.terminal and archived.started_at >= not_before:
+                return archived
+    return None
+
+
 def _archive(paths: CanaryPaths, state: CanaryState) -> None:
     paths.runs.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(state.started_at))
@@ -1433,13 +1479,14 @@ def abort_canary(
     deadline = time.monotonic() + wait_s
     while controller_running(cfg):
         current = store.read()
-        if current is not None and current.terminal:
-            return current
+        if current is not None and (current.terminal or current.started_at != state.started_at):
+            # Finished, or finished and followed by a successor canary of a newer candidate.
+            return final_state_for(cfg, state.candidate_version, state.started_at) or current
         if time.monotonic() > deadline:
             raise CanaryError(f"the running controller did not roll back within {wait_s:g} s")
         time.sleep(_POLL_S)
     controller = Controller(cfg, Path(config_path) if config_path else None, registry)
-    with _ControllerLock(controller.paths):
+    with _ControllerLock(controller.paths, timeout=_PROBE_GRACE_S):
         current = store.read()
         assert current is not None
         if not current.terminal:
@@ -1537,7 +1584,7 @@ def stop_target(cfg: MlgateConfig, *, force: bool = False) -> None:
     candidate is then left untagged: abort it instead to record why)."""
     paths = canary_paths(cfg)
     store = StateStore(paths)
-    with _ControllerLock(paths):
+    with _ControllerLock(paths, timeout=_PROBE_GRACE_S):
         state = store.read()
         if state is None:
             return
@@ -1549,7 +1596,7 @@ def stop_target(cfg: MlgateConfig, *, force: bool = False) -> None:
             if rec is not None:
                 stop_instance(rec, timeout=cfg.canary.drain_timeout_s)
         if state.haproxy is not None:
-            haproxy.stop_haproxy(state.haproxy.pid)
+            haproxy.stop_haproxy(state.haproxy.pid, start_time=state.haproxy.start_time)
         state.canary = state.stable = state.haproxy = None
         state.retired = []
         if not state.terminal:

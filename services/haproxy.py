@@ -110,9 +110,9 @@ def render_config(
       so stopping a drained instance can never break a pooled idle connection that HAProxy
       was about to reuse; clients keep their keep-alive connections to HAProxy.
     - `retries` with `option redispatch`: a connection refused by a crashed instance is
-      retried on the other server. The refusal still counts in that server's `econ`, so
-      the guardrails see it although the client does not. Responses are never retried: a
-      5xx from the canary reaches the client and its statistics alike.
+      retried on the other server. The refusal still counts in that server's `wredis` (or
+      `wretr`, `econ`), so the guardrails see it although the client does not. Responses
+      are never retried: a 5xx from the canary reaches the client and its statistics alike.
     """
     if len(str(socket_path)) > _MAX_SOCKET_PATH:
         raise HAProxyError(f"admin socket path {socket_path} is too long for a unix socket")
@@ -218,9 +218,10 @@ def server_stats(socket_path: Path) -> dict[str, ServerStats]:
             current_sessions=_int(row, "scur"),
             responses={k: _int(row, f"hrsp_{k}") for k in ("1xx", "2xx", "3xx", "4xx", "5xx")}
             | {"other": _int(row, "hrsp_other")},
-            # Refused or failed connections: `econ` once retries are exhausted, `wretr`
-            # for each retry (a refusal redispatched to the other server shows only there).
-            connection_errors=_int(row, "econ") + _int(row, "wretr"),
+            # Refused or failed connections: `econ` once retries are exhausted, `wretr` for
+            # a retry on the same server, `wredis` for a request redispatched to the other
+            # one (with two servers and `redispatch 1`, where a refusal usually shows).
+            connection_errors=_int(row, "econ") + _int(row, "wretr") + _int(row, "wredis"),
             response_errors=_int(row, "eresp"),
             selected=_int(row, "lbtot"),
         )
@@ -322,7 +323,13 @@ def start_haproxy(
             start_new_session=True,
         )
     if on_spawn is not None:
-        on_spawn(process.pid)
+        try:
+            on_spawn(process.pid)
+        except BaseException:
+            # Unrecorded, it would hold the public port for good (noreuseport).
+            process.kill()
+            process.wait(timeout=5)
+            raise
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
@@ -340,9 +347,10 @@ def start_haproxy(
             time.sleep(0.1)
 
 
-def stop_haproxy(pid: int, timeout: float = 10.0) -> None:
-    """SIGUSR1 is HAProxy's soft stop: it stops listening and finishes what is in flight."""
-    signal_and_wait(pid, signal.SIGUSR1, timeout=timeout)
+def stop_haproxy(pid: int, timeout: float = 10.0, start_time: int | None = None) -> None:
+    """SIGUSR1 is HAProxy's soft stop: it stops listening and finishes what is in flight.
+    With `start_time`, only the process recorded at launch (pids are reused)."""
+    signal_and_wait(pid, signal.SIGUSR1, timeout=timeout, start_time=start_time)
 
 
 def haproxy_alive(pid: int | None, socket_path: Path) -> bool:

@@ -79,8 +79,9 @@ class _LocalHistogram:
         self._sum = 0.0
 
     def observe(self, value: float) -> None:
-        # NaN compares false with every bound and would land past the last one: it goes
-        # into the +Inf bucket (and makes the sum NaN), where the canary counts it invalid.
+        # NaN compares false with every bound: bisect puts it in the first bucket (below 0)
+        # and searchsorted past the last one (clamped into +Inf); the canary counts both
+        # buckets as invalid outputs.
         last = len(self._bounds) - 1
         self._counts[min(bisect.bisect_left(self._bounds, value), last)] += 1
         self._sum += value

@@ -24,6 +24,7 @@ from services.canary import (
     StateStore,
     _Decided,
     canary_paths,
+    final_state_for,
     start_canary,
 )
 from tests.conftest import write_config
@@ -149,6 +150,10 @@ def test_a_candidate_arriving_while_one_finishes_gets_its_own_canary(cfg) -> Non
     assert successor.phase == Phase.STARTING and successor.steps_done == []
     archived = list(canary_paths(cfg).runs.glob("*-v2-promoted.json"))
     assert len(archived) == 1
+    # Whoever waited on v2 still learns v2's outcome, not v4's.
+    mine = final_state_for(cfg, "2", state.started_at)
+    assert mine is not None and (mine.candidate_version, mine.phase) == ("2", Phase.PROMOTED)
+    assert final_state_for(cfg, "4") is None  # still to run
     # Nothing newer is waiting now.
     assert controller.start_successor(successor) is False
 

@@ -87,6 +87,7 @@ def test_invalid_scores_land_where_the_canary_counts_them() -> None:
     metrics.observe_scores(np.array([np.nan]))
     scores = parse_metrics(metrics.render()[0].decode()).scores
     assert scores is not None and scores.count == 8
-    # NaN x2 and 1.5 in the +Inf bucket, -0.2 in the one below 0. (With a negative bucket
-    # prometheus-client exports no `_sum`, so the NaN sum is not there to count.)
+    # 1.5 and the batched NaN in the +Inf bucket, -0.2 and the single NaN in the one below
+    # 0. (With a negative bucket prometheus-client exports no `_sum`, so the NaN sum is not
+    # there to count.)
     assert invalid_scores(scores) == 4
