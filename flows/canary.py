@@ -22,6 +22,7 @@ from checks.result import CheckRow, GateResult, GateStatus
 from flows import registry
 from models.config import MlgateConfig
 from services.canary import (
+    GATE_TAG,
     CanaryBusyError,
     CanaryError,
     CanaryState,
@@ -55,15 +56,18 @@ class MlflowCanaryRegistry:
     def record_result(self, version: str, result: GateResult, tags: Mapping[str, str]) -> None:
         """The verdict as version tags (`gate.canary`, `canary.*`) and the whole result, with
         every step's window, as a JSON artifact of the version's run."""
+        # The verdict is the tag: a rollback for the stable's unreadable numbers is judged
+        # FAIL step-wise but tagged inconclusive for the candidate.
+        verdict = tags.get(GATE_TAG, result.status.value)
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
         mv = self.client.get_model_version(self.name, version)
         if mv.run_id:
-            path = f"{CANARY_EVIDENCE_DIR}/v{version}-{result.status.value}.json"
+            path = f"{CANARY_EVIDENCE_DIR}/v{version}-{verdict}.json"
             registry.log_json_artifact(self.client, mv.run_id, path, result.to_dict())
             run = self.client.get_run(mv.run_id)
             self.client.set_model_version_tag(
-                self.name, version, "evidence.canary", f"{run.info.artifact_uri}/{path}"
+                self.name, version, registry.CANARY_EVIDENCE_TAG, f"{run.info.artifact_uri}/{path}"
             )
         registry.record_canary(
             self.client,
@@ -71,7 +75,7 @@ class MlflowCanaryRegistry:
             self.name,
             version,
             stable_version=str(tags.get("canary.stable_version", "None")),
-            outcome=result.status.value,
+            outcome=verdict,
             reason=result.reason,
             actor=self.actor,
             evidence={"tags": dict(tags)},

@@ -281,8 +281,26 @@ def gate_tags(mv: ModelVersion) -> dict[str, str]:
     }
 
 
+CANARY_EVIDENCE_TAG = "evidence.canary"
+
+
 def version_gate_results(client: MlflowClient, mv: ModelVersion) -> list[GateResult]:
-    return run_gate_results(client, mv.run_id) if mv.run_id else []
+    """The offline gates from the training run's evidence, and the latest canary verdict
+    (tag `evidence.canary`), which a canary run by hand adds after training."""
+    if not mv.run_id:
+        return []
+    results = run_gate_results(client, mv.run_id)
+    uri = mv.tags.get(CANARY_EVIDENCE_TAG, "")
+    _, sep, rest = uri.partition("/evidence/canary/")
+    if sep:
+        try:
+            canary = GateResult.from_dict(
+                load_json_artifact(client, mv.run_id, f"evidence/canary/{rest}")
+            )
+        except (MlflowException, OSError, ValueError, KeyError):
+            return results
+        results = [r for r in results if r.name != "canary"] + [canary]
+    return results
 
 
 def run_gate_results(client: MlflowClient, run_id: str) -> list[GateResult]:

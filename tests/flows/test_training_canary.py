@@ -158,6 +158,13 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
     shown = json.loads(status.output)
     assert (shown["phase"], shown["candidate_version"]) == ("rolled_back", "3")
     assert shown["decision"]["guardrail"] == "abort"
+    gates = runner.invoke(
+        app, ["gates", "show", "churn", "3", "--json", "--config", str(config_path)]
+    )
+    assert gates.exit_code == 0, gates.output
+    shown_gates = json.loads(gates.stdout)
+    assert [g["name"] for g in shown_gates] == ["data", "parity", "champion", "canary"]
+    assert shown_gates[-1]["status"] == "fail" and "release freeze" in shown_gates[-1]["reason"]
     for version, message in (("2", "already holds @champion"), ("99", "has no version 99")):
         refused = runner.invoke(app, ["canary", "start", version, "--config", str(config_path)])
         assert refused.exit_code == EXIT_ERROR and message in refused.output, refused.output
