@@ -32,6 +32,7 @@ from services.canary import (
     final_state_for,
     run_canary,
     start_canary,
+    version_key,
 )
 
 CANARY_EVIDENCE_DIR = "evidence/canary"
@@ -206,7 +207,7 @@ def _rollout(
             raise CanaryError("the canary state vanished while another controller ran it")
         if state.terminal and state.candidate_version == version:
             return state
-        if state.candidate_version != version and _newer(state.candidate_version, version):
+        if version_key(state.candidate_version) > version_key(version):
             # A newer candidate took over the rollout: this one was superseded.
             return state
         if not controller_running(cfg):
@@ -214,7 +215,3 @@ def _rollout(
             with contextlib.suppress(CanaryBusyError):
                 return run_canary(cfg, Path(config_path), cr, on_event=log_event)
         time.sleep(_WAIT_POLL_S)
-
-
-def _newer(a: str, b: str) -> bool:
-    return a.isdigit() and b.isdigit() and int(a) > int(b)

@@ -437,13 +437,7 @@ def window_between(
     s0, s1 = before.servers[variant], after.servers[variant]
     if weight > 0 and s1.status.startswith(("DOWN", "MAINT", "NOLB")):
         return broken(f"HAProxy reports the server {s1.status}")
-    counts = {
-        "responses": s1.responses_total - s0.responses_total,
-        "server_errors": s1.responses.get("5xx", 0) - s0.responses.get("5xx", 0),
-        "client_errors": s1.responses.get("4xx", 0) - s0.responses.get("4xx", 0),
-        "connection_errors": s1.connection_errors - s0.connection_errors,
-        "response_errors": s1.response_errors - s0.response_errors,
-    }
+    counts = haproxy.counts_between(s0, s1)
     if any(v < 0 for v in counts.values()):
         return broken("HAProxy counters went down (HAProxy restarted during the window)")
     assert m0.latency and m1.latency and m0.scores and m1.scores
@@ -457,8 +451,8 @@ def window_between(
         version=version,
         seconds=seconds,
         requests=counts["responses"] + counts["connection_errors"],
-        server_errors=counts["server_errors"],
-        client_errors=counts["client_errors"],
+        server_errors=counts["5xx"],
+        client_errors=counts["4xx"],
         connection_errors=counts["connection_errors"],
         response_errors=counts["response_errors"],
         latency=latency,
@@ -792,7 +786,7 @@ class Controller:
             nxt = self.newer_candidate(on_disk)
             if nxt is None:
                 return False
-            if champion is None or _version_key(nxt) <= _version_key(champion):
+            if champion is None or version_key(nxt) <= version_key(champion):
                 on_disk.pending_candidate = None
                 on_disk.event("successor_dropped", version=nxt, champion=champion)
                 self.store.write_locked(on_disk)
@@ -834,7 +828,7 @@ class Controller:
         pending = state.pending_candidate
         if pending is None or pending == state.candidate_version:
             return None
-        return pending if _version_key(pending) > _version_key(state.candidate_version) else None
+        return pending if version_key(pending) > version_key(state.candidate_version) else None
 
     def check_requests(self, state: CanaryState) -> None:
         """Between ticks: an abort or a newer candidate written by another process."""
@@ -1209,7 +1203,8 @@ class Controller:
         self.save(state, "superseded", old=old, new=new)
 
 
-def _version_key(version: str) -> tuple[int, str]:
+def version_key(version: str) -> tuple[int, str]:
+    """Registry versions in order: numbers numerically, anything else before them."""
     return (int(version), "") if version.isdigit() else (-1, version)
 
 
@@ -1218,15 +1213,7 @@ def _haproxy_counts(before: Snapshot, after: Snapshot) -> dict[str, dict[str, in
     if before.servers is None or after.servers is None:
         return out
     for name in haproxy.SERVERS:
-        s0, s1 = before.servers[name], after.servers[name]
-        out[name] = {
-            "responses": s1.responses_total - s0.responses_total,
-            "2xx": s1.responses.get("2xx", 0) - s0.responses.get("2xx", 0),
-            "4xx": s1.responses.get("4xx", 0) - s0.responses.get("4xx", 0),
-            "5xx": s1.responses.get("5xx", 0) - s0.responses.get("5xx", 0),
-            "connection_errors": s1.connection_errors - s0.connection_errors,
-            "selected": s1.selected - s0.selected,
-        }
+        out[name] = haproxy.counts_between(before.servers[name], after.servers[name])
     return out
 
 
@@ -1345,9 +1332,9 @@ def start_canary(
                 return existing
             newest = max(
                 [v for v in (existing.candidate_version, existing.pending_candidate) if v],
-                key=_version_key,
+                key=version_key,
             )
-            if _version_key(candidate) < _version_key(newest):
+            if version_key(candidate) < version_key(newest):
                 raise CanaryError(
                     f"a canary of v{existing.candidate_version} is under way"
                     + (f" (v{newest} waiting)" if newest != existing.candidate_version else "")

@@ -65,6 +65,21 @@ class ServerStats:
         return self.responses.get("5xx", 0)
 
 
+def counts_between(before: ServerStats, after: ServerStats) -> dict[str, int]:
+    """What one server did between two reads of its cumulative counters (a negative count
+    means HAProxy restarted in between)."""
+    return {
+        "responses": after.responses_total - before.responses_total,
+        **{
+            status: after.responses.get(status, 0) - before.responses.get(status, 0)
+            for status in ("2xx", "4xx", "5xx")
+        },
+        "connection_errors": after.connection_errors - before.connection_errors,
+        "response_errors": after.response_errors - before.response_errors,
+        "selected": after.selected - before.selected,
+    }
+
+
 def find_haproxy() -> str:
     """The haproxy binary: on PATH, else Debian's /usr/sbin (not on a user's PATH)."""
     found = shutil.which(DEFAULT_BINARY) or shutil.which(f"/usr/sbin/{DEFAULT_BINARY}")
