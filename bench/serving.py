@@ -7,6 +7,8 @@
 4. the floor: a bare Starlette app on uvicorn that parses the same JSON and returns a
    constant (no model, no framework), one worker.
 
+The other servers are the files under bench/apps/ and wrk's script is bench/wrk_post.lua.
+
 wrk (Debian package) drives single-row requests at 1, 32 and 64 connections and 1,000-row
 requests at 4 connections against each. Ours, BentoML's path alone (a fifth server, below)
 and the floor run at once, and the 32-connection goal loads alternate between them in
@@ -33,7 +35,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -47,8 +48,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.config import load_config  # noqa: E402
+from models.config import CONFIG_PATH_ENV, env_override_name, load_config  # noqa: E402
 from models.data import load_dataset, split_data  # noqa: E402
+from models.model_ref import ModelRef  # noqa: E402
 from models.onnx_export import (  # noqa: E402
     export_onnx,
     input_schema,
@@ -58,10 +60,18 @@ from models.onnx_export import (  # noqa: E402
     sha256_file,
     write_model_dir,
 )
+from models.registry_layout import CHAMPION_ALIAS, MODEL_ARTIFACT_DIR, SHA_TAG  # noqa: E402
 from models.train import train_model  # noqa: E402
-from services.auth import hash_api_key  # noqa: E402
+from services.auth import API_KEYS_ENV, hash_api_key  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
+BENCH = REPO / "bench"
+RESULTS = BENCH / "RESULTS.md"
+WRK_SCRIPT = BENCH / "wrk_post.lua"
+# The servers other than ours, as `module:object` under bench/apps/.
+FLOOR_APP = "bench.apps.floor_app:app"
+BENTO_CONSTANT = "bench.apps.bento_constant:BentoConstant"
+STOCK_SERVICE = "bench.apps.stock_service:StockService"
+MODEL_OVERRIDE_ENV = env_override_name("serving", "model")
 SECTION = "## Serving"
 COMMAND = ".venv/bin/python bench/serving.py --profile"
 PY = sys.executable
@@ -142,16 +152,16 @@ def prepare(work: Path) -> dict[str, Any]:
         "bench", artifact_location=cfg.registry.artifact_location()
     )
     run = client.create_run(experiment)
-    client.log_artifacts(run.info.run_id, str(model_dir), "model")
+    client.log_artifacts(run.info.run_id, str(model_dir), MODEL_ARTIFACT_DIR)
     client.set_terminated(run.info.run_id)
     client.create_registered_model(cfg.registry.model_name)
     mv = client.create_model_version(
         cfg.registry.model_name,
-        source=f"{run.info.artifact_uri}/model",
+        source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT_DIR}",
         run_id=run.info.run_id,
-        tags={"onnx_sha256": sha256_file(model_dir / "model.onnx")},
+        tags={SHA_TAG: sha256_file(model_dir / "model.onnx")},
     )
-    client.set_registered_model_alias(cfg.registry.model_name, "champion", mv.version)
+    client.set_registered_model_alias(cfg.registry.model_name, CHAMPION_ALIAS, mv.version)
 
     mlflow_dir = work / "mlflow_model"
     mlflow.sklearn.save_model(
@@ -175,66 +185,6 @@ def prepare(work: Path) -> dict[str, Any]:
         "rows": rows,
         "holdout": holdout,
     }
-
-
-STOCK_SERVICE = """
-import os
-
-import bentoml
-import joblib
-import pandas as pd
-
-
-@bentoml.service
-class StockService:
-    def __init__(self) -> None:
-        self.pipeline = joblib.load(os.environ["BENCH_PIPELINE"])
-
-    @bentoml.api
-    def predict(self, rows: list[dict]) -> list[float]:
-        return self.pipeline.predict_proba(pd.DataFrame(rows))[:, 1].tolist()
-"""
-
-# Our BentoML settings and fix, mounting the floor's handler: what BentoML's request path
-# costs with no model and none of our work.
-BENTO_CONSTANT = """
-import bentoml
-
-import services.bentoml_fixes
-from floor_app import app
-
-services.bentoml_fixes.cancel_timeout_timers()
-
-
-@bentoml.service(
-    workers=1,
-    metrics={"enabled": False},
-    logging={"access": {"enabled": False}},
-    tracing={"excluded_urls": ["/predict"]},
-)
-@bentoml.asgi_app(app, path="/")
-class BentoConstant:
-    pass
-"""
-
-FLOOR_APP = """
-import json
-
-from starlette.applications import Starlette
-from starlette.responses import Response
-from starlette.routing import Route
-
-
-async def predict(request):
-    body = json.loads(await request.body())
-    n = len(body["rows"])
-    answer = {"model_name": "churn", "model_version": "1",
-              "predictions": [{"score": 0.5, "label": 0}] * n}
-    return Response(json.dumps(answer), media_type="application/json")
-
-
-app = Starlette(routes=[Route("/predict", predict, methods=["POST"])])
-"""
 
 
 @contextlib.contextmanager
@@ -280,28 +230,12 @@ def base_env() -> dict[str, str]:
     env.update({"BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1"})
     # `mlflow models serve` execs `uvicorn` from PATH.
     env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}"
-    for key in ("MLGATE_SERVE_ALIAS", "MLGATE_SERVE_VERSION", "MLGATE_API_KEYS"):
+    for key in (MODEL_OVERRIDE_ENV, API_KEYS_ENV):
         env.pop(key, None)
     return env
 
 
 # --- load generation ------------------------------------------------------------------------
-
-WRK_SCRIPT = """
-local f = io.open(os.getenv("BENCH_BODY"), "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = "application/json"
-local auth = os.getenv("BENCH_AUTH")
-if auth and auth ~= "" then wrk.headers["Authorization"] = auth end
-local limit = tonumber(os.getenv("BENCH_MAX_PER_THREAD"))
-local answered = 0
-function response(status, headers, body)
-  answered = answered + 1
-  if answered >= limit then wrk.thread:stop() end
-end
-"""
 
 
 def parse_duration_ms(text: str) -> float:
@@ -658,9 +592,7 @@ def run(args: argparse.Namespace, work: Path, started: float) -> int:
     rows = prep["rows"]
     cfg = prep["cfg"]
     schema = input_schema(cfg.dataset)
-    script = work / "post.lua"
-    script.write_text(WRK_SCRIPT)
-    (work / "floor_app.py").write_text(textwrap.dedent(FLOOR_APP))
+    script = WRK_SCRIPT
     env = base_env()
     results: list[LoadResult] = []
     rounds: list[LoadResult] = []
@@ -680,11 +612,10 @@ def run(args: argparse.Namespace, work: Path, started: float) -> int:
     # between them in rounds, so that their ratios share the host's conditions.
     ours_env = {
         **env,
-        "MLGATE_CONFIG": str(prep["config_path"]),
-        "MLGATE_SERVE_ALIAS": "champion",
+        CONFIG_PATH_ENV: str(prep["config_path"]),
+        MODEL_OVERRIDE_ENV: str(ModelRef(cfg.registry.model_name, alias=CHAMPION_ALIAS)),
         "BENTOML_HOME": str(work / "bentoml-ours"),
     }
-    (work / "bento_constant.py").write_text(textwrap.dedent(BENTO_CONSTANT))
     const_env = {
         **env,
         "BENTOML_HOME": str(work / "bentoml-constant"),
@@ -694,12 +625,14 @@ def run(args: argparse.Namespace, work: Path, started: float) -> int:
     bento = [PY, "-m", "bentoml", "serve"]
     where = ["--host", "127.0.0.1", "--port"]
     ours_cmd = [*bento, "services.bento_service:MlgateService", "--working-dir", str(REPO)]
-    const_cmd = [*bento, "bento_constant:BentoConstant", "--working-dir", str(work)]
+    const_cmd = [*bento, BENTO_CONSTANT, "--working-dir", str(REPO)]
     floor_cmd = [
         PY,
         "-m",
         "uvicorn",
-        "floor_app:app",
+        FLOOR_APP,
+        "--app-dir",
+        str(REPO),
         "--workers",
         "1",
         "--log-level",
@@ -802,16 +735,15 @@ def run(args: argparse.Namespace, work: Path, started: float) -> int:
 
     # 3. stock BentoML
     port = free_port()
-    (work / "stock_service.py").write_text(textwrap.dedent(STOCK_SERVICE))
     log = work / "stock.log"
     cmd = [
         PY,
         "-m",
         "bentoml",
         "serve",
-        "stock_service:StockService",
+        STOCK_SERVICE,
         "--working-dir",
-        str(work),
+        str(REPO),
         "--host",
         "127.0.0.1",
         "--port",

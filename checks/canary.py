@@ -1,10 +1,12 @@
 """Canary guardrails: one step of a canary rollout, canary against stable over the same
 window of live traffic.
 
-The controller (`services/canary.py`) turns HAProxy's per-server counters and each
-instance's `/metrics` histograms into one `VariantWindow` per side: the increase of every
-counter between two reads. This module only judges those numbers; it knows neither HAProxy
-nor Prometheus.
+The controller (`services/canary.py`, reading through `services/canary_windows.py`) turns
+HAProxy's per-server counters and each instance's `/metrics` histograms into one
+`VariantWindow` per side: the increase of every counter between two reads. This module only
+judges those numbers; it knows neither HAProxy nor Prometheus. Each step analysed to a pass
+is kept as a `CanaryStep`; `analysis_gaps` says what a rollout still lacks before it may be
+promoted, and `summarize_steps` folds its steps into the one result the promotion carries.
 
 Guardrails, in the order a failure is reported:
 
@@ -36,7 +38,7 @@ Guardrails, in the order a failure is reported:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -531,3 +533,111 @@ def _result(
             f"{canary.requests:,} canary and {stable.requests:,} stable requests"
         )
     return GateResult(NAME, status, reason, metrics, evidence, tuple(ordered))
+
+
+# --- a whole rollout ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CanaryStep:
+    """One step analysed to a pass: its share in percent, the candidate it judged, when,
+    HAProxy's per-server counts over its window (`services.haproxy.counts_between`) and the
+    gate result. `to_dict` is the shape the controller's state file keeps."""
+
+    percent: int
+    result: GateResult
+    candidate_version: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    seconds: float | None = None
+    haproxy: Mapping[str, Mapping[str, int]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "percent": self.percent,
+            "candidate_version": self.candidate_version,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "seconds": self.seconds,
+            "haproxy": (
+                None
+                if self.haproxy is None
+                else {name: dict(counts) for name, counts in self.haproxy.items()}
+            ),
+            "result": self.result.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CanaryStep:
+        return cls(
+            percent=int(d["percent"]),
+            result=GateResult.from_dict(d["result"]),
+            candidate_version=d.get("candidate_version"),
+            started_at=d.get("started_at"),
+            ended_at=d.get("ended_at"),
+            seconds=d.get("seconds"),
+            haproxy=d.get("haproxy"),
+        )
+
+
+def analysis_gaps(
+    steps_done: Sequence[CanaryStep], *, candidate_version: str, steps: Sequence[int]
+) -> str:
+    """Empty when every configured step was analysed to a pass for this candidate, in
+    order; otherwise what is missing."""
+    done = [s for s in steps_done if s.candidate_version == candidate_version]
+    percents = [s.percent for s in done]
+    if percents != list(steps):
+        return f"steps analysed {percents}, configured {list(steps)}"
+    failed = [s.percent for s in done if s.result.status is not GateStatus.PASS]
+    if failed:
+        return f"steps {failed} did not pass"
+    return ""
+
+
+def summarize_steps(
+    steps_done: Sequence[CanaryStep],
+    *,
+    candidate_version: str,
+    stable_version: str,
+    steps: Sequence[int],
+) -> GateResult:
+    """One `canary` result for the whole rollout: every step's verdict and the worst numbers
+    seen, as evidence for the promotion."""
+    results = [s.result for s in steps_done]
+    metrics: dict[str, float] = {"steps": float(len(results))}
+    for key, pick in (
+        ("error_rate_delta", max),
+        ("p99_ratio", max),
+        ("score_psi", max),
+        ("invalid_outputs", max),
+        ("canary_requests", sum),
+        ("stable_requests", sum),
+    ):
+        values = [r.metrics[key] for r in results if math.isfinite(r.metrics.get(key, math.nan))]
+        if values:
+            metrics[key] = float(pick(values))
+    rows = tuple(
+        CheckRow(
+            f"step {int(r.metrics.get('step_percent', 0))}%",
+            r.status,
+            f"{int(r.metrics.get('canary_requests', 0)):,} canary requests",
+            "all guardrails",
+            r.reason,
+        )
+        for r in results
+    )
+    status = GateStatus.PASS if results and all(r.passed for r in results) else GateStatus.FAIL
+    reason = (
+        f"v{candidate_version} against v{stable_version} over steps "
+        f"{', '.join(f'{p}%' for p in steps)}: "
+        f"{int(metrics.get('canary_requests', 0)):,} canary requests, max error-rate delta "
+        f"{metrics.get('error_rate_delta', math.nan):+.4f}, max p99 ratio "
+        f"{metrics.get('p99_ratio', math.nan):.2f}, max score PSI "
+        f"{metrics.get('score_psi', math.nan):.4f}"
+    )
+    evidence: dict[str, Any] = {
+        "steps": [{k: v for k, v in s.to_dict().items() if k != "result"} for s in steps_done],
+        "results": [s.result.to_dict() for s in steps_done],
+    }
+    return GateResult(NAME, status, reason, metrics, evidence, rows)

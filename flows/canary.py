@@ -5,11 +5,15 @@ as its last step when `canary.enabled`.
 `services/` does not import `flows/`: the controller reaches the registry only through the
 `CanaryRegistry` protocol, which `MlflowCanaryRegistry` implements here with the same
 evidence-checked, compare-and-set `registry.promote` that a person's `mlgate promote` uses.
+The controller hands over the state and the result; the verdict's version tags
+(`gate.canary`, `canary.*`) are built here (`pass_tags`, `rollback_tags`,
+`superseded_tags`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,8 +25,14 @@ from prefect.cache_policies import NO_CACHE
 from checks.result import CheckRow, GateResult, GateStatus
 from flows import registry
 from models.config import MlgateConfig
-from services.canary import (
-    GATE_TAG,
+from models.registry_layout import (
+    CANARY_EVIDENCE_DIR,
+    CANARY_FORCED_TAG,
+    CANARY_GATE_TAG,
+    CANARY_TAG_PREFIX,
+)
+from services.canary import run_canary, start_canary
+from services.canary_state import (
     CanaryBusyError,
     CanaryError,
     CanaryState,
@@ -30,14 +40,61 @@ from services.canary import (
     canary_paths,
     controller_running,
     final_state_for,
-    run_canary,
-    start_canary,
+    now_iso,
     version_key,
 )
 
-CANARY_EVIDENCE_DIR = "evidence/canary"
-FORCED_TAG = "canary.forced_start"
 _WAIT_POLL_S = 0.5
+
+
+def _fmt_tag(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def pass_tags(state: CanaryState, summary: GateResult) -> dict[str, str]:
+    """The tags of a candidate that passed every step: the summary's numbers."""
+    tags = {
+        CANARY_GATE_TAG: "pass",
+        f"{CANARY_TAG_PREFIX}stable_version": state.stable_version,
+        f"{CANARY_TAG_PREFIX}steps": ",".join(str(p) for p in state.steps),
+        f"{CANARY_TAG_PREFIX}finished_at": now_iso(),
+    }
+    tags.update({f"{CANARY_TAG_PREFIX}{k}": _fmt_tag(v) for k, v in summary.metrics.items()})
+    return tags
+
+
+def rollback_tags(state: CanaryState, result: GateResult) -> dict[str, str]:
+    """The tags of a candidate rolled back for `state.decision`: the verdict (fail, or
+    inconclusive when the stable could not be judged), the guardrail and `result`'s
+    numbers."""
+    decision = state.decision or {}
+    tags = {
+        CANARY_GATE_TAG: str(decision.get("verdict", GateStatus.FAIL.value)),
+        f"{CANARY_TAG_PREFIX}failed_guardrail": str(decision["guardrail"]),
+        f"{CANARY_TAG_PREFIX}failed_step": str(int(result.metrics.get("step_percent", 0))),
+        f"{CANARY_TAG_PREFIX}stable_version": state.stable_version,
+        f"{CANARY_TAG_PREFIX}reason": decision["reason"][:4000],
+        f"{CANARY_TAG_PREFIX}finished_at": now_iso(),
+    }
+    tags.update(
+        {
+            f"{CANARY_TAG_PREFIX}{k}": _fmt_tag(v)
+            for k, v in result.metrics.items()
+            if not (isinstance(v, float) and math.isnan(v))
+        }
+    )
+    return tags
+
+
+def superseded_tags(state: CanaryState, successor: str) -> dict[str, str]:
+    """The tags of a candidate that gave way to a newer one before a verdict."""
+    return {
+        CANARY_GATE_TAG: GateStatus.INCONCLUSIVE.value,
+        f"{CANARY_TAG_PREFIX}superseded_by": successor,
+        f"{CANARY_TAG_PREFIX}stable_version": state.stable_version,
+    }
 
 
 class MlflowCanaryRegistry:
@@ -47,19 +104,28 @@ class MlflowCanaryRegistry:
         self.cfg = cfg
         self.name = cfg.registry.model_name
         self.client = registry.connect(cfg.registry)
-        self.actor = actor or registry.current_actor()
+        self.actor = actor or registry.current_actor(cfg.registry)
         self.notes: list[tuple[str, str]] = []
 
     def champion_version(self) -> str | None:
         mv = registry.get_alias_version(self.client, self.name, "champion")
         return str(mv.version) if mv else None
 
+    def record_pass(self, state: CanaryState, summary: GateResult) -> None:
+        self.record_result(state.candidate_version, summary, pass_tags(state, summary))
+
+    def record_rollback(self, state: CanaryState, result: GateResult) -> None:
+        self.record_result(state.candidate_version, result, rollback_tags(state, result))
+
+    def record_superseded(self, state: CanaryState, successor: str, note: GateResult) -> None:
+        self.record_result(state.candidate_version, note, superseded_tags(state, successor))
+
     def record_result(self, version: str, result: GateResult, tags: Mapping[str, str]) -> None:
         """The verdict as version tags (`gate.canary`, `canary.*`) and the whole result, with
         every step's window, as a JSON artifact of the version's run."""
         # The verdict is the tag: a rollback for the stable's unreadable numbers is judged
         # FAIL step-wise but tagged inconclusive for the candidate.
-        verdict = tags.get(GATE_TAG, result.status.value)
+        verdict = tags.get(CANARY_GATE_TAG, result.status.value)
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
         mv = self.client.get_model_version(self.name, version)
@@ -75,7 +141,7 @@ class MlflowCanaryRegistry:
             self.cfg.registry,
             self.name,
             version,
-            stable_version=str(tags.get("canary.stable_version", "None")),
+            stable_version=str(tags.get(f"{CANARY_TAG_PREFIX}stable_version", "None")),
             outcome=verdict,
             reason=result.reason,
             actor=self.actor,
@@ -130,8 +196,10 @@ def begin_canary(
             raise registry.EvidenceError(name, str(version), missing)
         if not reason.strip():
             raise registry.RegistryError("--force needs --reason")
-        who = actor or registry.current_actor()
-        client.set_model_version_tag(name, str(version), FORCED_TAG, f"{who}: {reason}"[:4000])
+        who = actor or registry.current_actor(cfg.registry)
+        client.set_model_version_tag(
+            name, str(version), CANARY_FORCED_TAG, f"{who}: {reason}"[:4000]
+        )
     return start_canary(
         cfg, str(version), MlflowCanaryRegistry(cfg, actor), public_port=public_port
     )

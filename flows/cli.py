@@ -13,10 +13,22 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+from flows.cli_canary import canary_app
+from flows.cli_common import EXIT_ERROR as EXIT_ERROR
+from flows.cli_common import (
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_USAGE,
+    ConfigOpt,
+    JsonOpt,
+    ReasonOpt,
+    console,
+)
+from flows.cli_common import exit_error as _fail
+from flows.cli_common import load_config_or_exit as _load
+from flows.cli_stack import stack_app
 
 app = typer.Typer(
     name="mlgate",
@@ -33,32 +45,9 @@ app = typer.Typer(
 gates_app = typer.Typer(help="Gate results of registered versions.", no_args_is_help=True)
 models_app = typer.Typer(help="Registered models, versions and aliases.", no_args_is_help=True)
 app.add_typer(gates_app, name="gates")
-canary_app = typer.Typer(
-    help="Canary rollouts: a candidate earns @champion on live traffic through HAProxy.",
-    no_args_is_help=True,
-)
 app.add_typer(models_app, name="models")
 app.add_typer(canary_app, name="canary")
-
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config file.", show_default=True)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-
-
-def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def _load(config: Path) -> Any:
-    from models.config import ConfigError, load_config
-
-    try:
-        return load_config(config)
-    except ConfigError as err:
-        raise _fail(str(err), EXIT_USAGE) from None
+app.add_typer(stack_app, name="stack")
 
 
 @app.command()
@@ -120,7 +109,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the training flow: data gate, train, ONNX parity, champion gate, register."""
-    from flows.report import gate_tables
+    from flows.gate_tables import gate_tables
     from flows.runtime import use_embedded_prefect
     from models.config import ConfigError
     from models.data import DataError
@@ -159,19 +148,25 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="Port (default from config).")] = None,
 ) -> None:
     """Serve @champion (or a version) over HTTP with BentoML and ONNX Runtime."""
+    from models.model_ref import ModelRef
     from services.launcher import start_service
 
     cfg = _load(config)
-    chosen_alias = None if version else (alias or cfg.serving.alias)
+    try:
+        if version:
+            ref = ModelRef(cfg.registry.model_name, version=version)
+        elif alias:
+            ref = ModelRef(cfg.registry.model_name, alias=alias)
+        else:
+            ref = cfg.served_model()
+    except ValueError as err:
+        raise _fail(str(err), EXIT_USAGE) from None
     port = port or cfg.serving.port
-    proc = start_service(
-        config, alias=chosen_alias, version=version, port=port, host=cfg.serving.host
-    )
+    proc = start_service(config, ref, port=port, host=cfg.serving.host)
     try:
         proc.wait_ready(timeout=180)
         console.print(
-            f"serving {cfg.registry.model_name} "
-            f"{'@' + chosen_alias if chosen_alias else 'version ' + str(version)} on "
+            f"serving {ref.name} {ref.selector} on "
             f"http://{cfg.serving.host}:{port}  (POST /predict; Ctrl-C stops)"
         )
         while proc.is_running():
@@ -197,7 +192,7 @@ def gates_show(
     from mlflow.exceptions import MlflowException
 
     from flows import registry
-    from flows.report import gate_tables
+    from flows.gate_tables import gate_tables
 
     cfg = _load(config)
     client = registry.connect(cfg.registry)
@@ -257,7 +252,7 @@ def monitor(
     as_json: JsonOpt = False,
 ) -> None:
     """Run one monitoring window: live data gate, PSI drift, retraining trigger."""
-    from flows.report import gate_tables
+    from flows.gate_tables import gate_tables
     from flows.runtime import use_embedded_prefect
 
     use_embedded_prefect(_load(config).registry.store_dir)
@@ -278,6 +273,8 @@ def monitor(
         console.print(gate_tables(outcome.gates))
     for k, v in outcome.live_metrics.items():
         console.print(f"{k}: {v:.4f}")
+    for name in outcome.quarantined:
+        console.print(f"quarantined (failed its data gate, never trained on): {name}")
     console.print(f"decision: {outcome.decision}")
     if outcome.training:
         console.print(f"training: {outcome.training}")
@@ -311,7 +308,7 @@ def report(
 ) -> None:
     """The markdown gate report of a training run, as CI writes it to the job summary."""
     from flows import registry
-    from flows.report import training_report_markdown
+    from flows.gate_tables import training_report_markdown
 
     cfg = _load(config)
     client = registry.connect(cfg.registry)
@@ -357,7 +354,6 @@ def _print_move(move: Any, as_json: bool) -> None:
     )
 
 
-ReasonOpt = Annotated[str, typer.Option("--reason", help="Why: recorded in the history.")]
 AliasOpt = Annotated[str, typer.Option("--alias", help="Alias to move.")]
 
 
@@ -429,7 +425,7 @@ def history(
     for h in rows:
         table.add_row(
             h.get("at", ""),
-            h.get("mlgate.kind", ""),
+            h.get(registry.KIND_TAG, ""),
             h.get("alias", ""),
             h.get("from_version", ""),
             h.get("to_version", ""),
@@ -476,7 +472,7 @@ def models_show(
         value = info[key]
         table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
     for gate, status in sorted(info["gates"].items()):
-        table.add_row(f"gate.{gate}", status)
+        table.add_row(f"{registry.GATE_TAG_PREFIX}{gate}", status)
     console.print(table)
     lineage = Table(title="lineage: alias moves of this version")
     for col in ("at", "kind", "alias", "from", "to", "who", "reason"):
@@ -484,7 +480,7 @@ def models_show(
     for h in info["moves"]:
         lineage.add_row(
             h.get("at", ""),
-            h.get("mlgate.kind", ""),
+            h.get(registry.KIND_TAG, ""),
             h.get("alias", ""),
             h.get("from_version", ""),
             h.get("to_version", ""),
@@ -513,243 +509,6 @@ def models_delete(
         registry.delete_version, client, cfg.registry, name, version, reason=reason, force=force
     )
     console.print(f"deleted {name} version {version}")
-
-
-# --- canary ---------------------------------------------------------------------------------
-
-# Events worth a line on the console while the controller walks the steps.
-_CANARY_EVENTS = {
-    "haproxy_started",
-    "stable_started",
-    "canary_started",
-    "baseline_measured",
-    "step_started",
-    "step_passed",
-    "rollback_decided",
-    "canary_weight_zero",
-    "promoted",
-    "stable_reloaded",
-    "rolled_back",
-    "done",
-    "superseded",
-    "resumed",
-    "controller_error",
-}
-
-
-def _canary_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    from flows.registry import RegistryError
-    from services.canary import CanaryError
-    from services.haproxy import HAProxyError
-    from services.launcher import ServiceStartError
-
-    try:
-        return fn(*args, **kwargs)
-    except (RegistryError, CanaryError, HAProxyError, ServiceStartError) as err:
-        raise _fail(str(err)) from None
-
-
-def print_canary_event(state: Any, event: str) -> None:
-    """One console line per notable controller event (the demo prints the same)."""
-    if event not in _CANARY_EVENTS:
-        return
-    last = state.events[-1] if state.events else {}
-    details = ", ".join(f"{k}={v}" for k, v in last.items() if k not in ("at", "event"))
-    if event == "step_passed" and state.steps_done:
-        result = state.steps_done[-1]["result"]
-        details = result["reason"]
-    console.print(
-        f"[dim]{last.get('at', '')}[/] canary v{state.candidate_version} "
-        f"[bold]{event}[/] weights {state.weights['stable']}/{state.weights['canary']}"
-        + (f": {details}" if details else ""),
-        highlight=False,
-    )
-
-
-def _run_controller(
-    cfg: Any, config: Path, version: str | None = None, not_before: float = 0.0
-) -> None:
-    """Run the controller to the end; the verdict shown (and the exit status) is that of
-    `version`'s canary when given (the controller may go on with a newer one after it)."""
-    from flows.canary import MlflowCanaryRegistry, decision_result
-    from flows.report import gate_tables
-    from services.canary import Phase, final_state_for, run_canary
-
-    try:
-        state = _canary_call(
-            run_canary, cfg, config, MlflowCanaryRegistry(cfg), on_event=print_canary_event
-        )
-        if version is not None:
-            state = final_state_for(cfg, version, not_before) or state
-    except KeyboardInterrupt:
-        from services.canary import StateStore, canary_paths
-
-        left = StateStore(canary_paths(cfg)).read()
-        where = (
-            f"{left.phase}, weights stable {left.weights['stable']} / canary "
-            f"{left.weights['canary']}"
-            if left
-            else "no state"
-        )
-        raise _fail(
-            f"controller interrupted ({where}); the state is kept: `mlgate canary resume` "
-            "carries on, `mlgate canary abort` rolls back"
-        ) from None
-    console.print(gate_tables([decision_result(state)]))
-    decision = state.decision or {}
-    if state.phase == Phase.PROMOTED:
-        console.print(f"[green]PROMOTED[/] v{state.candidate_version} is @champion")
-        raise typer.Exit(EXIT_OK)
-    console.print(
-        f"[bold red]ROLLED BACK[/] v{state.candidate_version} at guardrail "
-        f"{decision.get('guardrail')}: {decision.get('reason')}; "
-        f"@champion stays v{state.stable_version}",
-        highlight=False,
-    )
-    raise typer.Exit(EXIT_REJECTED)
-
-
-@canary_app.command("start")
-def canary_start(
-    version: Annotated[str, typer.Argument(help="Candidate version.")],
-    config: ConfigOpt = Path("mlgate.yaml"),
-    port: Annotated[
-        int | None, typer.Option("--port", help="HAProxy's public port (default from config).")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Start without passing offline evidence (recorded).")
-    ] = False,
-    reason: Annotated[str, typer.Option("--reason", help="Why, with --force.")] = "",
-    detach: Annotated[
-        bool, typer.Option("--detach", help="Run the controller in the background.")
-    ] = False,
-) -> None:
-    """Put VERSION on live traffic beside @champion and walk the steps.
-
-    Exit 0 when it is promoted, 3 when it is rolled back. A newer candidate given while a
-    canary runs replaces the older one, and the running controller restarts its analysis
-    with it."""
-    import subprocess
-    import sys
-
-    from flows.canary import begin_canary
-    from services.canary import canary_paths, controller_running
-
-    cfg = _load(config)
-    state = _canary_call(begin_canary, cfg, version, force=force, reason=reason, public_port=port)
-    if state.candidate_version != version:
-        console.print(
-            f"v{version} replaces the canary of v{state.candidate_version}: the controller "
-            "restarts its analysis with it"
-            + ("" if controller_running(cfg) else "; run `mlgate canary resume`")
-        )
-        return
-    console.print(
-        f"canary of {cfg.registry.model_name} v{version} against @champion "
-        f"v{state.stable_version} on {state.public_url}: steps "
-        f"{', '.join(f'{p}%' for p in state.steps)}, judged every {cfg.canary.interval_s:g} s"
-    )
-    if detach:
-        if controller_running(cfg):
-            console.print("a controller already runs this canary; `mlgate canary status`")
-            return
-        log = canary_paths(cfg).root / "controller.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", "canary", "resume", "--config", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        console.print(f"controller running in the background (pid {proc.pid}, log {log})")
-        return
-    _run_controller(cfg, config, version, state.started_at)
-
-
-@canary_app.command("resume")
-def canary_resume(config: ConfigOpt = Path("mlgate.yaml")) -> None:
-    """Carry on the recorded canary after its controller stopped.
-
-    A step under analysis is analysed again from fresh counters; a decision already taken
-    is carried out."""
-    _run_controller(_load(config), config)
-
-
-@canary_app.command("status")
-def canary_status_cmd(config: ConfigOpt = Path("mlgate.yaml"), as_json: JsonOpt = False) -> None:
-    """The canary's phase, step, weights, each step's verdict and HAProxy's live counters."""
-    from services.canary import canary_status
-
-    status = canary_status(_load(config)).to_dict()
-    if as_json:
-        print(json.dumps(status, indent=2))
-        return
-    if status.get("canary", "") is None:
-        console.print(f"no canary recorded ({status['state_file']})")
-        return
-    console.print(
-        f"{status['model']} v{status['candidate_version']} against v{status['stable_version']}: "
-        f"[bold]{status['phase']}[/], step {status['step_percent']}% "
-        f"(weights stable {status['weights']['stable']} / canary {status['weights']['canary']}), "
-        f"controller {'running' if status['controller_running'] else 'not running'}, "
-        f"public {status['public_url']}",
-        highlight=False,
-    )
-    table = Table(title="steps")
-    for col in ("step", "status", "stable / canary responses", "seconds"):
-        table.add_column(col)
-    for d in status["steps_done"]:
-        counts = d.get("haproxy") or {}
-        table.add_row(
-            f"{d['percent']}%",
-            d["status"],
-            f"{counts.get('stable', {}).get('responses', '?')} / "
-            f"{counts.get('canary', {}).get('responses', '?')}",
-            str(d.get("seconds")),
-        )
-    if status.get("current"):
-        cur = status["current"]
-        table.add_row(f"{cur['percent']}%", cur.get("status") or "analysing", "", "")
-    console.print(table)
-    if status.get("decision"):
-        d = status["decision"]
-        console.print(f"decision: {d['outcome']} ({d.get('guardrail')}): {d['reason']}")
-    for name, live in status.get("live", {}).items():
-        console.print(f"HAProxy {name}: {live}", highlight=False)
-
-
-@canary_app.command("abort")
-def canary_abort(reason: ReasonOpt, config: ConfigOpt = Path("mlgate.yaml")) -> None:
-    """Roll the canary back now: weight 0, canary stopped, version tagged, @champion kept."""
-    from flows.canary import MlflowCanaryRegistry
-    from services.canary import abort_canary
-
-    cfg = _load(config)
-    # A running controller may be starting an instance: allow for that before giving up.
-    wait_s = cfg.canary.start_timeout_s + cfg.canary.drain_timeout_s + 60.0
-    state = _canary_call(
-        abort_canary, cfg, reason, MlflowCanaryRegistry(cfg), config_path=config, wait_s=wait_s
-    )
-    if state.phase != "rolled_back":
-        raise _fail(f"canary of v{state.candidate_version} ended {state.phase}, not rolled back")
-    console.print(
-        f"canary of v{state.candidate_version} rolled back; @champion stays v{state.stable_version}"
-    )
-
-
-@canary_app.command("stop")
-def canary_stop(
-    config: ConfigOpt = Path("mlgate.yaml"),
-    force: Annotated[
-        bool, typer.Option("--force", help="Also while a canary is under way (untagged).")
-    ] = False,
-) -> None:
-    """Stop the canary target: HAProxy and every instance it started."""
-    from services.canary import stop_target
-
-    _canary_call(stop_target, _load(config), force=force)
-    console.print("canary target stopped")
 
 
 def main() -> None:

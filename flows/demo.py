@@ -30,13 +30,14 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from checks.result import GateResult
-from flows.report import gate_tables
+from flows.gate_tables import gate_tables
 from flows.runtime import use_embedded_prefect
 from models.config import MlgateConfig, load_config
 from models.data import load_dataset, split_data
+from models.model_ref import ModelRef
 from models.onnx_export import make_session, predict_proba_with_schema
-from services.canary import CanaryState, StateStore, canary_paths
+from models.registry_layout import CHAMPION_ALIAS
+from services.canary_state import CanaryState, StateStore, canary_paths
 from services.launcher import start_service
 from services.model_store import load_registered_model
 
@@ -237,7 +238,7 @@ def _print_decision(state: CanaryState, *, summary: bool = True) -> None:
     if summary:
         console.print(gate_tables([decision_result(state)], max_passed_rows=None))
     if state.steps_done and state.phase == "promoted":
-        last = GateResult.from_dict(state.steps_done[-1]["result"])
+        last = state.steps_done[-1].result
         console.print(gate_tables([last], max_passed_rows=None))
     decision = state.decision or {}
     console.print(
@@ -247,21 +248,21 @@ def _print_decision(state: CanaryState, *, summary: bool = True) -> None:
         highlight=False,
     )
     for step in state.steps_done:
-        counts = step.get("haproxy", {})
+        counts = step.haproxy or {}
         console.print(
-            f"   step {step['percent']:>3}%: HAProxy responses stable "
+            f"   step {step.percent:>3}%: HAProxy responses stable "
             f"{counts.get('stable', {}).get('responses')} / canary "
-            f"{counts.get('canary', {}).get('responses')} in {step['seconds']:.1f} s",
+            f"{counts.get('canary', {}).get('responses')} in {step.seconds:.1f} s",
             highlight=False,
         )
 
 
 def _canary_episode(config: Path, cfg: MlgateConfig) -> CanaryEpisode:
+    from bench.traffic import Replayer
     from flows import registry
     from flows.canary import MlflowCanaryRegistry, begin_canary
-    from flows.cli import print_canary_event
+    from flows.cli_canary import print_canary_event
     from services.canary import run_canary, stop_target
-    from services.traffic import Replayer
 
     client = registry.connect(cfg.registry)
     public = _free_port(cfg.canary.public_port or cfg.serving.port)
@@ -344,15 +345,14 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
             for r in rows[features].to_dict(orient="records")
         ]
     }
-    champion = load_registered_model(
-        cfg.registry.resolved_tracking_uri(), cfg.registry.model_name, alias="champion"
-    )
+    champion_ref = ModelRef(cfg.registry.model_name, alias=CHAMPION_ALIAS)
+    champion = load_registered_model(cfg.registry.resolved_tracking_uri(), champion_ref)
     expected = predict_proba_with_schema(make_session(champion.content), rows, champion.schema)
     base = load_dataset(cfg.dataset)
     stable_batch = base.sample(600, random_state=11)
     shifted_batches = [shifted_batch(base, 600, seed) for seed in (21, 22, 23)]
     t = time.perf_counter()
-    with start_service(config, alias="champion", version=None, port=port) as svc:
+    with start_service(config, champion_ref, port=port) as svc:
         svc.wait_ready(timeout=180)
         started = time.perf_counter() - t
         url = f"http://127.0.0.1:{port}/predict"

@@ -2,8 +2,9 @@
 
 Reads the last window of the inference log and any labelled batches dropped into the
 incoming folder, runs the data gate and PSI drift against what was stored with the champion,
-logs the numbers and Evidently's report to MLflow, and lets the trigger policy decide whether
-to start the training flow.
+lets the trigger policy decide whether to start the training flow, and records the window
+(its numbers and Evidently's report) in MLflow in one go at the end. A labelled batch that
+fails its data gate is quarantined: named in the run and never trained on.
 """
 
 from __future__ import annotations
@@ -22,27 +23,29 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from checks.data_quality import check_data_quality
+from checks.data_quality import DataProfile, check_data_quality
 from checks.drift import check_drift, evidently_drift_report_html
 from checks.result import GateResult, GateStatus
 from checks.trigger import TriggerDecision, TriggerState, decide_retraining
 from flows import registry
-from flows.schedule import TRAINING_NAME
-from flows.training import ChampionState, read_champion, training_flow
-from models.config import MlgateConfig, load_config
+from flows.champion import ChampionState, read_champion
+from flows.deployments import TRAINING_DEPLOYMENT
+from flows.training import training_flow
+from models.config import DataGateConfig, DatasetConfig, DriftGateConfig, MlgateConfig, load_config
 from models.data import SUPPORTED_SUFFIXES, encode_target, read_table
 from models.metrics import metric_value
+from models.model_ref import ModelRef
 from models.onnx_export import make_session, predict_proba_with_schema
-from models.reference import SCORE_COLUMN
+from models.reference import SCORE_COLUMN, ReferenceHistograms
+from models.registry_layout import EVIDENCE_DIR, MONITORING_ARTIFACT, SAMPLE_ARTIFACT
 from services.inference_log import read_inference_log
 from services.model_store import load_registered_model
 
-MONITOR_EXPERIMENT = "mlgate-monitoring"
-TRAINING_DEPLOYMENT = f"training_flow/{TRAINING_NAME}"
-
-run_data_gate = task(name="live-data-gate", cache_policy=NO_CACHE)(check_data_quality)
-run_drift = task(name="drift", cache_policy=NO_CACHE)(check_drift)
-decide = task(name="trigger-policy", cache_policy=NO_CACHE)(decide_retraining)
+# Under the incoming folder: labelled batches that passed their data gate (trained on at
+# the next retrain) and those that failed it (kept for a person, never trained on).
+PROCESSED_DIR = "processed"
+QUARANTINE_DIR = "quarantine"
+DRIFT_REPORT_ARTIFACT = f"{EVIDENCE_DIR}/drift_report.html"
 
 
 @dataclass
@@ -57,6 +60,7 @@ class MonitoringOutcome:
     retrained: bool = False
     training: str | None = None
     run_id: str | None = None
+    quarantined: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "gates"}
@@ -64,6 +68,43 @@ class MonitoringOutcome:
         d["window_start"] = self.window_start.isoformat()
         d["window_end"] = self.window_end.isoformat()
         return d
+
+
+@dataclass(frozen=True)
+class IncomingBatches:
+    """The labelled batches found in one window, each gated and moved aside once."""
+
+    gates: list[GateResult] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    processed: list[Path] = field(default_factory=list)
+    quarantined: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Evidently's HTML drift report of a window, or why there is none. The visual report is
+    evidence, never a verdict: an error in it is kept, not raised."""
+
+    html: bytes | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class MonitoringEvidence:
+    """One monitoring window as `registry.record_monitoring_run` writes it."""
+
+    run_name: str
+    tags: dict[str, str]
+    gates: tuple[GateResult, ...]
+    metrics: dict[str, float]
+    outcome: dict[str, Any]
+    drift_report: bytes | None = None
+
+    def artifacts(self, run_id: str) -> dict[str, bytes]:
+        out = {MONITORING_ARTIFACT: json.dumps(self.outcome, indent=2, default=str).encode()}
+        if self.drift_report is not None:
+            out[DRIFT_REPORT_ARTIFACT] = self.drift_report
+        return out
 
 
 def trigger_state_path(cfg: MlgateConfig) -> Path:
@@ -84,36 +125,95 @@ def _save_trigger_state(cfg: MlgateConfig, state: TriggerState) -> None:
     tmp.replace(path)
 
 
-@task(name="read-window", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def advance_trigger(
+    cfg: MlgateConfig, data_quality: GateResult | None, drift: GateResult, now: datetime
+) -> TriggerDecision:
+    """The trigger policy on this window; the state of earlier windows is read and written
+    under one lock, so concurrent windows never lose a count."""
+    with FileLock(str(trigger_state_path(cfg).with_suffix(".lock")), timeout=60):
+        decision = decide_retraining(
+            load_trigger_state(cfg),
+            data_quality=data_quality,
+            drift=drift,
+            now=now,
+            cfg=cfg.monitor,
+        )
+        _save_trigger_state(cfg, decision.state)
+    return decision
+
+
 def read_window(cfg: MlgateConfig, since: datetime, until: datetime) -> pd.DataFrame:
-    return read_inference_log(cfg.inference_log_dir(), cfg.registry.model_name, since, until)
+    return read_inference_log(cfg.inference_log_location(), cfg.registry.model_name, since, until)
 
 
-@task(name="labelled-batches", cache_policy=NO_CACHE)
-def score_incoming(
-    cfg: MlgateConfig, champion: ChampionState, processed_dir: Path
-) -> tuple[list[GateResult], dict[str, float], list[Path]]:
-    """Labelled batches dropped into the incoming folder: gated with their labels, scored by
-    the champion for the live metric, then moved aside so each is counted once."""
+def champion_traffic(window: pd.DataFrame, version: str) -> pd.DataFrame:
+    """The window's rows the champion scored."""
+    return window[window["model_version"].astype(str) == version] if len(window) else window
+
+
+def gate_live_data(
+    window: pd.DataFrame, dataset: DatasetConfig, gate: DataGateConfig, profile: DataProfile
+) -> GateResult | None:
+    """The data gate on the window's features (no labels); none for an empty window."""
+    if not len(window):
+        return None
+    return check_data_quality(
+        window[list(dataset.features)], dataset, gate, profile, with_label=False
+    )
+
+
+def gate_drift(
+    window: pd.DataFrame,
+    dataset: DatasetConfig,
+    reference: ReferenceHistograms,
+    gate: DriftGateConfig,
+) -> GateResult:
+    """PSI per feature and on the score; an empty window is the drift gate's to judge."""
+    features = list(dataset.features)
+    if not len(window):
+        return check_drift(pd.DataFrame(columns=features), reference, gate, scores=None)
+    return check_drift(window[features], reference, gate, scores=window["score"].to_numpy())
+
+
+def processed_dir(cfg: MlgateConfig) -> Path:
+    return cfg.incoming_dir() / PROCESSED_DIR
+
+
+def quarantine_dir(cfg: MlgateConfig) -> Path:
+    return cfg.incoming_dir() / QUARANTINE_DIR
+
+
+def _move(path: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    shutil.move(str(path), target)
+    return target
+
+
+def score_incoming(cfg: MlgateConfig, champion: ChampionState) -> IncomingBatches:
+    """Labelled batches dropped into the incoming folder, each gated with its labels and
+    moved aside so it is counted once: one that passed goes to `processed/`, is scored by the
+    champion for the live metric and is trained on at the next retrain; one that failed goes
+    to `quarantine/`, is neither scored nor trained on, and is named in the outcome."""
     incoming = cfg.incoming_dir()
     files = sorted(p for p in incoming.glob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES)
     if not files or champion.version is None or champion.profile is None:
-        return [], {}, []
+        return IncomingBatches()
     loaded = load_registered_model(
-        cfg.registry.resolved_tracking_uri(), cfg.registry.model_name, version=champion.version
+        cfg.registry.resolved_tracking_uri(),
+        ModelRef(cfg.registry.model_name, version=champion.version),
     )
     session = make_session(loaded.content)
-    gates, frames, moved = [], [], []
+    gates, frames, processed, quarantined = [], [], [], []
     for path in files:
         batch = read_table(path)
         gate = check_data_quality(batch, cfg.dataset, cfg.gates.data, champion.profile)
         gates.append(GateResult(f"incoming:{path.name}", gate.status, gate.reason, gate.metrics))
-        processed_dir.mkdir(parents=True, exist_ok=True)
-        target = processed_dir / path.name
-        shutil.move(str(path), target)
         if gate.passed:
             frames.append(batch)
-            moved.append(target)
+            processed.append(_move(path, processed_dir(cfg)))
+        else:
+            quarantined.append(_move(path, quarantine_dir(cfg)))
     metrics: dict[str, float] = {}
     if frames:
         labelled = pd.concat(frames, ignore_index=True)
@@ -121,13 +221,14 @@ def score_incoming(
         scores = predict_proba_with_schema(session, labelled, loaded.schema)
         name = cfg.gates.champion.primary_metric
         metrics = {f"live_{name}": metric_value(name, y, scores), "labelled_rows": float(len(y))}
-    return gates, metrics, moved
+    return IncomingBatches(gates, metrics, processed, quarantined)
 
 
-def _training_data(cfg: MlgateConfig, processed_dir: Path) -> Path | None:
-    """The configured data plus every labelled batch that passed its gate, so a retrain
-    learns from the world as it is now."""
-    batches = sorted(processed_dir.glob("*")) if processed_dir.exists() else []
+def combine_training_data(cfg: MlgateConfig) -> Path | None:
+    """The configured data plus every labelled batch that passed its gate (`processed/`;
+    never `quarantine/`), so a retrain learns from the world as it is now."""
+    folder = processed_dir(cfg)
+    batches = sorted(folder.glob("*")) if folder.exists() else []
     if not batches:
         return None
     frames = [read_table(cfg.dataset.path)] + [read_table(p) for p in batches]
@@ -157,60 +258,88 @@ def start_training(config_path: str, data_path: Path | None) -> str:
         return f"training subflow {verdict}: version {outcome.version}; {outcome.reason}"
 
 
-def _log_run(
-    client: MlflowClient,
-    cfg: MlgateConfig,
-    outcome: MonitoringOutcome,
-    window: pd.DataFrame,
-    champion: ChampionState,
-) -> str:
-    exp = registry.ensure_experiment(client, cfg.registry, MONITOR_EXPERIMENT)
-    run = client.create_run(
-        exp,
-        tags={
-            "model_name": cfg.registry.model_name,
-            "champion_version": str(champion.version),
-            "window_start": outcome.window_start.isoformat(),
-            "window_end": outcome.window_end.isoformat(),
-            "decision": outcome.decision[:5000],
-            "retrained": str(outcome.retrained).lower(),
-            **{f"gate.{g.name}": g.status.value for g in outcome.gates},
-        },
-        run_name=f"monitor {outcome.window_end:%Y-%m-%d %H:%M}",
-    )
-    run_id = run.info.run_id
+def start_retraining(cfg: MlgateConfig, config_path: str, reason: str) -> str:
+    get_run_logger().info("retraining: %s", reason)
+    return start_training(config_path, combine_training_data(cfg))
+
+
+def raise_alerts(cfg: MlgateConfig, alerts: tuple[str, ...]) -> None:
+    for alert in alerts:
+        get_run_logger().warning("alert: %s", alert)
+        registry.notify(cfg.registry, f"mlgate: {cfg.registry.model_name} monitoring alert", alert)
+
+
+def drift_report(
+    client: MlflowClient, cfg: MlgateConfig, champion: ChampionState, window: pd.DataFrame
+) -> DriftReport:
+    """Evidently's report of the window against the holdout sample stored with the champion;
+    none for an empty window."""
+    if champion.version is None or not len(window):
+        return DriftReport()
+    try:
+        mv = client.get_model_version(cfg.registry.model_name, str(champion.version))
+        with tempfile.TemporaryDirectory() as tmp:
+            reference = pd.read_parquet(
+                client.download_artifacts(str(mv.run_id), SAMPLE_ARTIFACT, tmp)
+            )
+            current = window.rename(columns={"score": SCORE_COLUMN})
+            columns = [c for c in reference.columns if c in current.columns]
+            html = evidently_drift_report_html(
+                reference[columns], current[columns], columns, Path(tmp) / "drift_report.html"
+            )
+            return DriftReport(html=Path(html).read_bytes())
+    except Exception as err:
+        return DriftReport(error=str(err))
+
+
+def monitoring_evidence(
+    cfg: MlgateConfig, outcome: MonitoringOutcome, report: DriftReport
+) -> MonitoringEvidence:
+    tags = {
+        "model_name": cfg.registry.model_name,
+        "champion_version": str(outcome.champion_version),
+        "window_start": outcome.window_start.isoformat(),
+        "window_end": outcome.window_end.isoformat(),
+        "decision": outcome.decision[:5000],
+        "retrained": str(outcome.retrained).lower(),
+    }
+    if outcome.quarantined:
+        tags["quarantined"] = ", ".join(outcome.quarantined)[:5000]
+    if report.error is not None:
+        tags["evidently_error"] = report.error[:5000]
     metrics = {"rows": float(outcome.rows), **outcome.live_metrics}
     for g in outcome.gates:
         if g.name == "drift":
             metrics.update(g.metrics)
-    registry.log_params_metrics(client, run_id, {}, metrics)
-    registry.log_json_artifact(client, run_id, "monitoring.json", outcome.to_dict())
-    if champion.version is not None and len(window):
-        try:
-            _log_evidently_report(client, run_id, cfg, champion, window)
-        except Exception as err:  # the visual report is evidence, never a verdict
-            client.set_tag(run_id, "evidently_error", str(err)[:5000])
-    client.set_terminated(run_id, "FINISHED")
-    return str(run_id)
+    return MonitoringEvidence(
+        run_name=f"monitor {outcome.window_end:%Y-%m-%d %H:%M}",
+        tags=tags,
+        gates=tuple(outcome.gates),
+        metrics=metrics,
+        outcome=outcome.to_dict(),
+        drift_report=report.html,
+    )
 
 
-def _log_evidently_report(
-    client: MlflowClient,
-    run_id: str,
-    cfg: MlgateConfig,
-    champion: ChampionState,
-    window: pd.DataFrame,
-) -> None:
-    mv = client.get_model_version(cfg.registry.model_name, str(champion.version))
-    with tempfile.TemporaryDirectory() as tmp:
-        ref_path = client.download_artifacts(str(mv.run_id), registry.SAMPLE_ARTIFACT, tmp)
-        reference = pd.read_parquet(ref_path)
-        current = window.rename(columns={"score": SCORE_COLUMN})
-        columns = [c for c in reference.columns if c in current.columns]
-        html = evidently_drift_report_html(
-            reference[columns], current[columns], columns, Path(tmp) / "drift_report.html"
-        )
-        client.log_artifact(run_id, str(html), "evidence")
+def finish_monitoring(
+    client: MlflowClient, cfg: MlgateConfig, outcome: MonitoringOutcome, report: DriftReport
+) -> MonitoringOutcome:
+    """The window's only MLflow write: its run, once everything about it is known."""
+    evidence = monitoring_evidence(cfg, outcome, report)
+    outcome.run_id = registry.record_monitoring_run(client, cfg.registry, evidence)
+    return outcome
+
+
+def _task(fn: Any, name: str, **kw: Any) -> Any:
+    return task(name=name, cache_policy=NO_CACHE, **kw)(fn)
+
+
+read_traffic = _task(read_window, "read-window", retries=2, retry_delay_seconds=2)
+run_data_gate = _task(gate_live_data, "live-data-gate")
+run_drift = _task(gate_drift, "drift")
+gate_incoming = _task(score_incoming, "labelled-batches")
+decide = _task(advance_trigger, "trigger-policy")
+render_drift_report = _task(drift_report, "drift-report")
 
 
 @flow(name="monitoring_flow", log_prints=True)
@@ -218,63 +347,43 @@ def monitoring_flow(
     config_path: str = "mlgate.yaml", now: datetime | None = None, retrain: bool = True
 ) -> MonitoringOutcome:
     """One monitoring window; `now` fixes the window's end (default: the current time)."""
-    logger = get_run_logger()
     cfg = load_config(config_path)
     client = registry.connect(cfg.registry)
     end = (now or datetime.now(UTC)).astimezone(UTC)
     start = end - timedelta(hours=cfg.monitor.window_hours)
     champion = read_champion(client, cfg)
-    outcome = MonitoringOutcome(start, end, 0, champion.version)
     if champion.version is None or champion.histograms is None or champion.profile is None:
-        outcome.decision = (
-            "no champion with stored reference histograms and profile: nothing to monitor"
-            if champion.error is None
-            else f"champion unreadable: {champion.error}"
-        )
-        outcome.run_id = _log_run(client, cfg, outcome, pd.DataFrame(), champion)
-        return outcome
+        idle = MonitoringOutcome(start, end, 0, champion.version, decision=_idle_reason(champion))
+        return finish_monitoring(client, cfg, idle, DriftReport())
 
-    window = cast(pd.DataFrame, read_window(cfg, start, end))
-    if len(window):
-        window = window[window["model_version"].astype(str) == champion.version]
-    outcome.rows = len(window)
-    features = list(cfg.dataset.features)
-    dq = (
-        run_data_gate(
-            window[features], cfg.dataset, cfg.gates.data, champion.profile, with_label=False
-        )
-        if len(window)
-        else None
+    window = champion_traffic(read_traffic(cfg, start, end), champion.version)
+    dq = run_data_gate(window, cfg.dataset, cfg.gates.data, champion.profile)
+    drift = run_drift(window, cfg.dataset, champion.histograms, cfg.gates.drift)
+    batches = gate_incoming(cfg, champion)
+    decision = decide(cfg, dq, drift, end)
+    raise_alerts(cfg, decision.alerts)
+    retrained = decision.retrain and retrain
+    training = start_retraining(cfg, config_path, decision.reason) if retrained else None
+    outcome = MonitoringOutcome(
+        start,
+        end,
+        len(window),
+        champion.version,
+        gates=[g for g in (dq, drift) if g is not None] + batches.gates,
+        live_metrics=batches.metrics,
+        decision=decision.reason,
+        retrained=retrained,
+        training=training,
+        quarantined=[p.name for p in batches.quarantined],
     )
-    drift = run_drift(
-        window[features] if len(window) else pd.DataFrame(columns=features),
-        champion.histograms,
-        cfg.gates.drift,
-        scores=window["score"].to_numpy() if len(window) else None,
-    )
-    outcome.gates = [g for g in (dq, drift) if g is not None]
+    report = render_drift_report(client, cfg, champion, window)
+    return finish_monitoring(client, cfg, outcome, report)
 
-    processed = cfg.incoming_dir() / "processed"
-    batch_gates, live, _ = score_incoming(cfg, champion, processed)
-    outcome.gates += batch_gates
-    outcome.live_metrics = live
 
-    lock = FileLock(str(trigger_state_path(cfg).with_suffix(".lock")), timeout=60)
-    with lock:
-        decision: TriggerDecision = decide(
-            load_trigger_state(cfg), data_quality=dq, drift=drift, now=end, cfg=cfg.monitor
-        )
-        _save_trigger_state(cfg, decision.state)
-    outcome.decision = decision.reason
-    for alert in decision.alerts:
-        logger.warning("alert: %s", alert)
-        registry.notify(cfg.registry, f"mlgate: {cfg.registry.model_name} monitoring alert", alert)
-    if decision.retrain and retrain:
-        logger.info("retraining: %s", decision.reason)
-        outcome.retrained = True
-        outcome.training = start_training(config_path, _training_data(cfg, processed))
-    outcome.run_id = _log_run(client, cfg, outcome, window, champion)
-    return outcome
+def _idle_reason(champion: ChampionState) -> str:
+    if champion.error is not None:
+        return f"champion unreadable: {champion.error}"
+    return "no champion with stored reference histograms and profile: nothing to monitor"
 
 
 def drift_status(outcome: MonitoringOutcome) -> GateStatus | None:

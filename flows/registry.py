@@ -1,6 +1,7 @@
 """The registry layer: the only code that writes MLflow runs, versions and aliases.
 
-Alias moves are compare-and-set under a file lock and each one is recorded as a run in an
+Alias moves are compare-and-set under a lock (a file lock, or in team mode a PostgreSQL
+advisory lock shared by all hosts) and each one is recorded as a run in an
 audit experiment, so the history outlives the versions it mentions.
 """
 
@@ -11,11 +12,11 @@ import functools
 import getpass
 import json
 import math
-import os
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -30,21 +31,38 @@ from mlflow.tracking import MlflowClient
 from checks.result import GateResult
 from models.config import DatasetConfig, RegistryConfig
 
-if TYPE_CHECKING:
-    from models.onnx_export import OnnxModel
+# The layout lives in models/registry_layout.py; flows/ reads these names as `registry.X`.
+from models.registry_layout import (
+    ALIAS_TAG_PREFIX,
+    AUDIT_EXPERIMENT,
+    CANARY_EVIDENCE_DIR,
+    CANARY_EVIDENCE_TAG,
+    CHALLENGER_ALIAS,
+    CHAMPION_ALIAS,
+    EVIDENCE_ARTIFACT,
+    EVIDENCE_GATES_TAG,
+    EVIDENCE_REPORT_TAG,
+    GATE_TAG_PREFIX,
+    KIND_TAG,
+    MADE_BY_TAG,
+    MODEL_ARTIFACT_DIR,
+    MONITOR_EXPERIMENT,
+    MOVE_ARTIFACT,
+    OUTCOME_TAG,
+    REPORT_ARTIFACT,
+    SHA_TAG,
+    STOPPED_AT_TAG,
+)
+from models.registry_layout import DATA_DOCS_ARTIFACT_DIR as DATA_DOCS_ARTIFACT_DIR
+from models.registry_layout import DRIFT_ARTIFACT as DRIFT_ARTIFACT
+from models.registry_layout import HISTOGRAMS_ARTIFACT as HISTOGRAMS_ARTIFACT
+from models.registry_layout import PROFILE_ARTIFACT as PROFILE_ARTIFACT
+from models.registry_layout import SAMPLE_ARTIFACT as SAMPLE_ARTIFACT
 
-AUDIT_EXPERIMENT = "mlgate-audit"
-SHA_TAG = "onnx_sha256"
-GATE_TAG_PREFIX = "gate."
-MODEL_ARTIFACT_DIR = "model"
-EVIDENCE_ARTIFACT = "evidence/gates.json"
-PROFILE_ARTIFACT = "reference/data_profile.json"
-REPORT_ARTIFACT = "evidence/model_report.html"
-HISTOGRAMS_ARTIFACT = "reference/histograms.json"
-# Holdout features and scores: the raw side of Evidently's visual report in monitoring.
-SAMPLE_ARTIFACT = "reference/sample.parquet"
-DRIFT_ARTIFACT = "evidence/drift_vs_champion.json"
-DATA_DOCS_ARTIFACT_DIR = "evidence/data_docs"
+if TYPE_CHECKING:
+    from flows.monitoring import MonitoringEvidence
+    from flows.training_evidence import TrainingEvidence
+    from models.onnx_export import OnnxModel
 
 
 class RegistryError(RuntimeError):
@@ -103,7 +121,12 @@ class _BusyRetryingClient:
 
 
 def connect(registry: RegistryConfig) -> MlflowClient:
+    """A client of the configured registry: SQLite under the store dir (embedded), or a
+    tracking server with the configured basic-auth user (team mode)."""
+    from flows.runtime import use_team_servers
+
     registry.store_dir.mkdir(parents=True, exist_ok=True)
+    use_team_servers(registry)
     uri = registry.resolved_tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if uri.startswith("sqlite:"):
@@ -146,10 +169,10 @@ def get_alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersi
         return None
 
 
-def current_actor() -> str:
-    """Who is moving things: MLGATE_ACTOR when a scheduler sets it, else user@host."""
-    if os.environ.get("MLGATE_ACTOR"):
-        return os.environ["MLGATE_ACTOR"]
+def current_actor(registry: RegistryConfig) -> str:
+    """Who is moving things: `registry.actor` when a scheduler sets it, else user@host."""
+    if registry.actor:
+        return registry.actor
     try:
         user = getpass.getuser()
     except Exception:
@@ -178,11 +201,18 @@ def git_commit(cwd: Path | None = None) -> str:
 
 
 def log_gate_results(client: MlflowClient, run_id: str, results: list[GateResult]) -> None:
-    for r in results:
-        client.set_tag(run_id, f"{GATE_TAG_PREFIX}{r.name}", r.status.value)
-    metrics = {f"gate.{r.name}.{k}": v for r in results for k, v in r.metrics.items()}
-    log_params_metrics(client, run_id, {}, metrics)
+    for key, value in gate_status_tags(results).items():
+        client.set_tag(run_id, key, value)
+    log_params_metrics(client, run_id, {}, gate_metrics(results))
     log_json_artifact(client, run_id, EVIDENCE_ARTIFACT, [r.to_dict() for r in results])
+
+
+def gate_status_tags(results: list[GateResult]) -> dict[str, str]:
+    return {f"{GATE_TAG_PREFIX}{r.name}": r.status.value for r in results}
+
+
+def gate_metrics(results: list[GateResult]) -> dict[str, float]:
+    return {f"{GATE_TAG_PREFIX}{r.name}.{k}": v for r in results for k, v in r.metrics.items()}
 
 
 def log_params_metrics(
@@ -243,6 +273,163 @@ def register_version(
     return mv
 
 
+def _record_run(
+    client: MlflowClient,
+    registry: RegistryConfig,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    *,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    artifacts: Callable[[str], Mapping[str, bytes]],
+) -> str:
+    """One run written in one go: tags at creation, then params and metrics, then every
+    artifact (`artifacts(run_id)`: path -> bytes) in one upload. A failure on the way ends the
+    run FAILED, so a FINISHED run always holds all of it."""
+    exp_id = ensure_experiment(client, registry, experiment)
+    run = client.create_run(exp_id, tags=dict(tags), run_name=run_name)
+    run_id = str(run.info.run_id)
+    try:
+        log_params_metrics(client, run_id, dict(params), dict(metrics))
+        with tempfile.TemporaryDirectory() as tmp:
+            for path, content in artifacts(run_id).items():
+                local = Path(tmp, path)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(content)
+            client.log_artifacts(run_id, tmp)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _verdict_tags(accepted: bool, stopped_at: str | None) -> dict[str, str]:
+    tags = {OUTCOME_TAG: "accepted" if accepted else "rejected"}
+    if stopped_at:
+        tags[STOPPED_AT_TAG] = stopped_at
+    return tags
+
+
+def record_training_run(
+    client: MlflowClient, registry: RegistryConfig, evidence: TrainingEvidence
+) -> str:
+    """The training run, once every offline gate has run: its facts, each gate's status and
+    the verdict as tags, params, metrics with each gate's numbers, and every artifact with the
+    gates' evidence JSON. Nothing of a training run is written before this."""
+    gates = list(evidence.gates)
+    payload = json.dumps([g.to_dict() for g in gates], indent=2, default=str).encode()
+    return _record_run(
+        client,
+        registry,
+        registry.experiment,
+        evidence.run_name,
+        {
+            **evidence.tags,
+            **gate_status_tags(gates),
+            **_verdict_tags(evidence.accepted, evidence.stopped_at),
+        },
+        params=evidence.params,
+        metrics={**evidence.metrics, **gate_metrics(gates)},
+        artifacts=lambda run_id: {**evidence.artifacts(run_id), EVIDENCE_ARTIFACT: payload},
+    )
+
+
+def register_candidate(
+    client: MlflowClient, registry: RegistryConfig, run_id: str, evidence: TrainingEvidence
+) -> ModelVersion:
+    """The challenger the champion gate judged, accepted or not, as a version of the model,
+    from its recorded run (`record_training_run`): the ONNX sha256, each gate's status, the
+    verdict, the facts and links to the evidence. The run is tagged with the version."""
+    if evidence.candidate is None or not evidence.registrable:
+        raise RegistryError(f"training run {run_id} holds no challenger to register")
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    mv = register_version(
+        client,
+        registry.model_name,
+        run_id,
+        evidence.candidate.onnx.sha256,
+        tags={
+            **gate_status_tags(list(evidence.gates)),
+            **evidence.version_tags,
+            OUTCOME_TAG: "accepted" if evidence.accepted else "rejected",
+            EVIDENCE_GATES_TAG: f"{artifact_uri}/{EVIDENCE_ARTIFACT}",
+            EVIDENCE_REPORT_TAG: f"{artifact_uri}/{REPORT_ARTIFACT}",
+        },
+        description=evidence.description,
+    )
+    client.set_tag(run_id, "model_version", str(mv.version))
+    return mv
+
+
+def promote_candidate(
+    client: MlflowClient,
+    registry: RegistryConfig,
+    version: str,
+    *,
+    judged_against: str | None,
+    to_champion: bool,
+    reason: str,
+    actor: str,
+) -> list[AliasMove]:
+    """A version that passed its offline gates takes `@challenger` from whoever holds it and,
+    with `to_champion`, `@champion`, compare-and-set against the champion it was judged
+    against: the same evidence-checked path as a person's `mlgate promote`."""
+    aliases: list[tuple[str, str | None]] = [(CHALLENGER_ALIAS, "read")]
+    if to_champion:
+        aliases.append((CHAMPION_ALIAS, judged_against))
+    return [
+        promote(
+            client,
+            registry,
+            registry.model_name,
+            version,
+            alias=alias,
+            reason=reason,
+            expected_from=expected,
+            actor=actor,
+        )
+        for alias, expected in aliases
+    ]
+
+
+def record_training_verdict(
+    client: MlflowClient,
+    registry: RegistryConfig,
+    run_id: str,
+    version: str,
+    gates: list[GateResult],
+    *,
+    accepted: bool,
+    stopped_at: str | None,
+) -> None:
+    """A verdict reached after the run was recorded (the canary's, on live traffic): every
+    gate again on the run, and the verdict on the version and on the run."""
+    log_gate_results(client, run_id, gates)
+    verdict = _verdict_tags(accepted, stopped_at)
+    client.set_model_version_tag(registry.model_name, version, OUTCOME_TAG, verdict[OUTCOME_TAG])
+    for key, value in verdict.items():
+        client.set_tag(run_id, key, value)
+
+
+def record_monitoring_run(
+    client: MlflowClient, registry: RegistryConfig, evidence: MonitoringEvidence
+) -> str:
+    """One monitoring window as a run of the monitoring experiment, written in one go after
+    the window was judged: its facts and each gate's status as tags, its numbers, artifacts."""
+    return _record_run(
+        client,
+        registry,
+        MONITOR_EXPERIMENT,
+        evidence.run_name,
+        {**evidence.tags, **gate_status_tags(list(evidence.gates))},
+        params={},
+        metrics=evidence.metrics,
+        artifacts=evidence.artifacts,
+    )
+
+
 def register_onnx_model(
     client: MlflowClient,
     registry: RegistryConfig,
@@ -260,7 +447,7 @@ def register_onnx_model(
     from models.onnx_export import write_model_dir
 
     exp_id = ensure_experiment(client, registry, registry.experiment)
-    run = client.create_run(exp_id, run_name=run_name, tags={"mlgate.made_by": run_name})
+    run = client.create_run(exp_id, run_name=run_name, tags={MADE_BY_TAG: run_name})
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(onnx_model, dataset, Path(tmp) / MODEL_ARTIFACT_DIR)
         client.log_artifacts(run.info.run_id, str(model_dir), MODEL_ARTIFACT_DIR)
@@ -281,9 +468,6 @@ def gate_tags(mv: ModelVersion) -> dict[str, str]:
     }
 
 
-CANARY_EVIDENCE_TAG = "evidence.canary"
-
-
 def version_gate_results(client: MlflowClient, mv: ModelVersion) -> list[GateResult]:
     """The offline gates from the training run's evidence, and the latest canary verdict
     (tag `evidence.canary`), which a canary run by hand adds after training."""
@@ -291,11 +475,11 @@ def version_gate_results(client: MlflowClient, mv: ModelVersion) -> list[GateRes
         return []
     results = run_gate_results(client, mv.run_id)
     uri = mv.tags.get(CANARY_EVIDENCE_TAG, "")
-    _, sep, rest = uri.partition("/evidence/canary/")
+    _, sep, rest = uri.partition(f"/{CANARY_EVIDENCE_DIR}/")
     if sep:
         try:
             canary = GateResult.from_dict(
-                load_json_artifact(client, mv.run_id, f"evidence/canary/{rest}")
+                load_json_artifact(client, mv.run_id, f"{CANARY_EVIDENCE_DIR}/{rest}")
             )
         except (MlflowException, OSError, ValueError, KeyError):
             return results
@@ -325,10 +509,21 @@ def latest_training_run(client: MlflowClient, registry: RegistryConfig) -> str:
     return str(runs[0].info.run_id)
 
 
-def _lock(registry: RegistryConfig, name: str, alias: str) -> FileLock:
+def _lock(
+    registry: RegistryConfig, name: str, alias: str
+) -> contextlib.AbstractContextManager[Any]:
+    """The lock an alias move holds. Team mode (`registry.lock_dsn`): a PostgreSQL advisory
+    lock that movers on every host share. The embedded default: a file lock under the store
+    dir, which serialises movers on this host (and those sharing its filesystem) only."""
+    if registry.lock_dsn is not None:
+        from flows.alias_lock import advisory_lock
+
+        return advisory_lock(
+            registry.lock_dsn.get_secret_value(), name, alias, timeout_s=registry.lock_timeout_s
+        )
     locks = registry.store_dir / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(locks / f"{name}.{alias}.lock"), timeout=120)
+    return FileLock(str(locks / f"{name}.{alias}.lock"), timeout=registry.lock_timeout_s)
 
 
 def move_alias(
@@ -347,12 +542,12 @@ def move_alias(
 ) -> AliasMove:
     """Compare-and-set: the alias moves only if it still points at `expected_from`.
 
-    The file lock serialises movers on this host and its shared filesystem; the re-read under
-    the lock is what makes a stale reader lose instead of overwrite.
+    The lock (`_lock`: a file lock, or in team mode a PostgreSQL advisory lock) serialises
+    movers; the re-read under the lock is what makes a stale reader lose instead of overwrite.
     """
     if not reason.strip():
         raise RegistryError("an alias move needs a reason")
-    actor = actor or current_actor()
+    actor = actor or current_actor(registry)
     with _lock(registry, name, alias):
         current = get_alias_version(client, name, alias)
         current_version = str(current.version) if current else None
@@ -368,9 +563,11 @@ def move_alias(
         except MlflowException:
             raise RegistryError(f"{name} has no version {to_version}") from None
         client.set_registered_model_alias(name, alias, to_version)
-        client.set_model_version_tag(name, to_version, f"alias.{alias}.since", _now())
+        client.set_model_version_tag(name, to_version, f"{ALIAS_TAG_PREFIX}{alias}.since", _now())
         if current_version is not None and current_version != str(to_version):
-            _tag_if_exists(client, name, current_version, f"alias.{alias}.until", _now())
+            _tag_if_exists(
+                client, name, current_version, f"{ALIAS_TAG_PREFIX}{alias}.until", _now()
+            )
         run_id = _record(
             client,
             registry,
@@ -411,7 +608,7 @@ def _record(client: MlflowClient, registry: RegistryConfig, **move: Any) -> str:
     """One run in the audit experiment per move: it outlives the versions it names."""
     exp_id = ensure_experiment(client, registry, AUDIT_EXPERIMENT)
     tags = {
-        "mlgate.kind": move["kind"],
+        KIND_TAG: move["kind"],
         "model_name": move["name"],
         "alias": move["alias"],
         "from_version": str(move["from_version"]),
@@ -425,7 +622,9 @@ def _record(client: MlflowClient, registry: RegistryConfig, **move: Any) -> str:
     run = client.create_run(
         exp_id, tags=tags, run_name=f"{move['kind']} {move['name']}@{move['alias']}"
     )
-    log_json_artifact(client, run.info.run_id, "move.json", {**tags, "evidence": move["evidence"]})
+    log_json_artifact(
+        client, run.info.run_id, MOVE_ARTIFACT, {**tags, "evidence": move["evidence"]}
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
     return str(run.info.run_id)
 
@@ -481,7 +680,7 @@ def promote(
     version: str,
     *,
     reason: str,
-    alias: str = "champion",
+    alias: str = CHAMPION_ALIAS,
     force: bool = False,
     expected_from: str | Literal["read"] | None = "read",
     actor: str | None = None,
@@ -520,7 +719,7 @@ def holder_stack(history: list[dict[str, str]]) -> list[str]:
     a rollback pops. The top is the holder, the one below it the rollback target."""
     stack: list[str] = []
     for h in sorted(history, key=lambda r: int(r.get("at_ns", "0"))):
-        kind, to = h.get("mlgate.kind"), h.get("to_version", "None")
+        kind, to = h.get(KIND_TAG), h.get("to_version", "None")
         if kind == "rollback":
             if stack:
                 stack.pop()
@@ -535,7 +734,7 @@ def rollback(
     name: str,
     *,
     reason: str,
-    alias: str = "champion",
+    alias: str = CHAMPION_ALIAS,
     actor: str | None = None,
 ) -> AliasMove:
     """Back to the version that held the alias before, from the recorded history."""
@@ -602,7 +801,7 @@ def delete_version(
         from_version=version,
         to_version="None",
         reason=reason,
-        actor=actor or current_actor(),
+        actor=actor or current_actor(registry),
         forced=bool(held),
         evidence={"held_aliases": held},
     )
@@ -631,7 +830,7 @@ def record_canary(
         from_version=stable_version,
         to_version=str(version),
         reason=f"{outcome}: {reason}",
-        actor=actor or current_actor(),
+        actor=actor or current_actor(registry),
         forced=False,
         evidence=evidence or {},
     )
@@ -670,7 +869,7 @@ def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
             {
                 "version": str(mv.version),
                 "aliases": sorted(aliases.get(str(mv.version), [])),
-                "outcome": tags.get("mlgate.outcome", "-"),
+                "outcome": tags.get(OUTCOME_TAG, "-"),
                 "primary_metric": tags.get("primary_metric", "-"),
                 "primary_metric_value": tags.get("primary_metric_value", "-"),
                 "gates": gate_tags(mv),
@@ -699,12 +898,12 @@ def describe_version(client: MlflowClient, ref: str) -> dict[str, Any]:
             mv = (
                 client.get_model_version(name, version)
                 if version
-                else get_alias_version(client, name, "champion")
+                else get_alias_version(client, name, CHAMPION_ALIAS)
             )
         except MlflowException:
             mv = None
         if mv is None:
-            raise RegistryError(f"no version {version or '@champion'} of model {name!r}")
+            raise RegistryError(f"no version {version or '@' + CHAMPION_ALIAS} of model {name!r}")
     row = next(r for r in list_versions(client, name) if r["version"] == str(mv.version))
     moves = [
         h

@@ -1,9 +1,14 @@
-"""Process settings for Prefect's embedded default, applied before Prefect is imported."""
+"""Process settings of MLflow's and Prefect's clients: the embedded default, or team mode's
+servers and credentials from the config, applied before Prefect is imported."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.config import OrchestrationConfig, RegistryConfig
 
 
 def use_embedded_prefect(store_dir: Path) -> None:
@@ -20,3 +25,22 @@ def use_embedded_prefect(store_dir: Path) -> None:
     os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
     # MLflow's per-download progress bars would interleave with the gate tables.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def use_team_servers(
+    registry: RegistryConfig, orchestration: OrchestrationConfig | None = None
+) -> None:
+    """The one place the config reaches MLflow's and Prefect's clients, which read their
+    server and credentials from the environment: the tracking server's basic-auth user
+    (`registry.username`, `registry.password`) and, given `orchestration` with an `api_url`,
+    the Prefect server and its auth string. Nothing is set in the embedded default. The
+    config wins over the environment: its own MLGATE_ overrides are where a host says which
+    servers it uses. Call it before Prefect is imported (`registry.connect` calls it for
+    MLflow)."""
+    if registry.password is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = registry.username
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = registry.password.get_secret_value()
+    if orchestration is not None and orchestration.api_url:
+        os.environ["PREFECT_API_URL"] = orchestration.api_url
+        if orchestration.auth_string is not None:
+            os.environ["PREFECT_API_AUTH_STRING"] = orchestration.auth_string.get_secret_value()

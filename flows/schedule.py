@@ -10,16 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flows.deployments import MONITORING_NAME, TRAINING_NAME
+from flows.monitoring import monitoring_flow
+from flows.training import training_flow
 from models.config import MlgateConfig
-
-TRAINING_NAME = "mlgate-training"
-MONITORING_NAME = "mlgate-monitoring"
 
 
 def build_deployments(cfg: MlgateConfig, config_path: Path) -> list[Any]:
-    from flows.monitoring import monitoring_flow
-    from flows.training import training_flow
-
     params = {"config_path": str(config_path.resolve())}
     return [
         training_flow.to_deployment(

@@ -1,7 +1,9 @@
 """The one config object: `mlgate.yaml` validated into frozen pydantic models.
 
 Environment variables with the `MLGATE_` prefix override the file, nested fields joined by
-a double underscore (`MLGATE_REGISTRY__MODEL_NAME=churn2`).
+a double underscore (`MLGATE_REGISTRY__MODEL_NAME=churn2`); `env_override_name` spells them.
+The file's own location is not a field (it cannot be in the file): `MLGATE_CONFIG` tells the
+service's `bentoml serve` child where it is (`services/bento_service.py`).
 """
 
 from __future__ import annotations
@@ -10,13 +12,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from models.model_ref import ModelRef
+from models.registry_layout import CHAMPION_ALIAS, TRAINING_EXPERIMENT
+
 DEFAULT_CONFIG_PATH = Path("mlgate.yaml")
+ENV_PREFIX = "MLGATE_"
+ENV_NESTED_DELIMITER = "__"
+# Not a field (the file's location cannot be in the file): where the service's `bentoml
+# serve` child finds it. Set by services/launcher.py, read only by services/bento_service.py.
+CONFIG_PATH_ENV = "MLGATE_CONFIG"
 
 Estimator = Literal["logistic_regression", "gradient_boosting", "random_forest", "mlp"]
 PrimaryMetric = Literal["roc_auc", "pr_auc", "f1", "neg_log_loss", "neg_brier"]
+# Schemes `pyarrow.fs.FileSystem.from_uri` opens (services/inference_log.py opens the URI).
+INFERENCE_LOG_URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
 
 class ConfigError(ValueError):
@@ -117,9 +137,21 @@ class RegistryConfig(_Section):
     store_dir: Path = Path(".mlgate")
     tracking_uri: str | None = None
     model_name: str = Field(default="churn", pattern=r"^[A-Za-z0-9_.-]+$")
-    experiment: str = "mlgate-training"
+    experiment: str = TRAINING_EXPERIMENT
     required_gates: tuple[str, ...] = ("data", "parity", "champion")
     notify_urls: tuple[str, ...] = ()
+    # Who alias moves and canary verdicts are recorded as (a scheduler sets it); None or
+    # empty: user@host.
+    actor: str | None = None
+
+    # Team mode: the MLflow tracking server's basic-auth user (the stack bootstraps it as the
+    # server's admin); the password comes from the environment, MLGATE_REGISTRY__PASSWORD.
+    username: str = "admin"
+    password: SecretStr | None = None
+    # Team mode: the PostgreSQL that every host's alias moves lock through (an advisory lock
+    # per model and alias); None: a file lock under store_dir, which serialises this host only.
+    lock_dsn: SecretStr | None = None
+    lock_timeout_s: float = Field(default=120.0, gt=0.0)
 
     def resolved_tracking_uri(self) -> str:
         if self.tracking_uri:
@@ -147,7 +179,10 @@ class ServingConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(default=3000, ge=1, le=65535)
-    alias: str = "champion"
+    alias: str = CHAMPION_ALIAS
+    # What the service serves, `NAME@ALIAS` or `NAME/VERSION` (None: `alias` of
+    # `registry.model_name`); the launcher sets it for each instance it starts.
+    model: ModelRef | None = None
     max_batch_size: int = Field(default=256, ge=1)
     max_latency_ms: int = Field(default=2000, ge=1)
     max_rows_per_request: int = Field(default=1000, ge=1)
@@ -156,7 +191,7 @@ class ServingConfig(_Section):
     workers: int = Field(default=1, ge=1)
     # GPUs requested in the service's resources (`bentoml build`, BentoCloud, containers).
     gpus: int = Field(default=0, ge=0)
-    # The canary's two instances say which one answered; MLGATE_VARIANT overrides it.
+    # The canary's two instances say which one answered; the launcher sets it for each.
     variant: str = Field(default="stable", pattern=r"^[A-Za-z0-9_.-]+$")
     # No keys here and none in MLGATE_API_KEYS: authentication is off (said at start-up).
     api_keys: tuple[ApiKey, ...] = ()
@@ -166,9 +201,48 @@ class ServingConfig(_Section):
     access_log: bool = False
     trace_requests: bool = False
     inference_log_dir: Path | None = None
+    # Team mode: a filesystem URI that monitoring on other hosts reads (`s3://bucket/prefix`,
+    # `gs://bucket/prefix`, `file:///shared/dir`); set it or inference_log_dir, not both.
+    inference_log_uri: str | None = None
     inference_log_max_queued_rows: int = Field(default=100_000, ge=1)
     inference_log_flush_rows: int = Field(default=20_000, ge=1)
     inference_log_flush_s: float = Field(default=5.0, gt=0.0)
+
+    @field_validator("inference_log_uri")
+    @classmethod
+    def _check_inference_log_uri(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        scheme, sep, rest = uri.partition("://")
+        if (
+            not sep
+            or not scheme[:1].isalpha()
+            or not all(c.isalnum() or c in "+.-" for c in scheme)
+        ):
+            raise ValueError(
+                f"{uri!r} is not a URI (scheme://...); a local directory goes in "
+                "serving.inference_log_dir"
+            )
+        if scheme.lower() not in INFERENCE_LOG_URI_SCHEMES:
+            raise ValueError(
+                f"unknown scheme {scheme!r} for the inference log; one of "
+                f"{', '.join(INFERENCE_LOG_URI_SCHEMES)}"
+            )
+        where = rest.split("?", 1)[0]
+        if scheme.lower() == "file" and not where.startswith("/"):
+            raise ValueError("a file URI names an absolute path on every host: file:///shared/dir")
+        if scheme.lower() in ("s3", "gs", "gcs", "abfs", "abfss") and not where.split("/")[0]:
+            raise ValueError(f"a {scheme} URI names its bucket: {scheme}://bucket/prefix")
+        return uri
+
+    @model_validator(mode="after")
+    def _one_inference_log_location(self) -> ServingConfig:
+        if self.inference_log_dir is not None and self.inference_log_uri is not None:
+            raise ValueError(
+                "set serving.inference_log_dir (a local directory) or serving.inference_log_uri "
+                "(a filesystem URI), not both"
+            )
+        return self
 
 
 class MonitorConfig(_Section):
@@ -218,10 +292,95 @@ class CanaryConfig(_Section):
         return self
 
 
+class OrchestrationConfig(_Section):
+    """Where flows run. No `api_url`: Prefect's embedded local API, flows in-process (the
+    default). Team mode: a Prefect server, its basic-auth string (`user:password`, from the
+    environment: MLGATE_ORCHESTRATION__AUTH_STRING) and the process work pool its workers
+    poll."""
+
+    api_url: str | None = None
+    auth_string: SecretStr | None = None
+    work_pool: str = Field(default="mlgate-pool", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class DaskConfig(_Section):
+    """Parallel work (candidates, batch-scoring partitions): None runs it here, sequentially;
+    team mode names a Dask scheduler (`tcp://host:8786`) that prefect-dask submits to."""
+
+    scheduler_address: str | None = None
+
+
+class StackConfig(_Section):
+    """Team mode's servers that `mlgate stack up` runs on this host as local processes bound to
+    127.0.0.1, their state under `dir` (None: `<registry.store_dir>/stack`). A part with
+    `start: false` runs elsewhere: clients reach it through `registry.tracking_uri`,
+    `registry.lock_dsn`, `orchestration.api_url` or `dask.scheduler_address`."""
+
+    class Postgres(_Section):
+        start: bool = True
+        port: int = Field(default=5433, ge=1, le=65535)
+        # PostgreSQL refuses to run as root: as root, the stack runs it as this system user
+        # (created when missing); otherwise as the current user.
+        os_user: str = Field(default="mlgate-pg", pattern=r"^[a-z_][a-z0-9_-]*$")
+
+    class Mlflow(_Section):
+        start: bool = True
+        port: int = Field(default=5000, ge=1, le=65535)
+        workers: int = Field(default=2, ge=1)
+        # None: databases on the stack's PostgreSQL. With postgres.start false, both are needed.
+        backend_store_uri: SecretStr | None = None
+        auth_database_uri: SecretStr | None = None
+        # None: `<dir>/mlflow-artifacts`, served through the tracking server (proxied).
+        artifacts_destination: str | None = None
+        # Seconds a checked password stays accepted by each server worker without hashing it
+        # again (the hash costs about a second on 2 busy cores); 0 checks every request. A
+        # password changed through the API reaches the other workers after at most this.
+        auth_cache_s: int = Field(default=60, ge=0)
+
+    class Prefect(_Section):
+        start: bool = True
+        port: int = Field(default=4200, ge=1, le=65535)
+        workers: int = Field(default=2, ge=0)
+        # None: a database on the stack's PostgreSQL (`postgresql+asyncpg://...` otherwise).
+        database_url: SecretStr | None = None
+
+    class Dask(_Section):
+        start: bool = True
+        port: int = Field(default=8786, ge=1, le=65535)
+        dashboard_port: int = Field(default=8787, ge=1, le=65535)
+        workers: int = Field(default=2, ge=0)
+        nthreads: int = Field(default=1, ge=1)
+
+    dir: Path | None = None
+    start_timeout_s: float = Field(default=300.0, gt=0.0)
+    postgres: Postgres = Postgres()
+    mlflow: Mlflow = Mlflow()
+    prefect: Prefect = Prefect()
+    dask: Dask = Dask()
+
+    @model_validator(mode="after")
+    def _check_databases(self) -> StackConfig:
+        if self.postgres.start:
+            return self
+        missing = []
+        if self.mlflow.start and self.mlflow.backend_store_uri is None:
+            missing.append("mlflow.backend_store_uri")
+        if self.mlflow.start and self.mlflow.auth_database_uri is None:
+            missing.append("mlflow.auth_database_uri")
+        if self.prefect.start and self.prefect.database_url is None:
+            missing.append("prefect.database_url")
+        if missing:
+            raise ValueError(
+                f"postgres.start is false, so the stack has no database of its own: set "
+                f"{', '.join(missing)}"
+            )
+        return self
+
+
 class MlgateConfig(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="MLGATE_",
-        env_nested_delimiter="__",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
         extra="forbid",
         frozen=True,
     )
@@ -233,9 +392,33 @@ class MlgateConfig(BaseSettings):
     serving: ServingConfig = ServingConfig()
     monitor: MonitorConfig = MonitorConfig()
     canary: CanaryConfig = CanaryConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    dask: DaskConfig = DaskConfig()
+    stack: StackConfig = StackConfig()
+
+    @model_validator(mode="after")
+    def _check_served_model(self) -> MlgateConfig:
+        served = self.serving.model
+        if served is not None and served.name != self.registry.model_name:
+            raise ValueError(
+                f"serving.model {str(served)!r} names model {served.name!r}, but "
+                f"registry.model_name is {self.registry.model_name!r}"
+            )
+        return self
+
+    def served_model(self) -> ModelRef:
+        """What the service serves: `serving.model`, else `serving.alias` of the model."""
+        return self.serving.model or ModelRef(self.registry.model_name, alias=self.serving.alias)
 
     def inference_log_dir(self) -> Path:
+        """The local directory of the inference log (embedded mode); with
+        `serving.inference_log_uri` set the log is not there: see `inference_log_location`."""
         return self.serving.inference_log_dir or self.registry.store_dir / "inference_log"
+
+    def inference_log_location(self) -> Path | str:
+        """Where the service writes the inference log and monitoring reads it: the URI of
+        `serving.inference_log_uri` (team mode), else the local directory."""
+        return self.serving.inference_log_uri or self.inference_log_dir()
 
     def incoming_dir(self) -> Path:
         return self.monitor.incoming_dir or self.registry.store_dir / "incoming"
@@ -251,6 +434,11 @@ class MlgateConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment wins over the file: CI and schedulers override single fields.
         return (env_settings, init_settings)
+
+
+def env_override_name(*path: str) -> str:
+    """The variable that overrides a field: ("serving", "model") -> MLGATE_SERVING__MODEL."""
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in path)
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
@@ -270,7 +458,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
         p = Path(dataset["path"])
         dataset["path"] = str(p if p.is_absolute() else (base / p).resolve())
-    for section, key in (("serving", "inference_log_dir"), ("monitor", "incoming_dir")):
+    for section, key in (
+        ("serving", "inference_log_dir"),
+        ("monitor", "incoming_dir"),
+        ("stack", "dir"),
+    ):
         part = raw.get(section)
         if isinstance(part, dict) and isinstance(part.get(key), str):
             p = Path(part[key])

@@ -1,18 +1,19 @@
 """The module `bentoml serve services.bento_service:MlgateService` imports.
 
-Environment: `MLGATE_CONFIG` (default `mlgate.yaml`), and `MLGATE_SERVE_ALIAS` or
-`MLGATE_SERVE_VERSION` (neither: the config's `serving.alias`).
+BentoML imports it by name in processes it starts, so nothing can be passed to it but the
+environment. It reads one variable that is not a config override: `MLGATE_CONFIG`, the path
+of the config file (default `mlgate.yaml`), which `services/launcher.py` sets for its child
+and a bento sets in `envs` (services/bentofile.yaml). Everything else, including which model
+to serve (`serving.model`, else `serving.alias`) and the variant, is in the config, with the
+usual `MLGATE_<SECTION>__<FIELD>` overrides (`MLGATE_SERVING__MODEL=churn/3`).
 """
 
 import os
 
-from models.config import load_config
+from models.config import CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, load_config
 from services.service import build_service
 
 # The serving entry point is the one module allowed to read files at import: BentoML imports
 # it in every worker process and needs the service class to exist at module level.
-MlgateService = build_service(
-    load_config(os.environ.get("MLGATE_CONFIG", "mlgate.yaml")),
-    alias=os.environ.get("MLGATE_SERVE_ALIAS") or None,
-    version=os.environ.get("MLGATE_SERVE_VERSION") or None,
-)
+_cfg = load_config(os.environ.get(CONFIG_PATH_ENV, str(DEFAULT_CONFIG_PATH)))
+MlgateService = build_service(_cfg, _cfg.served_model())

@@ -1,11 +1,11 @@
 """The canary controller: a candidate earns `@champion` on live traffic, or is rolled back.
 
 The target is local and real: HAProxy on the public port (`services/haproxy.py`) splits
-traffic by weight between two BentoML instances, `stable` (serving `@champion`) and
-`canary` (the candidate version, `MLGATE_VARIANT=canary`). The controller walks the
+traffic by weight between two BentoML instances (`services/canary_instances.py`), `stable`
+(serving `@champion`) and `canary` (the candidate version). The controller walks the
 configured steps (the canary's share in percent), and at every interval reads HAProxy's
-per-server counters and both instances' `/metrics`, and judges the window since the step
-began with `checks.canary.check_canary_step`.
+per-server counters and both instances' `/metrics` (`services/canary_windows.py`), and
+judges the window since the step began with `checks.canary.check_canary_step`.
 
 - pass at a step: the next step; pass at the last one: the candidate is tagged with the
   canary evidence and promoted through the registry (compare-and-set against the stable's
@@ -19,86 +19,82 @@ Before the first step the stable is measured alone at full traffic for an interv
 baseline): at 100 % the stable answers nothing, and the canary is held to that window, at
 the same load.
 
-Everything the controller knows is in one JSON file, `<store_dir>/canary/<model>/state.json`,
-written atomically under one file lock. HAProxy and the instances run in sessions of their
-own and outlive the controller; a restarted controller adopts them by pid (checked against
-the process start time) and resumes from the state: a step that was being analysed is
-analysed again from fresh counters (a partial window is never carried over), a decision
-already taken is carried out, and promotion requires a passing analysis of every step.
-Only one controller runs at a time (a second lock, held for the controller's life).
+Everything the controller knows is in one state file (`services/canary_state.py`). HAProxy
+and the instances run in sessions of their own and outlive the controller; a restarted
+controller adopts them by pid (checked against the process start time) and resumes from the
+state: a step that was being analysed is analysed again from fresh counters (a partial
+window is never carried over), a decision already taken is carried out, and promotion
+requires a passing analysis of every step. Only one controller runs at a time.
 
-The registry is reached through `CanaryRegistry`, which `flows/` implements: `services/`
-does not import `flows/`.
+The registry is reached through `CanaryRegistry`, which `flows/` implements (and where the
+verdict's tags are spelled): `services/` does not import `flows/`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import shutil
 import signal
-import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
-from filelock import FileLock, Timeout
-from prometheus_client.parser import text_string_to_metric_families
-
-from checks.canary import Histogram, VariantWindow, check_canary_step
+from checks.canary import (
+    CanaryStep,
+    VariantWindow,
+    analysis_gaps,
+    check_canary_step,
+    summarize_steps,
+)
 from checks.result import CheckRow, GateResult, GateStatus
 from models.config import CanaryConfig, MlgateConfig
 from services import haproxy
-from services.haproxy import ServerStats
-from services.launcher import ServiceProcess, ServiceStartError, start_service
+from services.canary_instances import instance_ok, served_version, spawn_instance, stop_instance
+from services.canary_state import (
+    CanaryError,
+    CanaryState,
+    ControllerLock,
+    HAProxyRecord,
+    InstanceRecord,
+    Phase,
+    StateStore,
+    archive_state,
+    canary_paths,
+    controller_running,
+    final_state_for,
+    now_iso,
+    version_key,
+)
+from services.canary_windows import haproxy_counts, take_snapshot, window_between
+from services.launcher import ServiceStartError
+from services.processes import pid_alive, process_start_time, signal_and_wait
 
-STATE_FORMAT = 1
-GATE_TAG = "gate.canary"
-VARIANT_ENV = "MLGATE_VARIANT"
-# Names the service exports on /metrics (services/metrics.py).
-LATENCY_METRIC = "mlgate_request_latency_seconds"
-SCORE_METRIC = "mlgate_score"
-_MAX_EVENTS = 300
 _POLL_S = 0.2
 _PROBE_GRACE_S = 1.0
 
 
-class Phase(StrEnum):
-    STARTING = "starting"
-    RUNNING = "running"
-    PROMOTING = "promoting"
-    RELOADING = "reloading"
-    ROLLING_BACK = "rolling_back"
-    PROMOTED = "promoted"
-    ROLLED_BACK = "rolled_back"
-
-
-TERMINAL = frozenset({Phase.PROMOTED, Phase.ROLLED_BACK})
-
-
-class CanaryError(RuntimeError):
-    """A canary that cannot be started, run or aborted; the message says why."""
-
-
-class CanaryBusyError(CanaryError):
-    """Another controller is running this model's canary."""
-
-
 class CanaryRegistry(Protocol):
-    """What the controller needs from the registry; `flows/` implements it on MLflow."""
+    """What the controller needs from the registry; `flows/` implements it on MLflow, and
+    builds the verdict's tags there from the state and result it is given."""
 
     def champion_version(self) -> str | None:
         """The version `@champion` points at now."""
         ...
 
-    def record_result(self, version: str, result: GateResult, tags: Mapping[str, str]) -> None:
-        """Tag `version` (`gate.canary` and `canary.*`) and keep `result` as its evidence."""
+    def record_pass(self, state: CanaryState, summary: GateResult) -> None:
+        """The candidate passed every step: tag it (`gate.canary=pass` and the summary's
+        numbers) and keep `summary` as its evidence."""
+        ...
+
+    def record_rollback(self, state: CanaryState, result: GateResult) -> None:
+        """The candidate is rolled back for `state.decision`: tag it with the verdict, the
+        guardrail and `result`'s numbers, and keep `result` as its evidence."""
+        ...
+
+    def record_superseded(self, state: CanaryState, successor: str, note: GateResult) -> None:
+        """The candidate gave way to the newer `successor` before a verdict: tag it
+        inconclusive and keep `note` as its evidence."""
         ...
 
     def promote(self, version: str, *, expected_from: str | None, reason: str) -> None:
@@ -108,413 +104,6 @@ class CanaryRegistry(Protocol):
     def notify(self, title: str, body: str) -> None:
         """Best effort: never raises for a notification that could not be sent."""
         ...
-
-
-@dataclass(frozen=True)
-class CanaryPaths:
-    root: Path
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def state_lock(self) -> Path:
-        return self.root / "state.json.lock"
-
-    @property
-    def controller_lock(self) -> Path:
-        return self.root / "controller.lock"
-
-    @property
-    def haproxy_config(self) -> Path:
-        return self.root / "haproxy.cfg"
-
-    @property
-    def haproxy_log(self) -> Path:
-        return self.root / "haproxy.log"
-
-    @property
-    def haproxy_socket(self) -> Path:
-        return haproxy.socket_path_for(self.root)
-
-    @property
-    def instances(self) -> Path:
-        return self.root / "instances"
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
-
-
-def canary_paths(cfg: MlgateConfig) -> CanaryPaths:
-    return CanaryPaths(cfg.registry.store_dir.resolve() / "canary" / cfg.registry.model_name)
-
-
-@dataclass
-class InstanceRecord:
-    """A BentoML instance of the target: which version it serves and how to find it."""
-
-    variant: str
-    version: str
-    port: int
-    pid: int
-    start_time: int | None
-    home: str
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@dataclass
-class HAProxyRecord:
-    pid: int
-    start_time: int | None
-    host: str
-    port: int
-    socket: str
-    config: str
-
-
-@dataclass
-class CanaryState:
-    """The controller's whole memory; see the module docstring for how it is used.
-
-    `baseline` is the stable's window alone at full traffic, measured before the first
-    step: at 100 % the stable answers nothing, and the canary is held to it. `steps_done`
-    holds one entry per step analysed to a pass (percent, window, HAProxy's per-server
-    counts, the gate result); `current` the step being analysed (informational: a
-    restarted controller analyses that step again from fresh counters); `decision` the
-    outcome once taken (`promote` or `rollback`, the guardrail, the reason, the result);
-    `done` the parts of carrying it out that are finished. `abort_requested` and
-    `pending_candidate` are written by others and only read by the controller."""
-
-    model_name: str
-    candidate_version: str
-    stable_version: str
-    steps: list[int]
-    phase: str = Phase.STARTING
-    step_index: int = 0
-    weights: dict[str, int] = field(default_factory=lambda: {"stable": 100, "canary": 0})
-    public_host: str = "127.0.0.1"
-    public_port: int = 3000
-    started_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-    haproxy: HAProxyRecord | None = None
-    stable: InstanceRecord | None = None
-    canary: InstanceRecord | None = None
-    retired: list[InstanceRecord] = field(default_factory=list)
-    baseline: dict[str, Any] | None = None
-    steps_done: list[dict[str, Any]] = field(default_factory=list)
-    current: dict[str, Any] | None = None
-    decision: dict[str, Any] | None = None
-    done: list[str] = field(default_factory=list)
-    controller_pid: int | None = None
-    resumes: int = 0
-    abort_requested: dict[str, Any] | None = None
-    pending_candidate: str | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
-    format: int = STATE_FORMAT
-
-    @property
-    def terminal(self) -> bool:
-        return self.phase in TERMINAL
-
-    @property
-    def public_url(self) -> str:
-        return f"http://{self.public_host}:{self.public_port}"
-
-    def event(self, kind: str, **details: Any) -> None:
-        self.events.append({"at": _now_iso(), "event": kind, **details})
-        del self.events[:-_MAX_EVENTS]
-
-    def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CanaryState:
-        if d.get("format") != STATE_FORMAT:
-            raise CanaryError(f"canary state format {d.get('format')} is not {STATE_FORMAT}")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
-        for key in ("stable", "canary"):
-            if values.get(key):
-                values[key] = InstanceRecord(**values[key])
-        values["retired"] = [InstanceRecord(**r) for r in values.get("retired", [])]
-        if values.get("haproxy"):
-            values["haproxy"] = HAProxyRecord(**values["haproxy"])
-        return cls(**values)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Strict JSON: non-finite floats become strings."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-# --- the state file ---------------------------------------------------------------------
-
-
-class StateStore:
-    """`state.json` under `state.json.lock`. Reads without the lock are safe (writes are
-    atomic renames); every write merges the fields other processes own."""
-
-    def __init__(self, paths: CanaryPaths) -> None:
-        self.paths = paths
-
-    def lock(self) -> FileLock:
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.paths.state_lock), timeout=30)
-
-    def read(self) -> CanaryState | None:
-        try:
-            raw = json.loads(self.paths.state.read_text())
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError as err:
-            raise CanaryError(f"canary state {self.paths.state} is not valid JSON: {err}") from None
-        return CanaryState.from_dict(raw)
-
-    def write_locked(self, state: CanaryState) -> None:
-        """Write with the lock already held."""
-        state.updated_at = time.time()
-        tmp = self.paths.state.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(state.to_dict(), f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.paths.state)
-
-    def save(self, state: CanaryState) -> None:
-        """The controller's write: the requests others made meanwhile are kept."""
-        with self.lock():
-            on_disk = self.read()
-            if on_disk is not None and on_disk.started_at == state.started_at:
-                state.abort_requested = on_disk.abort_requested or state.abort_requested
-                state.pending_candidate = on_disk.pending_candidate or state.pending_candidate
-            self.write_locked(state)
-
-
-class _ControllerLock:
-    """Held for a controller's whole life; the OS releases it when the process dies."""
-
-    def __init__(self, paths: CanaryPaths, timeout: float = 0.0) -> None:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(paths.controller_lock), timeout=timeout)
-
-    def __enter__(self) -> _ControllerLock:
-        try:
-            self._lock.acquire()
-        except Timeout:
-            raise CanaryBusyError(
-                f"another canary controller holds {self._lock.lock_file}"
-            ) from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
-
-
-def controller_running(cfg: MlgateConfig) -> bool:
-    try:
-        with _ControllerLock(canary_paths(cfg)):
-            return False
-    except CanaryBusyError:
-        return True
-
-
-# --- reading the two sides ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InstanceMetrics:
-    versions: frozenset[str]
-    latency: Histogram | None
-    scores: Histogram | None
-
-
-def parse_metrics(text: str) -> InstanceMetrics:
-    """The latency and score histograms of an instance's `/metrics`, summed over label sets
-    (one per model version and variant), and the model versions they name."""
-    buckets: dict[str, dict[float, float]] = {LATENCY_METRIC: {}, SCORE_METRIC: {}}
-    sums: dict[str, float] = {LATENCY_METRIC: 0.0, SCORE_METRIC: 0.0}
-    seen: set[str] = set()
-    versions: set[str] = set()
-    for family in text_string_to_metric_families(text):
-        if family.name not in buckets:
-            continue
-        seen.add(family.name)
-        for sample in family.samples:
-            if "model_version" in sample.labels:
-                versions.add(sample.labels["model_version"])
-            if sample.name == f"{family.name}_bucket":
-                le = float(sample.labels["le"])
-                buckets[family.name][le] = buckets[family.name].get(le, 0.0) + sample.value
-            elif sample.name == f"{family.name}_sum":
-                sums[family.name] += sample.value
-
-    def histogram(name: str) -> Histogram | None:
-        if name not in seen or not buckets[name]:
-            return None
-        return Histogram.from_cumulative(sorted(buckets[name].items()), sums[name])
-
-    return InstanceMetrics(frozenset(versions), histogram(LATENCY_METRIC), histogram(SCORE_METRIC))
-
-
-def read_metrics(url: str, timeout: float) -> InstanceMetrics | str:
-    """The instance's metrics, or why they could not be read."""
-    try:
-        response = httpx.get(f"{url}/metrics", timeout=timeout)
-    except httpx.HTTPError as err:
-        return f"/metrics unreachable at {url}: {type(err).__name__}: {err}"
-    if response.status_code != 200:
-        return f"/metrics at {url} answered {response.status_code}"
-    try:
-        parsed = parse_metrics(response.text)
-    except Exception as err:
-        return f"/metrics at {url} unparsable: {type(err).__name__}: {err}"
-    missing = [
-        n for n, h in ((LATENCY_METRIC, parsed.latency), (SCORE_METRIC, parsed.scores)) if h is None
-    ]
-    if missing:
-        return f"/metrics at {url} lacks {', '.join(missing)}"
-    return parsed
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    at: float
-    servers: dict[str, ServerStats] | None
-    haproxy_problem: str | None
-    metrics: dict[str, InstanceMetrics | str]
-
-
-def take_snapshot(
-    socket_path: Path, instances: Mapping[str, InstanceRecord | None], timeout: float
-) -> Snapshot:
-    at = time.monotonic()
-    servers: dict[str, ServerStats] | None = None
-    problem = None
-    try:
-        servers = haproxy.server_stats(socket_path)
-    except haproxy.HAProxyError as err:
-        problem = f"HAProxy statistics unreadable: {err}"
-    metrics: dict[str, InstanceMetrics | str] = {}
-    for variant, record in instances.items():
-        metrics[variant] = read_metrics(record.url, timeout) if record else f"no {variant} instance"
-    return Snapshot(at, servers, problem, metrics)
-
-
-def window_between(
-    before: Snapshot, after: Snapshot, variant: str, version: str | None, weight: int
-) -> VariantWindow:
-    """What `variant` did between two snapshots, or a window whose `problem` says why its
-    numbers cannot be trusted."""
-    seconds = after.at - before.at
-
-    def broken(problem: str) -> VariantWindow:
-        return VariantWindow(variant, version, seconds, problem=problem)
-
-    if before.servers is None or after.servers is None:
-        return broken(before.haproxy_problem or after.haproxy_problem or "no HAProxy stats")
-    m0, m1 = before.metrics.get(variant), after.metrics.get(variant)
-    if isinstance(m0, str) or m0 is None:
-        return broken(m0 or "no metrics at the window's start")
-    if isinstance(m1, str) or m1 is None:
-        return broken(m1 or "no metrics at the window's end")
-    if version is not None and m1.versions and m1.versions != {version}:
-        return broken(f"serves version(s) {sorted(m1.versions)}, expected {version}")
-    s0, s1 = before.servers[variant], after.servers[variant]
-    if weight > 0 and s1.status.startswith(("DOWN", "MAINT", "NOLB")):
-        return broken(f"HAProxy reports the server {s1.status}")
-    counts = haproxy.counts_between(s0, s1)
-    if any(v < 0 for v in counts.values()):
-        return broken("HAProxy counters went down (HAProxy restarted during the window)")
-    assert m0.latency and m1.latency and m0.scores and m1.scores
-    try:
-        latency = m1.latency.minus(m0.latency)
-        scores = m1.scores.minus(m0.scores)
-    except ValueError as err:
-        return broken(f"instance metrics: {err} (the instance restarted during the window)")
-    return VariantWindow(
-        variant=variant,
-        version=version,
-        seconds=seconds,
-        requests=counts["responses"] + counts["connection_errors"],
-        server_errors=counts["5xx"],
-        client_errors=counts["4xx"],
-        connection_errors=counts["connection_errors"],
-        response_errors=counts["response_errors"],
-        latency=latency,
-        scores=scores,
-    )
-
-
-# --- processes -------------------------------------------------------------------------
-
-# ServiceProcess objects of the instances this process launched: stopping through them
-# also reaps the child and closes its log.
-_LAUNCHED: dict[int, ServiceProcess] = {}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _served_version(url: str, timeout: float = 5.0) -> str | None:
-    try:
-        response = httpx.get(f"{url}/model", timeout=timeout)
-        if response.status_code == 200:
-            return str(response.json()["version"])
-    except (httpx.HTTPError, ValueError, KeyError):
-        pass
-    return None
-
-
-def instance_ok(record: InstanceRecord, timeout: float = 3.0) -> bool:
-    """The recorded process is alive, ready and serves the recorded version."""
-    if not haproxy.pid_alive(record.pid, record.start_time):
-        return False
-    try:
-        if httpx.get(f"{record.url}/readyz", timeout=timeout).status_code != 200:
-            return False
-    except httpx.HTTPError:
-        return False
-    return _served_version(record.url, timeout) == record.version
-
-
-def stop_instance(record: InstanceRecord, timeout: float = 15.0) -> None:
-    """A graceful stop: SIGCONT to the whole process tree first (a frozen instance cannot act
-    on SIGTERM), SIGTERM to the server, which stops its workers; SIGKILL to whatever of the
-    tree is left after `timeout`. The instance's BentoML home (its metrics files) goes, its
-    log stays."""
-    proc = _LAUNCHED.pop(record.pid, None)
-    if haproxy.pid_alive(record.pid, record.start_time):
-        tree = haproxy.signal_tree(record.pid, signal.SIGCONT)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(record.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while any(haproxy.pid_alive(p) for p in tree) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for p in tree:
-            if haproxy.pid_alive(p):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(p, signal.SIGKILL)
-    if proc is not None:
-        proc.stop(timeout=5.0)
-    shutil.rmtree(Path(record.home) / "bentoml", ignore_errors=True)
 
 
 # --- the controller ----------------------------------------------------------------------
@@ -570,16 +159,16 @@ class Controller:
             rec is not None
             and rec.port == state.public_port
             and rec.host == state.public_host
-            and haproxy.pid_alive(rec.pid, rec.start_time)
+            and pid_alive(rec.pid, rec.start_time)
             and haproxy.haproxy_alive(rec.pid, Path(rec.socket))
         ):
             return
         if rec is not None:
-            haproxy.signal_and_wait(rec.pid, signal.SIGTERM, timeout=5, start_time=rec.start_time)
-        stable_ok = state.stable is not None and haproxy.pid_alive(
+            signal_and_wait(rec.pid, signal.SIGTERM, timeout=5, start_time=rec.start_time)
+        stable_ok = state.stable is not None and pid_alive(
             state.stable.pid, state.stable.start_time
         )
-        canary_ok = state.canary is not None and haproxy.pid_alive(
+        canary_ok = state.canary is not None and pid_alive(
             state.canary.pid, state.canary.start_time
         )
         text = haproxy.render_config(
@@ -597,7 +186,7 @@ class Controller:
             # Before waiting for it: a controller that dies meanwhile leaves no orphan.
             state.haproxy = HAProxyRecord(
                 pid=pid,
-                start_time=haproxy.process_start_time(pid),
+                start_time=process_start_time(pid),
                 host=state.public_host,
                 port=state.public_port,
                 socket=str(self.socket),
@@ -615,38 +204,16 @@ class Controller:
         it (so that a controller that dies meanwhile leaves no orphan), wait until ready."""
         if self.config_path is None:
             raise CanaryError("launching an instance needs the config file's path")
-        port = _free_port()
-        label = f"v{version}" if version else "champion"
-        home = self.paths.instances / f"{variant}-{label}-{port}"
-        home.mkdir(parents=True, exist_ok=True)
-        env = {
-            **self.env,
-            VARIANT_ENV: variant,
-            # Each instance needs a BentoML home of its own: `bentoml serve` empties the
-            # Prometheus directory under it at start, which would wipe the other
-            # instance's metrics.
-            "BENTOML_HOME": str(home / "bentoml"),
-        }
-        proc = start_service(
+        proc, record = spawn_instance(
             self.config_path,
-            alias=None if version else "champion",
+            self.paths.instances,
+            variant,
+            model_name=self.cfg.registry.model_name,
             version=version,
-            port=port,
-            host="127.0.0.1",
-            log_path=home / "service.log",
-            env=env,
-        )
-        _LAUNCHED[proc.pid] = proc
-        record = InstanceRecord(
-            variant=variant,
-            version=version or "?",
-            port=port,
-            pid=proc.pid,
-            start_time=haproxy.process_start_time(proc.pid),
-            home=str(home),
+            env=self.env,
         )
         state.retired.append(record)
-        self.save(state, "instance_launching", variant=variant, version=version, port=port)
+        self.save(state, "instance_launching", variant=variant, version=version, port=record.port)
         try:
             proc.wait_ready(timeout=self.canary_cfg.start_timeout_s)
         except ServiceStartError:
@@ -654,7 +221,7 @@ class Controller:
             state.retired.remove(record)
             self.save(state)
             raise
-        served = _served_version(record.url)
+        served = served_version(record.url)
         if served is None:
             stop_instance(record, timeout=5)
             state.retired.remove(record)
@@ -749,7 +316,7 @@ class Controller:
 
     def run(self) -> CanaryState:
         # A moment's wait: `controller_running` probes by taking this lock briefly.
-        with _ControllerLock(self.paths, timeout=_PROBE_GRACE_S):
+        with ControllerLock(self.paths, timeout=_PROBE_GRACE_S):
             while True:
                 state = self.store.read()
                 if state is None:
@@ -792,7 +359,7 @@ class Controller:
                 self.store.write_locked(on_disk)
                 return False
             successor = _next_state(self.cfg, nxt, champion, on_disk, public_port=None)
-            _archive(self.paths, on_disk)
+            archive_state(self.paths, on_disk)
             self.store.write_locked(successor)
         if self.on_event is not None:
             self.on_event(successor, "started")
@@ -919,15 +486,15 @@ class Controller:
                     )
                 if result.status is GateStatus.PASS:
                     state.steps_done.append(
-                        {
-                            "percent": percent,
-                            "candidate_version": state.candidate_version,
-                            "started_at": started_wall,
-                            "ended_at": time.time(),
-                            "seconds": round(time.monotonic() - started, 3),
-                            "haproxy": _haproxy_counts(baseline, snap),
-                            "result": result.to_dict(),
-                        }
+                        CanaryStep(
+                            percent=percent,
+                            result=result,
+                            candidate_version=state.candidate_version,
+                            started_at=started_wall,
+                            ended_at=time.time(),
+                            seconds=round(time.monotonic() - started, 3),
+                            haproxy=haproxy_counts(baseline, snap),
+                        )
                     )
                     state.step_index += 1
                     state.current = None
@@ -954,7 +521,7 @@ class Controller:
                 state.pending_candidate = on_disk.pending_candidate or state.pending_candidate
             if not state.abort_requested:
                 state.phase = Phase.PROMOTING
-                state.event("analysis_complete", steps=[s["percent"] for s in state.steps_done])
+                state.event("analysis_complete", steps=[s.percent for s in state.steps_done])
                 self.store.write_locked(state)
         if state.phase != Phase.PROMOTING:
             assert state.abort_requested is not None
@@ -994,7 +561,7 @@ class Controller:
                 state.baseline = {
                     "started_at": started_wall,
                     "ended_at": time.time(),
-                    "haproxy": _haproxy_counts(first, snap),
+                    "haproxy": haproxy_counts(first, snap),
                     "window": window.to_dict(),
                 }
                 state.current = None
@@ -1037,7 +604,7 @@ class Controller:
             "guardrail": guardrail,
             "reason": reason,
             "verdict": verdict.value,
-            "at": _now_iso(),
+            "at": now_iso(),
             "result": result.to_dict(),
         }
         state.phase = Phase.ROLLING_BACK
@@ -1056,7 +623,7 @@ class Controller:
             if state.haproxy is not None or state.canary is not None:
                 self.ensure_haproxy(state)
                 stable = state.stable
-                if stable is None or not haproxy.pid_alive(stable.pid, stable.start_time):
+                if stable is None or not pid_alive(stable.pid, stable.start_time):
                     # At 100/0 nobody would answer: a stable comes up first.
                     with contextlib.suppress(Exception):
                         self.ensure_stable(state)
@@ -1068,10 +635,7 @@ class Controller:
             state.done.append("canary_stopped")
             self.save(state)
         if "tagged_fail" not in state.done:
-            result = GateResult.from_dict(decision["result"])
-            self.registry.record_result(
-                state.candidate_version, result, _failure_tags(state, decision, result)
-            )
+            self.registry.record_rollback(state, GateResult.from_dict(decision["result"]))
             state.done.append("tagged_fail")
             self.save(state, "tagged", status="fail")
         if "notified" not in state.done:
@@ -1091,13 +655,15 @@ class Controller:
         self.save(state, "rolled_back", guardrail=decision["guardrail"])
 
     def promote(self, state: CanaryState) -> None:
-        incomplete = analysis_gaps(state)
+        incomplete = analysis_gaps(
+            state.steps_done, candidate_version=state.candidate_version, steps=state.steps
+        )
         if incomplete:
             # Never reached by the walk; a state edited or damaged by hand could.
             raise self.decide_rollback(
                 state, "incomplete_analysis", f"refusing to promote: {incomplete}"
             )
-        summary = summarize_steps(state)
+        summary = _summary(state)
         if "promoted" not in state.done:
             champion = self.registry.champion_version()
             if champion != state.candidate_version:
@@ -1109,9 +675,7 @@ class Controller:
                         f"(the analysis was against v{state.stable_version})",
                     )
                 if "tagged_pass" not in state.done:
-                    self.registry.record_result(
-                        state.candidate_version, summary, _pass_tags(state, summary)
-                    )
+                    self.registry.record_pass(state, summary)
                     state.done.append("tagged_pass")
                     self.save(state, "tagged", status="pass")
                 try:
@@ -1134,7 +698,7 @@ class Controller:
                 "outcome": "promote",
                 "guardrail": None,
                 "reason": summary.reason,
-                "at": _now_iso(),
+                "at": now_iso(),
                 "result": summary.to_dict(),
             }
             state.done.append("promoted")
@@ -1162,7 +726,7 @@ class Controller:
         if "notified" not in state.done:
             self.registry.notify(
                 f"mlgate: canary of {state.model_name} v{state.candidate_version} promoted",
-                f"{summarize_steps(state).reason}\n@champion is now v{state.candidate_version}.",
+                f"{_summary(state).reason}\n@champion is now v{state.candidate_version}.",
             )
             state.done.append("notified")
         state.phase = Phase.PROMOTED
@@ -1181,17 +745,9 @@ class Controller:
             name="canary",
             status=GateStatus.INCONCLUSIVE,
             reason=f"superseded by v{new} after {len(state.steps_done)} step(s)",
-            evidence={"steps": state.steps_done},
+            evidence={"steps": [s.to_dict() for s in state.steps_done]},
         )
-        self.registry.record_result(
-            old,
-            note,
-            {
-                GATE_TAG: "inconclusive",
-                "canary.superseded_by": new,
-                "canary.stable_version": state.stable_version,
-            },
-        )
+        self.registry.record_superseded(state, new, note)
         state.candidate_version = new
         state.step_index = 0
         state.baseline = None
@@ -1203,109 +759,13 @@ class Controller:
         self.save(state, "superseded", old=old, new=new)
 
 
-def version_key(version: str) -> tuple[int, str]:
-    """Registry versions in order: numbers numerically, anything else before them."""
-    return (int(version), "") if version.isdigit() else (-1, version)
-
-
-def _haproxy_counts(before: Snapshot, after: Snapshot) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    if before.servers is None or after.servers is None:
-        return out
-    for name in haproxy.SERVERS:
-        out[name] = haproxy.counts_between(before.servers[name], after.servers[name])
-    return out
-
-
-def analysis_gaps(state: CanaryState) -> str:
-    """Empty when every step was analysed to a pass for this candidate, in order; otherwise
-    what is missing."""
-    done = [s for s in state.steps_done if s.get("candidate_version") == state.candidate_version]
-    percents = [s["percent"] for s in done]
-    if percents != list(state.steps):
-        return f"steps analysed {percents}, configured {state.steps}"
-    failed = [s["percent"] for s in done if s["result"]["status"] != GateStatus.PASS.value]
-    if failed:
-        return f"steps {failed} did not pass"
-    return ""
-
-
-def summarize_steps(state: CanaryState) -> GateResult:
-    """One `canary` result for the whole rollout: every step's verdict and the worst numbers
-    seen, as evidence for the promotion."""
-    results = [GateResult.from_dict(s["result"]) for s in state.steps_done]
-    metrics: dict[str, float] = {"steps": float(len(results))}
-    for key, pick in (
-        ("error_rate_delta", max),
-        ("p99_ratio", max),
-        ("score_psi", max),
-        ("invalid_outputs", max),
-        ("canary_requests", sum),
-        ("stable_requests", sum),
-    ):
-        values = [r.metrics[key] for r in results if math.isfinite(r.metrics.get(key, math.nan))]
-        if values:
-            metrics[key] = float(pick(values))
-    rows = tuple(
-        CheckRow(
-            f"step {int(r.metrics.get('step_percent', 0))}%",
-            r.status,
-            f"{int(r.metrics.get('canary_requests', 0)):,} canary requests",
-            "all guardrails",
-            r.reason,
-        )
-        for r in results
+def _summary(state: CanaryState) -> GateResult:
+    return summarize_steps(
+        state.steps_done,
+        candidate_version=state.candidate_version,
+        stable_version=state.stable_version,
+        steps=state.steps,
     )
-    status = GateStatus.PASS if results and all(r.passed for r in results) else GateStatus.FAIL
-    reason = (
-        f"v{state.candidate_version} against v{state.stable_version} over steps "
-        f"{', '.join(f'{p}%' for p in state.steps)}: "
-        f"{int(metrics.get('canary_requests', 0)):,} canary requests, max error-rate delta "
-        f"{metrics.get('error_rate_delta', math.nan):+.4f}, max p99 ratio "
-        f"{metrics.get('p99_ratio', math.nan):.2f}, max score PSI "
-        f"{metrics.get('score_psi', math.nan):.4f}"
-    )
-    evidence = {"steps": [{k: v for k, v in s.items() if k != "result"} for s in state.steps_done]}
-    evidence["results"] = [s["result"] for s in state.steps_done]
-    return GateResult("canary", status, reason, metrics, evidence, rows)
-
-
-def _fmt_tag(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _pass_tags(state: CanaryState, summary: GateResult) -> dict[str, str]:
-    tags = {
-        GATE_TAG: "pass",
-        "canary.stable_version": state.stable_version,
-        "canary.steps": ",".join(str(p) for p in state.steps),
-        "canary.finished_at": _now_iso(),
-    }
-    tags.update({f"canary.{k}": _fmt_tag(v) for k, v in summary.metrics.items()})
-    return tags
-
-
-def _failure_tags(
-    state: CanaryState, decision: dict[str, Any], result: GateResult
-) -> dict[str, str]:
-    tags = {
-        GATE_TAG: str(decision.get("verdict", GateStatus.FAIL.value)),
-        "canary.failed_guardrail": str(decision["guardrail"]),
-        "canary.failed_step": str(int(result.metrics.get("step_percent", 0))),
-        "canary.stable_version": state.stable_version,
-        "canary.reason": decision["reason"][:4000],
-        "canary.finished_at": _now_iso(),
-    }
-    tags.update(
-        {
-            f"canary.{k}": _fmt_tag(v)
-            for k, v in result.metrics.items()
-            if not (isinstance(v, float) and math.isnan(v))
-        }
-    )
-    return tags
 
 
 # --- the public API -----------------------------------------------------------------------
@@ -1354,7 +814,7 @@ def start_canary(
             raise CanaryError(f"v{candidate} already holds @champion")
         state = _next_state(cfg, candidate, champion, existing, public_port=public_port)
         if existing is not None:
-            _archive(store.paths, existing)
+            archive_state(store.paths, existing)
         store.write_locked(state)
         return state
 
@@ -1387,34 +847,6 @@ def _next_state(
             state.public_port = existing.public_port
     state.event("started", candidate=candidate, stable=champion)
     return state
-
-
-def final_state_for(cfg: MlgateConfig, version: str, not_before: float = 0.0) -> CanaryState | None:
-    """The finished canary of `version` that started at or after `not_before`: the current
-    state when it is that one, else the newest archived one (a controller goes on with a
-    successor canary after it). None while it runs, or when it was superseded."""
-    paths = canary_paths(cfg)
-    current = StateStore(paths).read()
-    if (
-        current is not None
-        and current.candidate_version == version
-        and current.terminal
-        and current.started_at >= not_before
-    ):
-        return current
-    for path in sorted(paths.runs.glob(f"*-v{version}-*.json"), reverse=True):
-        with contextlib.suppress(CanaryError, ValueError, KeyError, TypeError):
-            archived = CanaryState.from_dict(json.loads(path.read_text()))
-            if archived.terminal and archived.started_at >= not_before:
-                return archived
-    return None
-
-
-def _archive(paths: CanaryPaths, state: CanaryState) -> None:
-    paths.runs.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(state.started_at))
-    target = paths.runs / f"{stamp}-v{state.candidate_version}-{state.phase}.json"
-    target.write_text(json.dumps(state.to_dict(), indent=1))
 
 
 def run_canary(
@@ -1459,7 +891,7 @@ def abort_canary(
         state.abort_requested = {
             "reason": reason,
             "by": by or f"pid {os.getpid()}",
-            "at": _now_iso(),
+            "at": now_iso(),
         }
         state.event("abort_requested", reason=reason)
         store.write_locked(state)
@@ -1473,7 +905,7 @@ def abort_canary(
             raise CanaryError(f"the running controller did not roll back within {wait_s:g} s")
         time.sleep(_POLL_S)
     controller = Controller(cfg, Path(config_path) if config_path else None, registry)
-    with _ControllerLock(controller.paths, timeout=_PROBE_GRACE_S):
+    with ControllerLock(controller.paths, timeout=_PROBE_GRACE_S):
         current = store.read()
         assert current is not None
         if not current.terminal:
@@ -1489,89 +921,13 @@ def abort_canary(
     return final
 
 
-@dataclass(frozen=True)
-class CanaryStatus:
-    state: CanaryState | None
-    controller_running: bool
-    live: dict[str, dict[str, Any]]
-    state_file: str
-
-    def to_dict(self) -> dict[str, Any]:
-        s = self.state
-        if s is None:
-            return {
-                "canary": None,
-                "controller_running": self.controller_running,
-                "state_file": self.state_file,
-            }
-        current_percent = s.steps[s.step_index] if s.step_index < len(s.steps) else None
-        last = (s.current or {}).get("last_result") or {}
-        return _jsonable(
-            {
-                "model": s.model_name,
-                "phase": s.phase,
-                "candidate_version": s.candidate_version,
-                "stable_version": s.stable_version,
-                "steps": s.steps,
-                "step_index": s.step_index,
-                "step_percent": current_percent,
-                "weights": s.weights,
-                "public_url": s.public_url,
-                "controller_running": self.controller_running,
-                "resumes": s.resumes,
-                "steps_done": [
-                    {
-                        "percent": d["percent"],
-                        "status": d["result"]["status"],
-                        "seconds": d.get("seconds"),
-                        "haproxy": d.get("haproxy"),
-                        "metrics": d["result"]["metrics"],
-                    }
-                    for d in s.steps_done
-                ],
-                "current": {
-                    "percent": (s.current or {}).get("percent"),
-                    "ticks": (s.current or {}).get("ticks"),
-                    "status": last.get("status"),
-                    "reason": last.get("reason"),
-                }
-                if s.current
-                else None,
-                "decision": {k: v for k, v in (s.decision or {}).items() if k != "result"} or None,
-                "abort_requested": s.abort_requested,
-                "pending_candidate": s.pending_candidate,
-                "live": self.live,
-                "state_file": self.state_file,
-            }
-        )
-
-
-def canary_status(cfg: MlgateConfig) -> CanaryStatus:
-    """The recorded state, whether a controller runs it, and HAProxy's live weights and
-    server status when HAProxy answers."""
-    paths = canary_paths(cfg)
-    state = StateStore(paths).read()
-    live: dict[str, dict[str, Any]] = {}
-    if state is not None and state.haproxy is not None:
-        with contextlib.suppress(haproxy.HAProxyError):
-            for name, stats in haproxy.server_stats(Path(state.haproxy.socket)).items():
-                live[name] = {
-                    "status": stats.status,
-                    "weight": stats.weight,
-                    "responses": stats.responses_total,
-                    "5xx": stats.server_errors,
-                    "connection_errors": stats.connection_errors,
-                }
-    return CanaryStatus(state, controller_running(cfg), live, str(paths.state))
-
-
 def stop_target(cfg: MlgateConfig, *, force: bool = False) -> None:
     """Stop HAProxy and every instance of the target (the demo's and the tests' teardown).
     Refuses while a controller runs, and while a canary is under way unless `force` (the
     candidate is then left untagged: abort it instead to record why)."""
     paths = canary_paths(cfg)
     store = StateStore(paths)
-    with _ControllerLock(paths, timeout=_PROBE_GRACE_S):
+    with ControllerLock(paths, timeout=_PROBE_GRACE_S):
         state = store.read()
         if state is None:
             return
@@ -1592,7 +948,7 @@ def stop_target(cfg: MlgateConfig, *, force: bool = False) -> None:
                 "outcome": "rollback",
                 "guardrail": "stopped",
                 "reason": "the target was stopped",
-                "at": _now_iso(),
+                "at": now_iso(),
             }
         state.event("target_stopped")
         with store.lock():

@@ -9,29 +9,48 @@ one row per scored row, columns `ts` (timestamp[us, UTC], the request's arrival)
 the whole request), `score` (float64), then one column per feature with the value the
 client sent: float64 for numeric features, string for categorical ones, null for null.
 
+`<dir>` is a local directory (the embedded default, `.mlgate/inference_log`) or, in team
+mode, a filesystem URI that monitoring on other hosts reads (`s3://bucket/prefix`,
+`gs://bucket/prefix`, `file:///shared/dir`, `hdfs://…`, `abfs://…`), opened with
+`pyarrow.fs.FileSystem.from_uri`.
+
 A request hands its rows to a bounded in-memory queue and returns; a writer thread turns them
 into Arrow tables twice a second and writes a file every `flush_s` seconds or `flush_rows`
-rows. When the queue is full the rows are dropped and
-counted, never waited for. Each file is written under a temporary name in its final
-directory, synced, then renamed, so a reader sees whole files or none.
+rows. When the queue is full, or a write fails (the store is unreachable, say), the rows are
+dropped and counted, never waited for. A reader sees whole files or none:
+- a local directory: each file is written under a temporary name in its final directory,
+  synced, then renamed;
+- a URI whose filesystem renames (`file://`, HDFS): written under a temporary name through
+  pyarrow, then moved;
+- an object store (S3, GCS, Azure): where an object appears only when its upload completes
+  and a rename is a copy, each file is serialised in memory and uploaded once at its final
+  name.
+A URI's filesystem is opened by the writer thread on its first write (for S3 that may look
+the bucket's region up over the network), so an unreachable store never delays start-up or
+a request; a failed open is retried at the next write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from services.schema import RowBlock
@@ -55,6 +74,10 @@ _BUILD_CHUNK_ROWS = 2048
 _CONVERT_S = 0.5
 _BUILD_PAUSE_S = 0.002
 _ERROR_LOG_INTERVAL_S = 60.0
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# pyarrow filesystems (`type_name`) where an object becomes visible whole when its upload
+# completes and a rename is a copy: parts are uploaded once at their final name.
+ATOMIC_PUT_STORES = frozenset({"s3", "gcs", "abfs"})
 
 
 def log_schema(numeric: Sequence[str], categorical: Sequence[str]) -> pa.Schema:
@@ -77,6 +100,53 @@ def partition_dir(log_dir: Path, model_name: str, day: date) -> Path:
     return Path(log_dir) / model_name / f"date={day.isoformat()}"
 
 
+def is_uri(location: Path | str) -> bool:
+    """A string with a scheme (`s3://…`) is a filesystem URI; anything else is a path."""
+    return isinstance(location, str) and _URI.match(location) is not None
+
+
+def describe_location(location: Path | str) -> str:
+    """`location` fit for a log line: a URI without its query (pyarrow accepts keys there)
+    and without a password."""
+    if not is_uri(location):
+        return str(location)
+    parts = urlsplit(str(location))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@dataclass(frozen=True)
+class LogStore:
+    """The filesystem a log URI names and the log's root on it."""
+
+    filesystem: pafs.FileSystem
+    root: str
+
+    @property
+    def atomic_put(self) -> bool:
+        return self.filesystem.type_name in ATOMIC_PUT_STORES
+
+    def partition(self, model_name: str, day: date) -> str:
+        return f"{self.root}/{model_name}/date={day.isoformat()}"
+
+
+def open_log_store(uri: str) -> LogStore:
+    """The filesystem of `uri` through `pyarrow.fs.FileSystem.from_uri`. A URI pyarrow cannot
+    parse, or whose scheme it does not know, is a ValueError naming the URI; an unreachable
+    store is pyarrow's OSError."""
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as err:
+        shown = describe_location(uri)
+        raise ValueError(
+            f"inference log location {shown!r} is not a filesystem URI pyarrow can open: "
+            f"{str(err).replace(uri, shown)}"
+        ) from None
+    return LogStore(filesystem, root.rstrip("/"))
+
+
 @dataclass(frozen=True)
 class _Entry:
     ts: float
@@ -89,11 +159,12 @@ class _Entry:
 class InferenceLogWriter:
     """Queue and writer thread for one served model. A request's rows come as the
     `RowBlock` it was decoded into, its columns in the writer's `numeric` then
-    `categorical` order."""
+    `categorical` order. `log_dir` is a directory, or a filesystem URI (a string with a
+    scheme)."""
 
     def __init__(
         self,
-        log_dir: Path,
+        log_dir: Path | str,
         *,
         model_name: str,
         model_version: str,
@@ -106,8 +177,12 @@ class InferenceLogWriter:
         on_written: Callable[[int], None] | None = None,
         on_dropped: Callable[[int], None] | None = None,
     ) -> None:
-        self.log_dir = Path(log_dir)
+        self._uri = str(log_dir)
+        self._local_dir = None if is_uri(log_dir) else Path(log_dir)
+        self._store: LogStore | None = None
         self.model_name = model_name
+        # Where this model's parts go, for log lines (a URI without its query).
+        self.location = f"{describe_location(log_dir).rstrip('/')}/{model_name}"
         self.model_version = model_version
         self.variant = variant
         self._numeric = tuple(numeric)
@@ -311,10 +386,44 @@ class InferenceLogWriter:
             arrays.append(pa.array(labels, type=pa.string(), mask=nulls))
         return pa.Table.from_arrays(arrays, schema=self._schema)
 
-    def _write_file(self, day: date, table: pa.Table) -> Path:
-        directory = partition_dir(self.log_dir, self.model_name, day)
-        directory.mkdir(parents=True, exist_ok=True)
+    def _write_file(self, day: date, table: pa.Table) -> str:
         name = f"part-{int(time.time() * 1000)}-{os.getpid()}-{next(self._seq)}.parquet"
+        if self._local_dir is not None:
+            directory = partition_dir(self._local_dir, self.model_name, day)
+            return str(self._write_local(directory, name, table))
+        if self._store is None:
+            self._store = open_log_store(self._uri)
+        return self._write_to_store(
+            self._store, self._store.partition(self.model_name, day), name, table
+        )
+
+    @staticmethod
+    def _write_to_store(store: LogStore, directory: str, name: str, table: pa.Table) -> str:
+        """Serialised first, so a failure while encoding never leaves an object behind."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue()
+        filesystem = store.filesystem
+        final = f"{directory}/{name}"
+        if store.atomic_put:
+            with filesystem.open_output_stream(final) as out:
+                out.write(data)
+            return final
+        filesystem.create_dir(directory, recursive=True)
+        tmp = f"{directory}/.{name}.tmp"
+        try:
+            with filesystem.open_output_stream(tmp) as out:
+                out.write(data)
+            filesystem.move(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                filesystem.delete_file(tmp)
+            raise
+        return final
+
+    @staticmethod
+    def _write_local(directory: Path, name: str, table: pa.Table) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
         final = directory / name
         tmp = directory / f".{name}.tmp"
         try:
@@ -343,23 +452,49 @@ def _with_utc_us_ts(table: pa.Table) -> pa.Table:
     return table.set_column(i, "ts", table.column(i).cast(wanted, safe=False))
 
 
+def _read_parts(location: Path | str, model_name: str, days: list[date]) -> list[pa.Table]:
+    """The part files of `days`' partitions, each partition's in name order."""
+    tables: list[pa.Table] = []
+    if not is_uri(location):
+        for day in days:
+            directory = partition_dir(Path(location), model_name, day)
+            if directory.is_dir():
+                for path in sorted(directory.glob(PART_GLOB)):
+                    tables.append(_with_utc_us_ts(pq.read_table(path)))
+        return tables
+    store = open_log_store(str(location))
+    filesystem = store.filesystem
+    for day in days:
+        selector = pafs.FileSelector(store.partition(model_name, day), allow_not_found=True)
+        paths = sorted(
+            info.path
+            for info in filesystem.get_file_info(selector)
+            if info.type == pafs.FileType.File and fnmatch(info.base_name, PART_GLOB)
+        )
+        for path in paths:
+            with filesystem.open_input_file(path) as f:
+                tables.append(_with_utc_us_ts(pq.read_table(f)))
+    return tables
+
+
 def read_inference_log(
-    log_dir: Path, model_name: str, since: datetime, until: datetime
+    log_dir: Path | str, model_name: str, since: datetime, until: datetime
 ) -> pd.DataFrame:
     """Rows logged for `model_name` with `since <= ts < until`, oldest first, as a pandas
-    DataFrame (`ts` tz-aware UTC). Naive datetimes are taken as UTC. Files still being
-    written are invisible (temporary names); no file: an empty frame with the base columns."""
+    DataFrame (`ts` tz-aware UTC). Naive datetimes are taken as UTC. `log_dir` is a
+    directory or a filesystem URI (see the module's docstring); only the date partitions
+    of the window are listed and read. Files still being written are invisible (temporary
+    names, or uploads not yet complete); no file: an empty frame with the base columns. A
+    URI pyarrow cannot open is a ValueError naming it."""
     import pandas as pd
 
     start, end = _as_utc(since), _as_utc(until)
-    tables: list[pa.Table] = []
+    days: list[date] = []
     day = start.date()
     while day <= end.date():
-        directory = partition_dir(Path(log_dir), model_name, day)
-        if directory.is_dir():
-            for path in sorted(directory.glob(PART_GLOB)):
-                tables.append(_with_utc_us_ts(pq.read_table(path)))
+        days.append(day)
         day += timedelta(days=1)
+    tables = _read_parts(log_dir, model_name, days)
     if not tables:
         frame = pd.DataFrame({c: pd.Series(dtype=object) for c in BASE_COLUMNS})
         frame["ts"] = pd.Series(dtype="datetime64[us, UTC]")

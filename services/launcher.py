@@ -1,6 +1,9 @@
 """Running the prediction service as a `bentoml serve` child process.
 
-`mlgate serve` blocks on it; tests and the canary controller start one per variant.
+`mlgate serve` blocks on it; tests and the canary controller start one per variant. The
+child reads the same config file (found through `MLGATE_CONFIG`, see
+`services/bento_service.py`); what differs per instance, the model and the variant, reaches
+it as config overrides (`MLGATE_SERVING__MODEL`, `MLGATE_SERVING__VARIANT`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from types import TracebackType
 from typing import IO
 
 import httpx
+
+from models.config import CONFIG_PATH_ENV, env_override_name
+from models.model_ref import ModelRef
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_IMPORT = "services.bento_service:MlgateService"
@@ -154,35 +160,30 @@ class ServiceProcess:
 
 def start_service(
     config_path: Path,
+    ref: ModelRef,
     *,
-    alias: str | None,
-    version: str | None,
     port: int,
+    variant: str | None = None,
     host: str = "127.0.0.1",
     echo: bool = False,
     log_path: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> ServiceProcess:
-    """Start `bentoml serve` for the model `alias` or `version` (neither: the config's
-    `serving.alias`) on host:port. Returns at once; call `wait_ready()` before sending
+    """Start `bentoml serve` for the model `ref` on host:port, as `variant` (None: the
+    config's `serving.variant`). Returns at once; call `wait_ready()` before sending
     traffic. `env` adds to (and overrides) the inherited environment."""
-    if alias is not None and version is not None:
-        raise ValueError("give an alias or a version to serve, not both")
     child_env = dict(os.environ)
-    for key in ("MLGATE_SERVE_ALIAS", "MLGATE_SERVE_VERSION"):
-        child_env.pop(key, None)
     child_env.update(
         {
-            "MLGATE_CONFIG": str(Path(config_path).resolve()),
+            CONFIG_PATH_ENV: str(Path(config_path).resolve()),
+            env_override_name("serving", "model"): str(ref),
             "PYTHONUNBUFFERED": "1",
             "BENTOML_DO_NOT_TRACK": "True",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
     )
-    if alias is not None:
-        child_env["MLGATE_SERVE_ALIAS"] = alias
-    if version is not None:
-        child_env["MLGATE_SERVE_VERSION"] = str(version)
+    if variant is not None:
+        child_env[env_override_name("serving", "variant")] = variant
     if env:
         child_env.update(env)
     cmd = [

@@ -52,6 +52,9 @@ ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 # bucket below 0 and the one above 1 (+Inf, where NaN lands too) hold invalid outputs.
 SCORE_BUCKETS = (-1e-9, *(round(0.05 * i, 2) for i in range(1, 21)))
 FLUSH_INTERVAL_S = 1.0
+# The histograms the canary controller reads from `/metrics` (services/canary_windows.py).
+LATENCY_METRIC = "mlgate_request_latency_seconds"
+SCORE_METRIC = "mlgate_score"
 
 
 def multiprocess_dir() -> str | None:
@@ -125,7 +128,7 @@ class ServiceMetrics:
             registry=reg,
         )
         latency = Histogram(
-            "mlgate_request_latency_seconds",
+            LATENCY_METRIC,
             "Time from a prediction request's arrival to its response, any status.",
             names,
             buckets=LATENCY_BUCKETS_S,
@@ -146,7 +149,7 @@ class ServiceMetrics:
             registry=reg,
         )
         scores = Histogram(
-            "mlgate_score",
+            SCORE_METRIC,
             "Scores returned (probability of the positive class), one per row.",
             names,
             buckets=SCORE_BUCKETS,

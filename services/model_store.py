@@ -1,8 +1,9 @@
 """Fetching a registered ONNX model from the MLflow registry, verified before use.
 
 The training flow registers each version with `source=<run artifacts>/model` (a directory
-holding `model.onnx` and `schema.json`) and the tag `onnx_sha256`. Serving loads nothing
-else: no pickles, no MLflow flavours, and no bytes whose hash does not match that tag.
+holding `model.onnx` and `schema.json`) and the sha256 tag (`models.registry_layout`).
+Serving loads nothing else: no pickles, no MLflow flavours, and no bytes whose hash does not
+match that tag.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.model_ref import ModelRef
 from models.onnx_export import ONNX_FILENAME, SCHEMA_FILENAME, sha256_bytes
-
-SHA256_TAG = "onnx_sha256"
+from models.registry_layout import SHA_TAG
 
 
 class ModelStoreError(RuntimeError):
@@ -49,26 +50,17 @@ class LoadedModel:
 
 
 def load_registered_model(
-    tracking_uri: str,
-    model_name: str,
-    *,
-    alias: str | None = None,
-    version: str | None = None,
-    cache_dir: Path | None = None,
+    tracking_uri: str, ref: ModelRef, *, cache_dir: Path | None = None
 ) -> LoadedModel:
-    """Resolve `alias` or `version` (exactly one), download the ONNX artifacts and check them.
+    """Resolve `ref` (its alias or its version), download the ONNX artifacts and check them.
 
     With `cache_dir`, the artifacts are kept under `cache_dir/<name>/<version>/` and reused
     when their hash still matches the tag; without it they are read from a temporary
     directory that is removed before returning.
     """
-    if (alias is None) == (version is None):
-        raise ValueError("give exactly one of alias or version")
-    if version is not None and not str(version).isdigit():
-        raise ValueError(f"model version must be a positive integer, got {version!r}")
-
     from mlflow import MlflowClient
 
+    model_name, alias, version = ref.name, ref.alias, ref.version
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     registered = _get_registered_model(client, model_name, tracking_uri)
     if alias is not None:
@@ -82,10 +74,10 @@ def load_registered_model(
         version = str(aliases[alias])
     assert version is not None
     mv = _get_model_version(client, model_name, version, tracking_uri)
-    expected = (mv.tags or {}).get(SHA256_TAG)
+    expected = (mv.tags or {}).get(SHA_TAG)
     if not expected:
         raise ModelIntegrityError(
-            f"{model_name} version {version} carries no {SHA256_TAG} tag, so its ONNX file "
+            f"{model_name} version {version} carries no {SHA_TAG} tag, so its ONNX file "
             "cannot be verified; refusing to serve it"
         )
 
@@ -105,7 +97,7 @@ def load_registered_model(
     if actual != expected.strip().lower():
         raise ModelIntegrityError(
             f"{model_name} version {version}: sha256 of {ONNX_FILENAME} is {actual}, but the "
-            f"version's {SHA256_TAG} tag says {expected}; the artifact was changed or "
+            f"version's {SHA_TAG} tag says {expected}; the artifact was changed or "
             "replaced after registration, refusing to serve it"
         )
     return LoadedModel(

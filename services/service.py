@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +44,8 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from models.config import DatasetConfig, MlgateConfig, ServingConfig
+from models.config import DatasetConfig, MlgateConfig
+from models.model_ref import ModelRef
 from services.app import MetricsEndpoint, PredictEndpoint, freeze_heap
 from services.bentoml_fixes import cancel_timeout_timers
 from services.schema import ErrorBody, ModelInfo, PredictResponse, request_openapi_schema
@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "mlgate"
-VARIANT_ENV = "MLGATE_VARIANT"
 _HOT_PATHS = ["/predict", "/metrics", "/livez", "/readyz", "/healthz"]
 # Applied to the class BentoML builds its middleware stack from, before any worker starts.
 cancel_timeout_timers()
@@ -92,13 +91,6 @@ def check_model_matches_config(model: LoadedModel, dataset: DatasetConfig) -> No
                 f"model {model.ref} was trained on {kind} features {sorted(stored)}, but the "
                 f"config's dataset lists {sorted(configured)}; serve it with its own config"
             )
-
-
-def resolve_variant(serving: ServingConfig) -> str:
-    variant = os.environ.get(VARIANT_ENV) or serving.variant
-    if not re.match(r"^[A-Za-z0-9_.-]+$", variant):
-        raise ValueError(f"{VARIANT_ENV}={variant!r}: use letters, digits, '.', '_' or '-'")
-    return variant
 
 
 def describe_providers(content: bytes, providers: list[str]) -> str:
@@ -143,19 +135,13 @@ def _document_route(app: FastAPI, served_by: Any, **route: Any) -> APIRoute:
     return added
 
 
-def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) -> Any:
-    """The BentoML service class for `alias` or `version` of `cfg.registry.model_name`
-    (`cfg.serving.alias` when neither is given). Returns a `bentoml.Service`."""
-    if alias is not None and version is not None:
-        raise ValueError("give an alias or a version to serve, not both")
-    if alias is None and version is None:
-        alias = cfg.serving.alias
-
+def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
+    """The BentoML service class for the model `ref` (`cfg.served_model()` as a rule).
+    Returns a `bentoml.Service`."""
     dataset = cfg.dataset
     serving = cfg.serving
     tracking_uri = cfg.registry.resolved_tracking_uri()
-    model_name = cfg.registry.model_name
-    log_dir = cfg.inference_log_dir()
+    log_dir = cfg.inference_log_location()
 
     predict_endpoint = PredictEndpoint()
     metrics_endpoint = MetricsEndpoint()
@@ -224,8 +210,8 @@ def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) 
             if logger.level == logging.NOTSET:
                 logger.setLevel(logging.INFO)
             started = time.perf_counter()
-            variant = resolve_variant(serving)
-            model = load_registered_model(tracking_uri, model_name, alias=alias, version=version)
+            variant = serving.variant
+            model = load_registered_model(tracking_uri, ref)
             check_model_matches_config(model, dataset)
             session = make_session(model.content)
             providers = list(session.get_providers())
@@ -283,7 +269,7 @@ def build_service(cfg: MlgateConfig, *, alias: str | None, version: str | None) 
             logger.info(
                 "adaptive batching: up to %d rows per ONNX Runtime call; inference log in %s",
                 serving.max_batch_size,
-                log_dir / model.name,
+                log_writer.location,
             )
 
         @bentoml.on_startup

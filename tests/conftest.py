@@ -9,6 +9,26 @@ import yaml
 from models.config import MlgateConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Every test module names its tier in `pytestmark` (see pyproject's markers): `fast` pure
+# functions, no server; `integration` real MLflow/Prefect/BentoML/HAProxy; `e2e` whole
+# loops; `stack` team mode's servers. `make test-fast` runs `-m fast`, `make test` all.
+TIERS = ("fast", "integration", "e2e", "stack")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    untiered = sorted({item.nodeid.split("::")[0] for item in items if not _tiers(item)})
+    if untiered:
+        raise pytest.UsageError(
+            "test modules without a tier marker (pytestmark = pytest.mark.<tier>, one of "
+            f"{', '.join(TIERS)}): {', '.join(untiered)}"
+        )
+
+
+def _tiers(item: pytest.Item) -> set[str]:
+    return {mark.name for mark in item.iter_markers() if mark.name in TIERS}
+
+
 BUNDLED_CONFIG = REPO / "mlgate.yaml"
 BUNDLED_DATA = REPO / "data" / "churn.parquet"
 

@@ -1,29 +1,37 @@
 """The canary guardrails on hand-built windows: each one trips for its own reason, a small
-window is never a pass, and unreadable numbers fail closed."""
+window is never a pass, and unreadable numbers fail closed; a rollout's steps summarised."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from checks.canary import (
     GUARDRAILS,
+    CanaryStep,
     Histogram,
     VariantWindow,
+    analysis_gaps,
     check_canary_step,
     invalid_scores,
     merged_buckets,
     score_psi,
+    summarize_steps,
 )
 from checks.drift import psi
 from checks.result import GateResult, GateStatus
 from models.config import CanaryConfig, ConfigError, config_from_dict
+from services.metrics import LATENCY_BUCKETS_S, SCORE_BUCKETS
 
-# The service's buckets (services/metrics.py): latency in seconds, scores in twentieths.
-LATENCY_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)
-SCORE_BOUNDS = (*(round(0.05 * i, 2) for i in range(1, 21)), math.inf)
+pytestmark = pytest.mark.fast
+
+# The service's buckets as `/metrics` exports them: latency in seconds; scores in twentieths
+# after one bucket below 0 (invalid outputs), up to +Inf.
+LATENCY_BOUNDS = (*LATENCY_BUCKETS_S, math.inf)
+SCORE_BOUNDS = (*SCORE_BUCKETS, math.inf)
 
 CFG = CanaryConfig(min_requests=100)
 
@@ -190,7 +198,9 @@ def test_invalid_outputs_fail_even_in_a_small_window() -> None:
 
 
 def test_nan_score_is_counted_from_the_histogram_sum() -> None:
-    h = Histogram(SCORE_BOUNDS, tuple([1.0] + [0.0] * 20), math.nan)
+    counts = [0.0] * len(SCORE_BOUNDS)
+    counts[1] = 1.0  # a score in [0, 0.05]: valid, but the sum is NaN
+    h = Histogram(SCORE_BOUNDS, tuple(counts), math.nan)
     assert invalid_scores(h) == 1
 
 
@@ -223,9 +233,9 @@ def test_one_error_in_a_small_window_waits_for_more() -> None:
 
 def test_psi_over_the_bound_but_within_noise_waits_for_more() -> None:
     cfg = CanaryConfig(min_requests=10)
-    stable = Histogram(SCORE_BOUNDS, tuple([30.0] * 20 + [0.0]))
+    stable = Histogram(SCORE_BOUNDS, tuple([0.0] + [30.0] * 20 + [0.0]))
     lower, upper = [1.0] * 4 + [0.0] * 6, [2.0] * 6 + [1.0] * 4
-    canary = Histogram(SCORE_BOUNDS, tuple([*lower, *upper, 0.0]))
+    canary = Histogram(SCORE_BOUNDS, tuple([0.0, *lower, *upper, 0.0]))
     base = window("x")
     result = check_canary_step(
         VariantWindow("stable", "1", 10.0, requests=600, latency=base.latency, scores=stable),
@@ -321,3 +331,74 @@ def test_default_config_is_the_issue_s_plan() -> None:
     cfg = CanaryConfig()
     assert cfg.steps == (5, 25, 50, 100)
     assert cfg.max_wait_s >= cfg.interval_s
+
+
+# --- a whole rollout ------------------------------------------------------------------------
+
+
+def passed_step(percent: int, candidate: str = "2", **metrics: float) -> CanaryStep:
+    stable = window("stable", n=2000, seed=percent)
+    canary = window("canary", n=400, seed=percent + 1)
+    result = check_canary_step(stable, canary, CFG, step_percent=percent)
+    assert result.status is GateStatus.PASS, result.reason
+    if metrics:
+        result = GateResult(
+            result.name,
+            result.status,
+            result.reason,
+            {**result.metrics, **metrics},
+            result.evidence,
+            result.checks,
+        )
+    counts = {"stable": {"responses": 2000}, "canary": {"responses": 400}}
+    return CanaryStep(percent, result, candidate, 0.0, 10.0, 10.0, counts)
+
+
+def test_a_step_survives_its_json_shape() -> None:
+    step = passed_step(25)
+    d = step.to_dict()
+    assert list(d) == [
+        "percent",
+        "candidate_version",
+        "started_at",
+        "ended_at",
+        "seconds",
+        "haproxy",
+        "result",
+    ]
+    assert CanaryStep.from_dict(d).to_dict() == d
+
+
+def test_analysis_gaps_name_what_a_rollout_lacks() -> None:
+    steps = [5, 25, 100]
+    done = [passed_step(5), passed_step(25), passed_step(100)]
+    assert analysis_gaps(done, candidate_version="2", steps=steps) == ""
+    assert "[5, 25], configured [5, 25, 100]" in analysis_gaps(
+        done[:2], candidate_version="2", steps=steps
+    )
+    # A step analysed for the candidate this one replaced does not count.
+    replaced = [passed_step(5, candidate="1"), *done[1:]]
+    assert analysis_gaps(replaced, candidate_version="2", steps=steps).startswith(
+        "steps analysed [25, 100]"
+    )
+    failed = replace(done[1], result=replace(done[1].result, status=GateStatus.FAIL))
+    assert analysis_gaps([done[0], failed, done[2]], candidate_version="2", steps=steps) == (
+        "steps [25] did not pass"
+    )
+
+
+def test_the_summary_keeps_the_worst_numbers_of_every_step() -> None:
+    done = [passed_step(5, p99_ratio=1.4), passed_step(50, p99_ratio=1.1, score_psi=math.nan)]
+    summary = summarize_steps(done, candidate_version="2", stable_version="1", steps=[5, 50])
+    assert summary.status is GateStatus.PASS and summary.name == "canary"
+    assert summary.metrics["steps"] == 2.0
+    assert summary.metrics["p99_ratio"] == 1.4
+    assert summary.metrics["canary_requests"] == 800.0
+    assert summary.metrics["score_psi"] == done[0].result.metrics["score_psi"]
+    assert summary.reason.startswith("v2 against v1 over steps 5%, 50%: 800 canary requests")
+    assert [c.check for c in summary.checks] == ["step 5%", "step 50%"]
+    assert [s["percent"] for s in summary.evidence["steps"]] == [5, 50]
+    assert "result" not in summary.evidence["steps"][0]
+    assert summary.evidence["results"] == [s.result.to_dict() for s in done]
+    empty = summarize_steps([], candidate_version="2", stable_version="1", steps=[5])
+    assert empty.status is GateStatus.FAIL

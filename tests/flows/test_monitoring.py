@@ -1,6 +1,6 @@
-"""The monitoring flow end to end: real MLflow, real champion, inference-log Parquet files
-in the layout the service writes, Prefect's test harness. The retraining it triggers is the
-real training flow, run as a subflow."""
+"""The monitoring flow end to end: real MLflow, real champion (a copy of the session's seed
+registry per test), inference-log Parquet files in the layout the service writes, Prefect's
+test harness. The retraining it triggers is the real training flow, run as a subflow."""
 
 from __future__ import annotations
 
@@ -14,12 +14,22 @@ import pytest
 from checks.result import GateStatus
 from flows import registry
 from flows.demo import shifted_batch
-from flows.monitoring import load_trigger_state, monitoring_flow
-from flows.training import training_flow
+from flows.monitoring import (
+    combine_training_data,
+    load_trigger_state,
+    monitoring_flow,
+    processed_dir,
+    quarantine_dir,
+)
 from models.config import MlgateConfig, load_config
+from models.model_ref import ModelRef
 from models.onnx_export import make_session, predict_proba_with_schema
+from models.registry_layout import MONITORING_ARTIFACT
 from services.model_store import load_registered_model
-from tests.conftest import BUNDLED_DATA, write_config
+from tests.conftest import BUNDLED_DATA
+from tests.flows.conftest import Seed, copy_registry
+
+pytestmark = pytest.mark.integration
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -27,7 +37,7 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 def write_log(cfg: MlgateConfig, rows: pd.DataFrame, version: str, at: datetime) -> None:
     """Rows as the service logs them (one Parquet part per call, date partition)."""
     loaded = load_registered_model(
-        cfg.registry.resolved_tracking_uri(), cfg.registry.model_name, version=version
+        cfg.registry.resolved_tracking_uri(), ModelRef(cfg.registry.model_name, version=version)
     )
     scores = predict_proba_with_schema(make_session(loaded.content), rows, loaded.schema)
     log = rows[list(cfg.dataset.features)].copy()
@@ -46,13 +56,11 @@ def write_log(cfg: MlgateConfig, rows: pd.DataFrame, version: str, at: datetime)
 
 
 @pytest.fixture()
-def env(tmp_path) -> tuple[Path, MlgateConfig, str, pd.DataFrame]:
-    path = write_config(
-        tmp_path, monitor={"consecutive_windows": 2, "cooldown_hours": 12, "window_hours": 1}
+def env(seed: Seed, tmp_path: Path) -> tuple[Path, MlgateConfig, str, pd.DataFrame]:
+    path = copy_registry(
+        seed, tmp_path, monitor={"consecutive_windows": 2, "cooldown_hours": 12, "window_hours": 1}
     )
-    champion = training_flow(config_path=str(path))
-    assert champion.accepted
-    return path, load_config(path), champion.version, pd.read_parquet(BUNDLED_DATA)
+    return path, load_config(path), seed.outcome.version, pd.read_parquet(BUNDLED_DATA)
 
 
 def test_stable_traffic_never_triggers(env):
@@ -118,3 +126,35 @@ def test_labelled_batch_gives_the_live_metric(env):
     assert out.live_metrics["labelled_rows"] == 600
     assert not list(cfg.incoming_dir().glob("*.parquet"))
     assert (cfg.incoming_dir() / "processed" / "labels-week1.parquet").exists()
+
+
+def test_a_batch_that_fails_its_gate_is_quarantined_and_never_trained_on(env):
+    path, cfg, _, df = env
+    cfg.incoming_dir().mkdir(parents=True, exist_ok=True)
+    good = df.sample(600, random_state=5).assign(customer_id=lambda d: range(900_000, 900_600))
+    bad = df.sample(600, random_state=6).assign(customer_id=lambda d: range(950_000, 950_600))
+    bad.loc[bad.sample(frac=0.4, random_state=0).index, "tenure"] = None
+    good.to_parquet(cfg.incoming_dir() / "labels-good.parquet")
+    bad.to_parquet(cfg.incoming_dir() / "labels-bad.parquet")
+    out = monitoring_flow(config_path=str(path), now=NOW, retrain=False)
+
+    gates = {g.name: g.status for g in out.gates}
+    assert gates["incoming:labels-bad.parquet"] is GateStatus.FAIL
+    assert gates["incoming:labels-good.parquet"] is GateStatus.PASS
+    assert out.quarantined == ["labels-bad.parquet"]
+    assert out.live_metrics["labelled_rows"] == 600  # the bad batch is not scored either
+    assert [p.name for p in quarantine_dir(cfg).iterdir()] == ["labels-bad.parquet"]
+    assert [p.name for p in processed_dir(cfg).iterdir()] == ["labels-good.parquet"]
+    assert not list(cfg.incoming_dir().glob("*.parquet"))
+    client = registry.connect(cfg.registry)
+    run = client.get_run(out.run_id)
+    assert run.data.tags["quarantined"] == "labels-bad.parquet"
+    assert run.data.tags["gate.incoming:labels-bad.parquet"] == "fail"
+    logged = registry.load_json_artifact(client, out.run_id, MONITORING_ARTIFACT)
+    assert logged["quarantined"] == ["labels-bad.parquet"]
+
+    data_path = combine_training_data(cfg)
+    assert data_path is not None
+    ids = set(pd.read_parquet(data_path)["customer_id"])
+    assert set(good["customer_id"]) <= ids
+    assert not ids & set(bad["customer_id"])

@@ -16,10 +16,13 @@ from typer.testing import CliRunner
 from flows import registry
 from flows.cli import app
 from models.config import MlgateConfig, RegistryConfig, load_config
+from models.registry_layout import GATE_TAG_PREFIX, KIND_TAG
 from tests.conftest import write_config
 
+pytestmark = pytest.mark.integration
+
 NAME = "churn"
-PASSING = {"gate.data": "pass", "gate.parity": "pass", "gate.champion": "pass"}
+PASSING = {f"{GATE_TAG_PREFIX}{g}": "pass" for g in ("data", "parity", "champion")}
 
 
 def _setup(tmp: Path) -> tuple[MlgateConfig, Path]:
@@ -45,7 +48,7 @@ def reg(tmp_path):
 def test_promote_needs_passing_evidence(reg):
     cfg, client, _ = reg
     bare = _version(client, cfg, {})
-    failing = _version(client, cfg, {**PASSING, "gate.champion": "fail"})
+    failing = _version(client, cfg, {**PASSING, f"{GATE_TAG_PREFIX}champion": "fail"})
     good = _version(client, cfg, PASSING)
     with pytest.raises(registry.EvidenceError) as err:
         registry.promote(client, cfg, NAME, bare, reason="try")
@@ -90,7 +93,7 @@ def test_history_survives_deletion_and_holder_is_protected(reg):
         registry.delete_version(client, cfg, NAME, v2, reason="cleanup")
     registry.delete_version(client, cfg, NAME, v1, reason="cleanup")
     hist = registry.alias_history(client, NAME)
-    kinds = [(h["mlgate.kind"], h["from_version"], h["to_version"]) for h in hist]
+    kinds = [(h[KIND_TAG], h["from_version"], h["to_version"]) for h in hist]
     assert kinds == [("delete", v1, "None"), ("promote", v1, v2), ("promote", "None", v1)]
     with pytest.raises(registry.RegistryError, match="was deleted"):
         registry.rollback(client, cfg, NAME, reason="v1 is gone")
@@ -175,7 +178,7 @@ def test_cli_promote_rollback_history(reg):
     hist = json.loads(
         runner.invoke(app, ["history", NAME, "--alias", "champion", "--json", *c]).output
     )
-    assert (hist[0]["mlgate.kind"], hist[0]["reason"], hist[0]["to_version"]) == (
+    assert (hist[0][KIND_TAG], hist[0]["reason"], hist[0]["to_version"]) == (
         "rollback",
         "regression seen",
         v1,

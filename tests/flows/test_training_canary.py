@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from bench.traffic import Replayer
 from checks.result import GateStatus
 from flows import registry
 from flows.canary import MlflowCanaryRegistry
@@ -27,16 +28,12 @@ from flows.training import TrainingOutcome, training_flow
 from models.config import load_config
 from models.data import load_dataset, split_data
 from services import haproxy
-from services.canary import (
-    StateStore,
-    abort_canary,
-    canary_paths,
-    controller_running,
-    stop_target,
-)
-from services.traffic import Replayer
+from services.canary import abort_canary, stop_target
+from services.canary_state import StateStore, canary_paths, controller_running
 from tests.conftest import write_config
 from tests.services.conftest import free_port
+
+pytestmark = pytest.mark.e2e
 
 haproxy.find_haproxy()  # `make install` installs it; without it this module errors
 
@@ -102,7 +99,7 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
         assert _alias(cfg, "champion") == _alias(cfg, "challenger") == "2"
         state = StateStore(canary_paths(cfg)).read()
         assert state is not None and state.phase == "promoted"
-        assert [s["percent"] for s in state.steps_done] == CANARY["steps"]
+        assert [s.percent for s in state.steps_done] == CANARY["steps"]
         # The flow moved @challenger, the canary moved @champion (with its evidence).
         moves = registry.alias_history(registry.connect(cfg.registry), "churn", "champion")
         assert (moves[0]["from_version"], moves[0]["to_version"]) == ("1", "2")

@@ -1,5 +1,6 @@
 """End to end: the real training flow on the bundled data, real MLflow on SQLite in a temp
-dir, Prefect's test harness."""
+dir, Prefect's test harness. Each test that trains or changes the registry does so on its
+own copy of the session's seed registry (champion v1), so no test depends on another."""
 
 from __future__ import annotations
 
@@ -11,32 +12,32 @@ import pytest
 from typer.testing import CliRunner
 
 from checks.result import GateStatus
-from flows import registry
+from flows import registry, training
 from flows.cli import EXIT_REJECTED, EXIT_USAGE, app
 from flows.training import training_flow
 from models.config import load_config
 from models.data import DataError
 from tests.conftest import BUNDLED_DATA, write_config
+from tests.flows.conftest import Seed, copy_registry
+
+pytestmark = pytest.mark.integration
 
 SMALL = {"estimator": "gradient_boosting", "params": {"n_estimators": 5, "max_depth": 1}}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("training")
+@pytest.fixture()
+def config_path(seed: Seed, tmp_path: Path) -> Path:
+    """This test's own registry, holding the seed's champion (v1)."""
+    return copy_registry(seed, tmp_path)
 
 
-@pytest.fixture(scope="module")
-def config_path(workdir) -> Path:
-    return write_config(workdir)
+@pytest.fixture()
+def first(seed: Seed):
+    return seed.outcome
 
 
-@pytest.fixture(scope="module")
-def first(config_path):
-    return training_flow(config_path=str(config_path))
-
-
-def test_first_run_registers_champion_on_floor_alone(config_path, first):
+def test_first_run_registers_champion_on_floor_alone(seed: Seed):
+    first, config_path = seed.outcome, seed.config_path
     assert first.accepted, first.reason
     assert [g.name for g in first.gates] == ["data", "parity", "champion"]
     assert all(g.status is GateStatus.PASS for g in first.gates)
@@ -85,10 +86,10 @@ def test_small_challenger_is_rejected_and_champion_kept(config_path, first, monk
     assert rejected.tags["mlgate.outcome"] == "rejected"
 
 
-def test_data_gate_failure_stops_before_training(config_path, workdir, first):
+def test_data_gate_failure_stops_before_training(config_path, tmp_path):
     df = pd.read_parquet(BUNDLED_DATA)
     df.loc[df.sample(frac=0.4, random_state=0).index, "tenure"] = None
-    bad = workdir / "nulls.parquet"
+    bad = tmp_path / "nulls.parquet"
     df.to_parquet(bad)
     client = registry.connect(load_config(config_path).registry)
     versions_before = len(registry.list_versions(client, "churn"))
@@ -101,18 +102,19 @@ def test_data_gate_failure_stops_before_training(config_path, workdir, first):
     assert run.data.tags["gate.data"] == "fail" and run.info.status == "FINISHED"
 
 
-def test_missing_column_fails_with_its_name(config_path, workdir):
+def test_missing_column_fails_with_its_name(tmp_path):
+    config_path = write_config(tmp_path)
     df = pd.read_parquet(BUNDLED_DATA).drop(columns=["monthly_charges"])
-    bad = workdir / "no_charges.parquet"
+    bad = tmp_path / "no_charges.parquet"
     df.to_parquet(bad)
     with pytest.raises(DataError, match="monthly_charges"):
         training_flow(config_path=str(config_path), data_path=str(bad))
 
 
-def test_cli_train_exit_codes_and_gate_table(config_path, workdir, first):
+def test_cli_train_exit_codes_and_gate_table(config_path, tmp_path):
     runner = CliRunner()
-    (workdir / "bad").mkdir(exist_ok=True)
-    bad_cfg = write_config(workdir / "bad", gates={"champion": {"flor": 0.5}})
+    (tmp_path / "bad").mkdir()
+    bad_cfg = write_config(tmp_path / "bad", gates={"champion": {"flor": 0.5}})
     result = runner.invoke(app, ["train", "--config", str(bad_cfg)])
     assert result.exit_code == EXIT_USAGE
     assert "gates.champion.flor" in result.output
@@ -158,19 +160,34 @@ def test_retraining_an_identical_model_registers_nothing(config_path, first):
     assert client.get_run(again.run_id).data.tags["identical_to_version"] == first.version
 
 
-def test_unreadable_champion_fails_the_gate_not_passes(config_path, first, workdir):
+def test_unreadable_champion_fails_the_gate_not_passes(config_path):
     """A champion whose file no longer matches its registered sha256 cannot be scored: the
     challenger must not be waved through as if there were no champion."""
     cfg = load_config(config_path)
     client = registry.connect(cfg.registry)
     champ = client.get_model_version_by_alias("churn", "champion")
     client.set_model_version_tag("churn", str(champ.version), registry.SHA_TAG, "f" * 64)
-    try:
-        out = training_flow(config_path=str(config_path))
-    finally:
-        client.set_model_version_tag(
-            "churn", str(champ.version), registry.SHA_TAG, champ.tags[registry.SHA_TAG]
-        )
+    out = training_flow(config_path=str(config_path))
     assert not out.accepted and out.stopped_at == "champion"
     assert "could not be scored" in out.gates[-1].reason
     assert "sha256" in out.gates[-1].reason
+
+
+def test_a_crash_before_the_registry_writes_leaves_nothing(config_path, monkeypatch):
+    """MLflow is written only once the evidence is complete: a step that fails after the
+    champion gate leaves no run (not even a failed one) and no version behind."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setenv("MLGATE_TRAIN__PARAMS", json.dumps(SMALL["params"]))
+    monkeypatch.setattr(training, "build_histograms", broken)
+    cfg = load_config(config_path)
+    client = registry.connect(cfg.registry)
+    experiment = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    versions_before = len(registry.list_versions(client, "churn"))
+    with pytest.raises(RuntimeError, match="disk full"):
+        training_flow(config_path=str(config_path))
+    assert len(client.search_runs([experiment])) == runs_before
+    assert len(registry.list_versions(client, "churn")) == versions_before

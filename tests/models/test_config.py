@@ -4,8 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from models.config import ConfigError, load_config
+from models.config import ConfigError, dump_config, env_override_name, load_config
+from models.model_ref import ModelRef
 from tests.conftest import write_config
+
+pytestmark = pytest.mark.fast
 
 
 def test_bundled_config_loads_and_is_frozen(bundled_cfg):
@@ -64,3 +67,44 @@ def test_relative_paths_resolve_against_config_file(tmp_path: Path):
     cfg = load_config(cfg_path)
     assert cfg.dataset.path == tmp_path / "sub" / "d.csv"
     assert cfg.registry.store_dir == tmp_path / "sub" / ".mlgate"
+
+
+def test_served_model_defaults_to_the_alias_and_reads_a_reference(tmp_path: Path, monkeypatch):
+    cfg = load_config(write_config(tmp_path))
+    assert cfg.serving.model is None
+    assert cfg.served_model() == ModelRef(cfg.registry.model_name, alias=cfg.serving.alias)
+
+    cfg = load_config(write_config(tmp_path, serving={"model": "churn/3"}))
+    assert cfg.serving.model == ModelRef("churn", version="3")
+    assert cfg.served_model() == ModelRef("churn", version="3")
+    assert "model: churn/3" in dump_config(cfg)
+
+    monkeypatch.setenv(env_override_name("serving", "model"), "churn@challenger")
+    assert load_config(write_config(tmp_path)).served_model() == ModelRef(
+        "churn", alias="challenger"
+    )
+
+
+def test_bad_served_model_names_the_field_and_the_problem(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"serving\.model: .*names no alias or version"):
+        load_config(write_config(tmp_path, serving={"model": "churn"}))
+    with pytest.raises(ConfigError, match=r"serving\.model.*positive integer, got 'v3'"):
+        load_config(write_config(tmp_path, serving={"model": "churn/v3"}))
+    with pytest.raises(ConfigError, match=r"names model 'other', but registry\.model_name"):
+        load_config(write_config(tmp_path, serving={"model": "other@champion"}))
+
+
+def test_variant_and_actor_are_config_fields_with_overrides(tmp_path: Path, monkeypatch):
+    from flows.registry import current_actor
+
+    path = write_config(tmp_path)
+    cfg = load_config(path)
+    assert cfg.serving.variant == "stable" and cfg.registry.actor is None
+    assert "@" in current_actor(cfg.registry)
+    monkeypatch.setenv(env_override_name("serving", "variant"), "canary")
+    monkeypatch.setenv(env_override_name("registry", "actor"), "scheduler")
+    cfg = load_config(path)
+    assert (cfg.serving.variant, current_actor(cfg.registry)) == ("canary", "scheduler")
+    monkeypatch.setenv("MLGATE_SERVING__VARIANT", "a b")
+    with pytest.raises(ConfigError, match=r"serving\.variant"):
+        load_config(path)

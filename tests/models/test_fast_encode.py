@@ -26,6 +26,8 @@ from models.onnx_export import (
 )
 from models.train import MISSING_CATEGORY, prepare_features, train_model
 
+pytestmark = pytest.mark.fast
+
 numbers = st.one_of(
     st.none(),
     st.floats(allow_nan=False, allow_infinity=False, width=64),

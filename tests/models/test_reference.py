@@ -21,6 +21,8 @@ from models.reference import (
     compute_reference_histograms,
 )
 
+pytestmark = pytest.mark.fast
+
 finite_floats = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 # Few distinct values force heavy ties, the case quantile bins get wrong.
 tied_floats = st.sampled_from([0.0, 1.0, 2.5, -3.0])

@@ -7,6 +7,8 @@ from models.config import config_from_dict
 from models.data import DataError
 from models.starter import infer_dataset_config
 
+pytestmark = pytest.mark.fast
+
 
 def test_infers_churn_schema(churn_df):
     raw = infer_dataset_config(churn_df, "churn", "data/churn.parquet")

@@ -9,6 +9,8 @@ from models.metrics import evaluate, metric_value
 from models.onnx_export import export_onnx, make_session, predict_proba_onnx
 from models.train import predict_proba, train_model
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def split(bundled_cfg, churn_df):

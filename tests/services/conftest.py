@@ -1,6 +1,6 @@
 """A real registry for the serving tests: a small logistic regression trained on the bundled
 data, exported to ONNX and registered in a throw-away MLflow store exactly as the training
-flow does it (model/ artifacts, `onnx_sha256` tag, `@champion`).
+flow does it (model/ artifacts, the sha256 tag, `@champion`; `models.registry_layout`).
 
 The config turns authentication on: API keys in the config (one active, one revoked, one
 with a tiny rate limit) and one more in `MLGATE_API_KEYS` (the `server` fixtures pass it).
@@ -19,6 +19,7 @@ import yaml
 from models.config import MlgateConfig, TrainConfig, load_config
 from models.data import load_dataset, split_data
 from models.onnx_export import export_onnx, sha256_file, write_model_dir
+from models.registry_layout import CHAMPION_ALIAS, MODEL_ARTIFACT_DIR, SHA_TAG
 from models.train import train_model
 from services.auth import hash_api_key
 
@@ -97,16 +98,16 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
         cfg.registry.experiment, artifact_location=cfg.registry.artifact_location()
     )
     run = client.create_run(experiment_id)
-    client.log_artifacts(run.info.run_id, str(model_dir), "model")
+    client.log_artifacts(run.info.run_id, str(model_dir), MODEL_ARTIFACT_DIR)
     client.set_terminated(run.info.run_id)
     client.create_registered_model(name)
     mv = client.create_model_version(
         name,
-        source=f"{run.info.artifact_uri}/model",
+        source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT_DIR}",
         run_id=run.info.run_id,
-        tags={"onnx_sha256": sha256_file(model_dir / "model.onnx")},
+        tags={SHA_TAG: sha256_file(model_dir / "model.onnx")},
     )
-    client.set_registered_model_alias(name, "champion", mv.version)
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
     return Registry(
         config_path=config_path,
         cfg=cfg,

@@ -13,6 +13,8 @@ from services.auth import (
     parse_api_keys_env,
 )
 
+pytestmark = pytest.mark.fast
+
 
 class Clock:
     def __init__(self) -> None:

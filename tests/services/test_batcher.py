@@ -11,6 +11,8 @@ import pytest
 
 from services.batcher import AdaptiveBatcher, Overloaded
 
+pytestmark = pytest.mark.fast
+
 
 @dataclass(frozen=True)
 class Ids:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
 from services.bentoml_fixes import cancel_timeout_timers
+
+pytestmark = pytest.mark.fast
 
 
 async def _call(app: Any, timeout: float) -> tuple[list[dict[str, Any]], int]:

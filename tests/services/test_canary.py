@@ -10,8 +10,10 @@ time. The candidates are real models registered directly (bypassing the offline 
   33M-parameter network costs, about 12 ms a row against the champion's fraction of one;
 - shifted: a logistic regression trained on shuffled labels: every score near the base rate.
 
-The module starts HAProxy and the stable instance once; scenarios run one after another on
-it, as canaries do in production, and each one leaves the target consistent for the next.
+HAProxy and the stable instance are started once and outlive each scenario, as they do in
+production. Each test first settles what it needs itself (`settled`: no canary under way;
+`rolled_back_target`: a finished, rolled-back canary with the target up), so that any one
+runs alone or in any order.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,25 +35,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
+from bench.traffic import Replayer
 from flows import registry as reg
 from flows.canary import MlflowCanaryRegistry
+from flows.cli_canary import canary_status
 from models.config import MlgateConfig, TrainConfig, load_config
 from services import haproxy
-from services.canary import (
+from services.canary import abort_canary, run_canary, start_canary, stop_target
+from services.canary_instances import instance_ok
+from services.canary_state import (
     CanaryBusyError,
     CanaryError,
     CanaryState,
+    Phase,
     StateStore,
-    abort_canary,
     canary_paths,
-    canary_status,
-    parse_metrics,
-    run_canary,
-    start_canary,
-    stop_target,
 )
-from services.traffic import Replayer
+from services.processes import pid_alive, signal_tree
 from tests.conftest import write_config
+
+pytestmark = pytest.mark.integration
 
 # scikit-learn, pandas and the training code are imported where models are built: the
 # killed-and-restarted controllers import this module, and start faster without them.
@@ -103,8 +107,11 @@ class World:
     def tags(self, version: str) -> dict[str, str]:
         return dict(self.client.get_model_version(self.cfg.registry.model_name, version).tags)
 
+    def recorded(self) -> CanaryState | None:
+        return StateStore(canary_paths(self.cfg)).read()
+
     def state(self) -> CanaryState:
-        state = StateStore(canary_paths(self.cfg)).read()
+        state = self.recorded()
         assert state is not None
         return state
 
@@ -200,6 +207,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "shifted": lambda: fit(shuffled, "logistic_regression"),
         "unreadable": lambda: fit(split.train, "logistic_regression", C=3.0),
         "aborted": lambda: fit(split.train, "logistic_regression", C=2.0),
+        "warm-up": lambda: fit(split.train, "logistic_regression", C=5.0),
     }
     versions = {name: register_pipeline(client, cfg, make(), name) for name, make in specs.items()}
     reg.promote(
@@ -243,7 +251,7 @@ def assert_target_consistent(world: World, state: CanaryState) -> None:
     assert stats["stable"].weight == state.weights["stable"]
     assert stats["canary"].weight == state.weights["canary"]
     assert state.stable.version == world.champion()
-    assert haproxy.pid_alive(state.stable.pid, state.stable.start_time)
+    assert pid_alive(state.stable.pid, state.stable.start_time)
     if state.terminal:
         assert state.canary is None and state.retired == []
         assert stats["canary"].status.startswith("MAINT")
@@ -285,27 +293,78 @@ def report(name: str, state: CanaryState, load: Replayer, elapsed: float) -> Non
     )
 
 
+# --- what each test starts from ------------------------------------------------------------
+
+
+def target_up(state: CanaryState) -> bool:
+    """HAProxy answers and the stable instance serves what it was recorded with."""
+    return (
+        state.haproxy is not None
+        and haproxy.haproxy_alive(state.haproxy.pid, Path(state.haproxy.socket))
+        and state.stable is not None
+        and instance_ok(state.stable)
+    )
+
+
+@pytest.fixture
+def settled(world: World) -> None:
+    """No canary under way: one that a failed test left unfinished is carried through (once
+    it is being promoted) or rolled back, as an operator would."""
+    state = world.recorded()
+    if state is None or state.terminal:
+        return
+    registry = MlflowCanaryRegistry(world.cfg, actor="test:set-up")
+    if state.phase in (Phase.PROMOTING, Phase.RELOADING):
+        run_canary(world.cfg, world.config_path, registry, env=world.env)
+    else:
+        abort_canary(
+            world.cfg,
+            "test set-up: left unfinished by an earlier test",
+            registry,
+            by="test:set-up",
+            config_path=world.config_path,
+        )
+    assert world.state().terminal
+
+
+@pytest.fixture
+def rolled_back_target(world: World, settled: None) -> CanaryState:
+    """The last canary was rolled back and the target is up (HAProxy with the stable
+    instance, the canary parked). When it is not, a warm-up candidate's canary is run until
+    it takes traffic and is then aborted."""
+    state = world.recorded()
+    if state is not None and state.phase == Phase.ROLLED_BACK and target_up(state):
+        return state
+    registry = MlflowCanaryRegistry(world.cfg, actor="test:set-up")
+    start_canary(world.cfg, world.versions["warm-up"], registry)
+    failures: list[BaseException] = []
+
+    def control() -> None:
+        try:
+            run_canary(world.cfg, world.config_path, registry, env=world.env)
+        except BaseException as err:
+            failures.append(err)
+
+    controller = threading.Thread(target=control, daemon=True)
+    controller.start()
+    wait_for(
+        lambda: world.state().phase == Phase.RUNNING or not controller.is_alive(),
+        START_TIMEOUT_S,
+        "the warm-up canary to take traffic",
+    )
+    assert not failures, failures
+    abort_canary(world.cfg, "test set-up: warm-up", registry, by="test:set-up")
+    controller.join(timeout=60)
+    assert not controller.is_alive() and not failures, failures
+    state = world.state()
+    assert state.phase == Phase.ROLLED_BACK and target_up(state)
+    return state
+
+
 # --- scenarios ----------------------------------------------------------------------------------
 
 
-def test_metrics_parser_reads_what_the_service_exports() -> None:
-    from services.metrics import ServiceMetrics
-
-    metrics = ServiceMetrics("churn", "7", "canary", "CPUExecutionProvider", "0" * 64)
-    metrics.observe_request(200, 0.0031, 1)
-    metrics.observe_request(500, 0.2, 0)
-    metrics.observe_scores(np.array([0.1, 0.42, 0.97]))
-    text, _ = metrics.render()
-    parsed = parse_metrics(text.decode())
-    assert parsed.versions == {"7"}
-    assert parsed.latency is not None and parsed.latency.count == 2
-    assert parsed.latency.quantile(0.5) <= 0.005
-    assert parsed.scores is not None and parsed.scores.count == 3
-    # Valid scores only: nothing below 0 (the first bucket) or above 1 (+Inf).
-    assert parsed.scores.counts[0] == 0 and parsed.scores.counts[-1] == 0
-    assert sum(parsed.scores.counts[1:-1]) == 3
-
-
+@pytest.mark.usefixtures("settled")
 @pytest.mark.parametrize(
     ("name", "guardrail"),
     [("errors", "error_rate"), ("slow", "latency_p99"), ("shifted", "score_psi")],
@@ -326,7 +385,7 @@ def test_bad_candidate_is_rolled_back_for_its_reason(
     assert state.decision is not None
     assert state.decision["guardrail"] == guardrail, state.decision["reason"]
     assert world.champion() == champion
-    assert not any(s["percent"] == 100 for s in state.steps_done)
+    assert not any(s.percent == 100 for s in state.steps_done)
     # Weight 0 within one interval of the verdict, and before the canary was stopped.
     order = [e for e, _ in events]
     decided = next(t for e, t in events if e == "rollback_decided")
@@ -400,6 +459,7 @@ def in_step(world: World, version: str, percent: int) -> bool:
     )
 
 
+@pytest.mark.usefixtures("settled")
 def test_healthy_candidate_is_promoted_through_every_step_although_superseded_and_killed(
     world: World,
 ) -> None:
@@ -425,7 +485,7 @@ def test_healthy_candidate_is_promoted_through_every_step_although_superseded_an
 
         # A newer candidate arrives while the stale one is at 25 %.
         wait_for(lambda: in_step(world, stale, 25), START_TIMEOUT_S, "the stale one at 25 %")
-        assert [s["percent"] for s in world.state().steps_done] == [5]
+        assert [s.percent for s in world.state().steps_done] == [5]
         start_canary(world.cfg, healthy, registry)
         superseded_at = time.time()
         wait_for(lambda: world.state().candidate_version == healthy, 30, "the supersession")
@@ -447,13 +507,13 @@ def test_healthy_candidate_is_promoted_through_every_step_although_superseded_an
             state = world.state()
             assert world.champion() == champion, f"promoted after a kill at {percent}%"
             assert state.phase == "running"
-            assert [s["percent"] for s in state.steps_done] == [
+            assert [s.percent for s in state.steps_done] == [
                 p for p in CANARY["steps"] if p < percent
             ]
             assert_target_consistent(world, state)
             assert state.weights == {"stable": 100 - percent, "canary": percent}
             assert state.canary is not None and state.canary.version == healthy
-            assert haproxy.pid_alive(state.canary.pid, state.canary.start_time)
+            assert pid_alive(state.canary.pid, state.canary.start_time)
             active = standby
         _, err = active.communicate(timeout=START_TIMEOUT_S)
         assert active.returncode == 0, err.decode()[-3000:]
@@ -476,17 +536,19 @@ def test_healthy_candidate_is_promoted_through_every_step_although_superseded_an
     assert stale_tags["canary.superseded_by"] == healthy
     # Every step of the healthy candidate, analysed after the kill that interrupted it, on
     # HAProxy's per-server counts at that step's weights.
-    assert [s["percent"] for s in state.steps_done] == CANARY["steps"]
+    assert [s.percent for s in state.steps_done] == CANARY["steps"]
     assert state.baseline is not None and state.baseline["started_at"] > superseded_at
     for step in state.steps_done:
-        assert step["candidate_version"] == healthy
-        assert step["started_at"] > kills[step["percent"]]
-        assert step["result"]["status"] == "pass", step["result"]["reason"]
-        counts = step["haproxy"]
+        assert step.candidate_version == healthy
+        assert step.started_at is not None and step.started_at > kills[step.percent]
+        assert step.result.status == "pass", step.result.reason
+        counts = step.haproxy
+        assert counts is not None
         assert_share_matches_weight(
-            step["percent"], counts["stable"]["responses"], counts["canary"]["responses"]
+            step.percent, counts["stable"]["responses"], counts["canary"]["responses"]
         )
-    assert state.steps_done[-1]["haproxy"]["stable"]["responses"] == 0
+    last_counts = state.steps_done[-1].haproxy
+    assert last_counts is not None and last_counts["stable"]["responses"] == 0
     # Not one client request failed: weight changes, kills, the supersession, the reload.
     assert load.failed() == 0 and not load.transport_errors, load.summary()
     assert load.counts[("canary", 200)] > 0 and load.counts[("stable", 200)] > 0
@@ -500,6 +562,7 @@ def test_healthy_candidate_is_promoted_through_every_step_although_superseded_an
     assert_target_consistent(world, state)
 
 
+@pytest.mark.usefixtures("settled")
 def test_unreadable_canary_metrics_roll_back_instead_of_promoting(world: World) -> None:
     champion = world.champion()
     frozen: list[int] = []
@@ -509,7 +572,7 @@ def test_unreadable_canary_metrics_roll_back_instead_of_promoting(world: World) 
         # answering there (the process is frozen: its port accepts, nothing replies).
         if event == "step_started" and state.current and state.current["percent"] == 100:
             assert state.canary is not None
-            frozen.extend(haproxy.signal_tree(state.canary.pid, signal.SIGSTOP))
+            frozen.extend(signal_tree(state.canary.pid, signal.SIGSTOP))
 
     try:
         state, load, elapsed = run_scenario(world, "unreadable", on_event=freeze_at_last_step)
@@ -524,14 +587,15 @@ def test_unreadable_canary_metrics_roll_back_instead_of_promoting(world: World) 
     assert state.decision is not None and state.decision["guardrail"] == "metrics"
     assert "unreachable" in state.decision["reason"]
     assert world.champion() == champion
-    assert [s["percent"] for s in state.steps_done] == [5, 25, 50]
-    assert not any(haproxy.pid_alive(pid) for pid in frozen)
+    assert [s.percent for s in state.steps_done] == [5, 25, 50]
+    assert not any(pid_alive(pid) for pid in frozen)
     assert world.tags(world.versions["unreadable"])["canary.failed_guardrail"] == "metrics"
     # Clients of the frozen canary waited; the stable's never failed.
     assert load.failed("stable") == 0, load.summary()
     assert_target_consistent(world, state)
 
 
+@pytest.mark.usefixtures("rolled_back_target")
 def test_status_and_abort(world: World) -> None:
     status = canary_status(world.cfg).to_dict()
     assert status["phase"] == "rolled_back" and not status["controller_running"]

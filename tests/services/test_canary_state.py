@@ -9,28 +9,32 @@ exercised in tests/services/test_canary.py and tests/flows/test_training_canary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
 from pathlib import Path
 
 import pytest
 
+from checks.canary import CanaryStep
 from checks.result import CheckRow, GateResult, GateStatus
+from flows.canary import pass_tags, rollback_tags, superseded_tags
 from models.config import load_config
-from services.canary import (
+from services.canary import Controller, _Decided, start_canary
+from services.canary_state import (
     CanaryError,
     CanaryState,
-    Controller,
     Phase,
     StateStore,
-    _Decided,
     canary_paths,
     final_state_for,
-    start_canary,
 )
 from tests.conftest import write_config
 
+pytestmark = pytest.mark.fast
+
 
 class MemoryRegistry:
+    """The protocol in memory, tagging as `MlflowCanaryRegistry` does."""
+
     def __init__(self, champion: str | None) -> None:
         self.champion = champion
         self.tags: dict[str, dict[str, str]] = {}
@@ -41,9 +45,18 @@ class MemoryRegistry:
     def champion_version(self) -> str | None:
         return self.champion
 
-    def record_result(self, version: str, result: GateResult, tags: Mapping[str, str]) -> None:
+    def _record(self, version: str, result: GateResult, tags: dict[str, str]) -> None:
         self.tags.setdefault(version, {}).update(tags)
         self.results.append((version, result))
+
+    def record_pass(self, state: CanaryState, summary: GateResult) -> None:
+        self._record(state.candidate_version, summary, pass_tags(state, summary))
+
+    def record_rollback(self, state: CanaryState, result: GateResult) -> None:
+        self._record(state.candidate_version, result, rollback_tags(state, result))
+
+    def record_superseded(self, state: CanaryState, successor: str, note: GateResult) -> None:
+        self._record(state.candidate_version, note, superseded_tags(state, successor))
 
     def promote(self, version: str, *, expected_from: str | None, reason: str) -> None:
         assert self.champion == expected_from
@@ -69,15 +82,15 @@ def _passed_every_step(state: CanaryState) -> None:
             checks=(CheckRow("requests per side", GateStatus.PASS, "100", ">= 100"),),
         )
         state.steps_done.append(
-            {
-                "percent": percent,
-                "candidate_version": state.candidate_version,
-                "started_at": 0.0,
-                "ended_at": 1.0,
-                "seconds": 1.0,
-                "haproxy": {},
-                "result": result.to_dict(),
-            }
+            CanaryStep(
+                percent=percent,
+                result=result,
+                candidate_version=state.candidate_version,
+                started_at=0.0,
+                ended_at=1.0,
+                seconds=1.0,
+                haproxy={},
+            )
         )
     state.step_index = len(state.steps)
     state.phase = Phase.RUNNING
@@ -174,3 +187,49 @@ def test_a_rollback_for_the_stables_missing_numbers_tags_the_candidate_inconclus
     assert tags["gate.canary"] == "inconclusive"
     assert tags["canary.failed_guardrail"] == "metrics"
     assert registry.notes and "rolled back" in registry.notes[-1]
+
+
+def test_a_state_file_with_step_dicts_loads_typed_and_is_written_back_unchanged(cfg) -> None:  # type: ignore[no-untyped-def]
+    """`steps_done` is kept on disk as it always was (one JSON object per step, the result
+    as `GateResult.to_dict` writes it, NaN as null) and read into typed `CanaryStep`s."""
+    registry = MemoryRegistry(champion="1")
+    state = start_canary(cfg, "2", registry)
+    step = {
+        "percent": 50,
+        "candidate_version": "2",
+        "started_at": 10.0,
+        "ended_at": 20.0,
+        "seconds": 10.0,
+        "haproxy": {"stable": {"responses": 60, "5xx": 0}, "canary": {"responses": 40, "5xx": 0}},
+        "result": {
+            "name": "canary",
+            "status": "pass",
+            "reason": "step 50% passed",
+            "metrics": {"step_percent": 50.0, "canary_requests": 40.0, "score_psi": None},
+            "evidence": {"failed_guardrail": None},
+            "checks": [
+                {
+                    "check": "requests per side",
+                    "status": "pass",
+                    "value": "40",
+                    "bound": ">= 30",
+                    "detail": "",
+                }
+            ],
+        },
+    }
+    raw = state.to_dict()
+    raw["steps_done"] = [step]
+    paths = canary_paths(cfg)
+    paths.state.write_text(json.dumps(raw))
+
+    loaded = StateStore(paths).read()
+    assert loaded is not None
+    (typed,) = loaded.steps_done
+    assert isinstance(typed, CanaryStep)
+    assert (typed.percent, typed.candidate_version, typed.seconds) == (50, "2", 10.0)
+    assert typed.result.status is GateStatus.PASS
+    assert typed.haproxy is not None and typed.haproxy["canary"]["responses"] == 40
+    assert loaded.to_dict() == raw
+    StateStore(paths).save(loaded)
+    assert json.loads(paths.state.read_text())["steps_done"] == [step]

@@ -1,21 +1,30 @@
-"""The inference log's contract: layout, columns and types, atomic files, bounded queue."""
+"""The inference log's contract: layout, columns and types, atomic files, bounded queue; the
+same layout on a filesystem URI (team mode) read back through the same filesystem."""
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from models.config import DatasetConfig
-from services.inference_log import InferenceLogWriter, read_inference_log
+from models.config import ConfigError, DatasetConfig, config_from_dict, load_config
+from services import inference_log
+from services.inference_log import InferenceLogWriter, LogStore, read_inference_log
 from services.schema import RequestDecoder, RowBlock
+
+pytestmark = pytest.mark.fast
 
 DATASET = DatasetConfig(
     path="unused.parquet",
@@ -33,7 +42,7 @@ def block(*rows: tuple[float | None, float | None, str | None]) -> RowBlock:
     return DECODER.decode(json.dumps(body).encode())
 
 
-def writer(tmp_path: Path, **kw: object) -> InferenceLogWriter:
+def writer(tmp_path: Path | str, **kw: object) -> InferenceLogWriter:
     options: dict[str, object] = {
         "model_name": "churn",
         "model_version": "7",
@@ -186,3 +195,192 @@ def test_block_slices_round_trip_through_the_log(tmp_path: Path, n: int) -> None
     assert [None if v is None or pd.isna(v) else v for v in frame["contract"]] == [
         r[2] for r in rows
     ]
+
+
+def team_config(**serving: object) -> dict[str, object]:
+    return {"dataset": DATASET.model_dump(mode="json"), "serving": serving}
+
+
+def submit_rows(w: InferenceLogWriter, at: datetime, n: int) -> None:
+    for i in range(n):
+        moment = (at + timedelta(minutes=i)).timestamp()
+        w.submit(moment, f"r{i}", 1.0, block((float(i), 2.0, "a")), np.array([0.1 * i]))
+
+
+def test_a_file_uri_store_is_written_and_read_through_pyarrow(tmp_path: Path) -> None:
+    # The shared store stands apart from anything of the serving host's; a space in its name
+    # checks that the URI's percent-encoding is honoured.
+    shared = tmp_path / "shared store"
+    uri = shared.as_uri()
+    cfg = config_from_dict(team_config(inference_log_uri=uri))
+    assert cfg.inference_log_location() == uri
+    w = writer(cfg.inference_log_location())
+    assert w.location == f"{uri}/churn"
+    w.start()
+    at = datetime(2026, 4, 30, 23, 58, tzinfo=UTC)
+    submit_rows(w, at, 4)
+    assert w.flush(timeout=10)
+    w.close()
+    assert w.written_rows == 4 and w.dropped_rows == 0 and w.files_written == 2
+
+    files = sorted(p.relative_to(shared) for p in shared.rglob("*") if p.is_file())
+    assert [f.parent.as_posix() for f in files] == [
+        "churn/date=2026-04-30",
+        "churn/date=2026-05-01",
+    ]
+    assert all(f.name.startswith("part-") and f.suffix == ".parquet" for f in files)
+    frame = read_inference_log(uri, "churn", at, at + timedelta(hours=1))
+    assert frame["request_id"].tolist() == ["r0", "r1", "r2", "r3"]
+    assert str(frame["ts"].dtype) == "datetime64[us, UTC]"
+    # The same files read as a local directory: one layout, whichever way it is reached.
+    local = read_inference_log(shared, "churn", at, at + timedelta(hours=1))
+    pd.testing.assert_frame_equal(frame, local)
+    assert read_inference_log(uri, "churn", at, at + timedelta(minutes=2))[
+        "request_id"
+    ].tolist() == [
+        "r0",
+        "r1",
+    ]
+    assert read_inference_log(uri, "nobody", at, at + timedelta(hours=1)).empty
+
+
+def test_uri_readers_skip_temporary_files_and_other_names(tmp_path: Path) -> None:
+    day = tmp_path / "churn" / "date=2026-01-01"
+    day.mkdir(parents=True)
+    (day / ".part-1-1-0.parquet.tmp").write_bytes(b"half a file")
+    (day / "notes.txt").write_text("not a part")
+    w = writer(tmp_path.as_uri())
+    w.start()
+    at = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    submit_rows(w, at, 1)
+    w.close()
+    frame = read_inference_log(tmp_path.as_uri(), "churn", at, at + timedelta(hours=1))
+    assert frame["request_id"].tolist() == ["r0"]
+    # The writer left no temporary file of its own beside the planted one.
+    assert sorted(p.name for p in day.iterdir() if not p.name.startswith("part-")) == [
+        ".part-1-1-0.parquet.tmp",
+        "notes.txt",
+    ]
+
+
+class RecordingHandler(pafs.FSSpecHandler):
+    """fsspec's in-memory filesystem through pyarrow, recording uploads and renames."""
+
+    def __init__(self) -> None:
+        super().__init__(fsspec.filesystem("memory"))
+        self.opened: list[str] = []
+        self.moves: list[tuple[str, str]] = []
+
+    def open_output_stream(self, path: str, metadata: object) -> object:
+        self.opened.append(path)
+        return super().open_output_stream(path, metadata)
+
+    def move(self, src: str, dest: str) -> None:
+        self.moves.append((src, dest))
+        super().move(src, dest)
+
+
+@pytest.fixture()
+def memory_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, RecordingHandler]]:
+    """`memory://` URIs open one recording in-memory filesystem (standing in for a store
+    pyarrow would reach over the network)."""
+    handler = RecordingHandler()
+    root = f"/inference-{uuid.uuid4().hex}"
+    store = LogStore(pafs.PyFileSystem(handler), root)
+    opened: list[str] = []
+
+    def open_store(uri: str) -> LogStore:
+        opened.append(uri)
+        return store
+
+    monkeypatch.setattr(inference_log, "open_log_store", open_store)
+    yield "memory://team/log", handler
+    assert opened and set(opened) == {"memory://team/log"}
+    handler.fs.rm(root, recursive=True)
+
+
+def test_an_object_store_gets_each_part_in_one_upload_at_its_final_name(
+    memory_store: tuple[str, RecordingHandler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri, handler = memory_store
+    monkeypatch.setattr(inference_log, "ATOMIC_PUT_STORES", frozenset({"py::fsspec+memory"}))
+    w = writer(uri)
+    w.start()
+    at = datetime(2026, 6, 1, 8, tzinfo=UTC)
+    submit_rows(w, at, 3)
+    w.close()
+    assert w.written_rows == 3 and handler.moves == []
+    assert len(handler.opened) == 1
+    final = handler.opened[0]
+    assert "/churn/date=2026-06-01/part-" in final and final.endswith(".parquet")
+    frame = read_inference_log(uri, "churn", at, at + timedelta(hours=1))
+    assert frame["request_id"].tolist() == ["r0", "r1", "r2"]
+
+
+def test_a_renaming_store_gets_a_temporary_name_then_a_move(
+    memory_store: tuple[str, RecordingHandler],
+) -> None:
+    uri, handler = memory_store
+    w = writer(uri)
+    w.start()
+    at = datetime(2026, 6, 1, 8, tzinfo=UTC)
+    submit_rows(w, at, 2)
+    w.close()
+    assert w.written_rows == 2
+    [(tmp, final)] = handler.moves
+    assert handler.opened == [tmp]
+    assert tmp.rsplit("/", 1)[1] == f".{final.rsplit('/', 1)[1]}.tmp"
+    frame = read_inference_log(uri, "churn", at, at + timedelta(hours=1))
+    assert frame["request_id"].tolist() == ["r0", "r1"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("ftp://host/log", "unknown scheme 'ftp'"),
+        ("shared/log", "is not a URI"),
+        ("file://relative/log", "absolute path"),
+        ("s3:///prefix", "names its bucket"),
+    ],
+)
+def test_a_bad_log_uri_is_refused_naming_the_field(uri: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(team_config(inference_log_uri=uri))
+    assert "serving.inference_log_uri" in str(err.value) and says in str(err.value)
+
+
+def test_a_log_dir_and_a_log_uri_together_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"inference_log_dir .* or serving\.inference_log_uri"):
+        config_from_dict(
+            team_config(inference_log_dir=str(tmp_path), inference_log_uri=tmp_path.as_uri())
+        )
+
+
+def test_the_log_uri_comes_from_the_file_or_the_environment_unresolved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = team_config(inference_log_uri="s3://team-bucket/inference?region=eu-west-1")
+    path = tmp_path / "conf" / "mlgate.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    assert cfg.inference_log_location() == "s3://team-bucket/inference?region=eu-west-1"
+    monkeypatch.setenv("MLGATE_SERVING__INFERENCE_LOG_URI", "gs://other/log")
+    assert load_config(path).inference_log_location() == "gs://other/log"
+    # The embedded default is untouched: a relative directory is the file's, as before.
+    path.write_text(yaml.safe_dump(team_config(inference_log_dir="logs")))
+    monkeypatch.delenv("MLGATE_SERVING__INFERENCE_LOG_URI")
+    assert load_config(path).inference_log_location() == (tmp_path / "conf" / "logs").resolve()
+
+
+def test_a_uri_pyarrow_cannot_open_is_a_clear_error_for_readers_and_dropped_for_writers() -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="'nosuch://bucket/log' is not a filesystem URI") as err:
+        read_inference_log("nosuch://bucket/log?secret=x", "churn", at, at + timedelta(hours=1))
+    assert "secret" not in str(err.value)
+    dropped: list[int] = []
+    w = writer("nosuch://bucket/log", on_dropped=dropped.append)
+    w.start()
+    submit_rows(w, at, 2)
+    w.close()
+    assert dropped == [2] and w.written_rows == 0

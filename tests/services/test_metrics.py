@@ -10,6 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.metrics import SCORE_BUCKETS, ServiceMetrics
 
+pytestmark = pytest.mark.fast
+
 
 def samples(text: bytes, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     out = {}
@@ -76,7 +78,7 @@ def test_invalid_scores_land_where_the_canary_counts_them() -> None:
     """NaN, negative and above-1 scores, one at a time and in a batch, reach the buckets
     the canary guardrail reads as invalid outputs; valid ones (0 and 1 included) do not."""
     from checks.canary import invalid_scores
-    from services.canary import parse_metrics
+    from services.canary_windows import parse_metrics
 
     metrics = ServiceMetrics("churn", "3", "canary", "CPUExecutionProvider", "ab" * 32)
     metrics.observe_scores(np.array([0.0, 0.5, 1.0]))

@@ -23,6 +23,8 @@ from services.schema import (
     make_row_model,
 )
 
+pytestmark = pytest.mark.fast
+
 DATASET = DatasetConfig(
     path="unused.parquet",
     target="y",

@@ -27,7 +27,9 @@ import pytest
 from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from models.model_ref import ModelRef
 from models.onnx_export import input_schema, make_session, predict_proba_onnx, sha256_file
+from models.registry_layout import CHAMPION_ALIAS, MODEL_ARTIFACT_DIR, SHA_TAG
 from services.inference_log import read_inference_log
 from services.launcher import ServiceProcess, ServiceStartError, start_service
 from services.model_store import (
@@ -45,6 +47,8 @@ from tests.services.conftest import (
     free_port,
 )
 
+pytestmark = pytest.mark.integration
+
 START_TIMEOUT_S = 300.0
 VARIANT = "blue"
 
@@ -56,14 +60,10 @@ def server(
     home = tmp_path_factory.mktemp("bentoml_home")
     with start_service(
         registry.config_path,
-        alias="champion",
-        version=None,
+        ModelRef(registry.model_name, alias=CHAMPION_ALIAS),
         port=free_port(),
-        env={
-            "BENTOML_HOME": str(home),
-            "MLGATE_API_KEYS": ENV_KEYS,
-            "MLGATE_VARIANT": VARIANT,
-        },
+        variant=VARIANT,
+        env={"BENTOML_HOME": str(home), "MLGATE_API_KEYS": ENV_KEYS},
     ) as proc:
         proc.wait_ready(timeout=START_TIMEOUT_S)
         yield proc
@@ -353,7 +353,7 @@ def test_health_metrics_model_and_openapi(registry: Registry, client: httpx.Clie
     model = info.json()
     assert model["name"] == registry.model_name
     assert model["version"] == registry.champion_version
-    assert model["alias"] == "champion"
+    assert model["alias"] == CHAMPION_ALIAS
     assert model["variant"] == VARIANT
     assert model["sha256"] == sha256_file(registry.model_dir / "model.onnx")
     assert "CPUExecutionProvider" in model["providers"]
@@ -551,8 +551,7 @@ def test_unknown_alias_fails_start_up_fast_with_the_reason(
     with (
         start_service(
             registry.config_path,
-            alias="nope",
-            version=None,
+            ModelRef(registry.model_name, alias="nope"),
             port=free_port(),
             env={"BENTOML_HOME": str(tmp_path / "bentoml_home")},
         ) as proc,
@@ -569,7 +568,7 @@ def _register_version(registry: Registry, tags: dict[str, str]) -> str:
     client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
     mv = client.create_model_version(
         registry.model_name,
-        source=f"{registry.artifact_uri}/model",
+        source=f"{registry.artifact_uri}/{MODEL_ARTIFACT_DIR}",
         run_id=registry.run_id,
         tags=tags,
     )
@@ -577,10 +576,12 @@ def _register_version(registry: Registry, tags: dict[str, str]) -> str:
 
 
 def test_champion_loads_verified(registry: Registry) -> None:
-    model = load_registered_model(registry.tracking_uri, registry.model_name, alias="champion")
+    model = load_registered_model(
+        registry.tracking_uri, ModelRef(registry.model_name, alias=CHAMPION_ALIAS)
+    )
     onnx_path = registry.model_dir / "model.onnx"
     assert model.version == registry.champion_version
-    assert model.alias == "champion"
+    assert model.alias == CHAMPION_ALIAS
     assert model.sha256 == sha256_file(onnx_path)
     assert model.content == onnx_path.read_bytes()
     assert model.schema == input_schema(registry.cfg.dataset)
@@ -588,9 +589,9 @@ def test_champion_loads_verified(registry: Registry) -> None:
 
 def test_sha256_tag_that_does_not_match_the_file_is_refused(registry: Registry) -> None:
     wrong = "0" * 64
-    version = _register_version(registry, {"onnx_sha256": wrong})
+    version = _register_version(registry, {SHA_TAG: wrong})
     with pytest.raises(ModelIntegrityError) as info:
-        load_registered_model(registry.tracking_uri, registry.model_name, version=version)
+        load_registered_model(registry.tracking_uri, ModelRef(registry.model_name, version=version))
     message = str(info.value)
     assert wrong in message
     assert sha256_file(registry.model_dir / "model.onnx") in message
@@ -600,33 +601,34 @@ def test_sha256_tag_that_does_not_match_the_file_is_refused(registry: Registry) 
 
 def test_version_without_sha256_tag_is_refused(registry: Registry) -> None:
     version = _register_version(registry, {})
-    with pytest.raises(ModelIntegrityError, match="no onnx_sha256 tag"):
-        load_registered_model(registry.tracking_uri, registry.model_name, version=version)
+    with pytest.raises(ModelIntegrityError, match=f"no {SHA_TAG} tag"):
+        load_registered_model(registry.tracking_uri, ModelRef(registry.model_name, version=version))
 
 
 def test_unknown_alias_version_or_model_is_not_found(registry: Registry) -> None:
     uri, name = registry.tracking_uri, registry.model_name
     with pytest.raises(ModelNotFoundError, match=r"no alias @nope \(aliases: @champion"):
-        load_registered_model(uri, name, alias="nope")
+        load_registered_model(uri, ModelRef(name, alias="nope"))
     with pytest.raises(ModelNotFoundError, match="has no version 999"):
-        load_registered_model(uri, name, version="999")
+        load_registered_model(uri, ModelRef(name, version="999"))
     with pytest.raises(ModelNotFoundError, match="no registered model 'ghost'"):
-        load_registered_model(uri, "ghost", alias="champion")
-    with pytest.raises(ValueError, match="exactly one"):
-        load_registered_model(uri, name, alias="champion", version="1")
+        load_registered_model(uri, ModelRef("ghost", alias=CHAMPION_ALIAS))
 
 
 def test_cache_is_reused_only_while_it_matches_the_tag(registry: Registry, tmp_path: Path) -> None:
     uri, name = registry.tracking_uri, registry.model_name
-    first = load_registered_model(uri, name, alias="champion", cache_dir=tmp_path)
+    champion = ModelRef(name, alias=CHAMPION_ALIAS)
+    first = load_registered_model(uri, champion, cache_dir=tmp_path)
     cached = tmp_path / name / first.version / "model.onnx"
     assert cached.read_bytes() == first.content
 
     cached.write_bytes(b"tampered")
-    again = load_registered_model(uri, name, alias="champion", cache_dir=tmp_path)
+    again = load_registered_model(uri, champion, cache_dir=tmp_path)
     assert again.sha256 == first.sha256
     assert cached.read_bytes() == first.content
 
     shutil.rmtree(tmp_path / name)
-    by_version = load_registered_model(uri, name, version=first.version, cache_dir=tmp_path)
+    by_version = load_registered_model(
+        uri, ModelRef(name, version=first.version), cache_dir=tmp_path
+    )
     assert (by_version.sha256, by_version.content) == (first.sha256, first.content)

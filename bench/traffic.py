@@ -2,8 +2,9 @@
 connections, bounded in time, every answer counted by status and by the variant that gave
 it (HAProxy's `X-Mlgate-Variant` header), transport failures apart.
 
-The demo replays the holdout through the canary target with it, and the canary tests use it
-as the clients whose requests must never fail outside the canary's share.
+A load generator, not production code: the demo replays the holdout through the canary
+target with it, and the canary tests use it as the clients whose requests must never fail
+outside the canary's share.
 """
 
 from __future__ import annotations

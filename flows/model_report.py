@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from checks.result import GateResult
-from flows.report import gates_markdown
+from flows.gate_tables import gates_markdown
 from models.metrics import metric_value
 
 
@@ -130,9 +130,8 @@ def _markdown_table_to_html(md: str) -> str:
     return "\n".join(out)
 
 
-def render_model_report(
+def report_sections(
     *,
-    title: str,
     y: np.ndarray,
     challenger: np.ndarray,
     champion: np.ndarray | None,
@@ -143,11 +142,12 @@ def render_model_report(
     drift_psi: dict[str, float] | None = None,
     facts: dict[str, str] | None = None,
 ) -> str:
+    """The report's body under its title: the costly part (the plots), so the training flow
+    renders it before the run it is stored in, and with it the title, exists."""
     models = {"challenger": challenger}
     if champion is not None:
         models[f"champion v{champion_version}"] = champion
     sections = [
-        f"<h1>{html.escape(title)}</h1>",
         "<ul>"
         + "".join(
             f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
@@ -163,6 +163,11 @@ def render_model_report(
         sections += ["<h2>Slices</h2>", _slice_bars(y, models, slices, primary_metric)]
     if drift_psi:
         sections += ["<h2>Drift</h2>", _drift_bars(drift_psi)]
+    return "".join(sections)
+
+
+def titled_report(title: str, sections: str) -> str:
+    """One self-contained HTML page: `title`, then `sections` (from `report_sections`)."""
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1400px}"
         "table{border-collapse:collapse;margin:1em 0}"
@@ -171,5 +176,11 @@ def render_model_report(
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body>{''.join(sections)}</body></html>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{sections}"
+        "</body></html>"
     )
+
+
+def render_model_report(*, title: str, **sections: Any) -> str:
+    """The whole page at once: `titled_report(title, report_sections(**sections))`."""
+    return titled_report(title, report_sections(**sections))

@@ -1,0 +1,1 @@
+"""The servers `bench/serving.py` measures ours against, as the files it launches."""
