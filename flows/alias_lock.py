@@ -53,7 +53,7 @@ def advisory_lock(dsn: str, name: str, alias: str, *, timeout_s: float) -> Itera
         )
     except psycopg.Error as err:
         raise AliasLockError(
-            f"cannot reach the alias lock's PostgreSQL at {where} (registry.lock_dsn): "
+            f"cannot connect to the alias lock's PostgreSQL at {where} (registry.lock_dsn): "
             f"{str(err).strip()}"
         ) from None
     args: tuple[Any, ...] = (LOCK_NAMESPACE, key)

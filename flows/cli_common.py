@@ -2,7 +2,8 @@
 
 Exit status: 0 done (for `train`: the challenger was accepted), 1 an error, 2 bad usage or
 config, 3 the challenger was rejected by a gate (the run itself worked). `flows/cli.py`
-holds the top-level commands, `flows/cli_canary.py` the `mlgate canary` group.
+holds training and serving and mounts the groups: `flows/cli_registry.py` (gates, models,
+promote, rollback, history), `flows/cli_canary.py` (canary), `flows/cli_stack.py` (stack).
 """
 
 from __future__ import annotations

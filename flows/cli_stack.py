@@ -1,4 +1,5 @@
-"""The `mlgate stack` commands: team mode's servers as local processes (up, status, down, env).
+"""The `mlgate stack` commands: team mode's servers as local processes (up, status, down, env),
+and mlgate's deployments on its Prefect server (deploy, reconcile).
 
 What runs and how is in `services/stack.py`; this module calls it and renders each part:
 where it is, its pid when it runs here, and whether it answers. `up` and `status` exit 1
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -109,3 +111,55 @@ def env(config: ConfigOpt = Path("mlgate.yaml"), as_json: JsonOpt = False) -> No
         return
     for key, value in settings.items():
         print(f"export {key}={shlex.quote(value)}")
+
+
+@stack_app.command()
+def deploy(
+    config: ConfigOpt = Path("mlgate.yaml"),
+    paused: Annotated[
+        bool, typer.Option("--paused", help="Pause the schedules (runs still start on demand).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply prefect.yaml's deployments and mlgate-reconcile to the Prefect server's work pool,
+    with heartbeats and the automations that handle a worker dying mid-run (flows/deploy.py)."""
+    from flows.deploy import DeployError, deploy_team
+
+    cfg = load_config_or_exit(config)
+    try:
+        deployed = deploy_team(cfg, config, schedules_active=not paused)
+    except DeployError as err:
+        raise exit_error(str(err)) from None
+    if as_json:
+        print(json.dumps(asdict(deployed), indent=2))
+        return
+    table = Table(title=f"deployed to work pool {cfg.orchestration.work_pool!r}")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("id")
+    for name, id_ in deployed.deployments.items():
+        table.add_row("deployment", name, id_)
+    for name, id_ in deployed.automations.items():
+        table.add_row("automation", name, id_)
+    console.print(table)
+
+
+@stack_app.command()
+def reconcile(config: ConfigOpt = Path("mlgate.yaml"), as_json: JsonOpt = False) -> None:
+    """Resubmit crashed training runs now (what mlgate-reconcile does on the server)."""
+    from flows.deploy import DeployError, team_prefect
+    from flows.reconcile import reconcile_crashed_training
+
+    cfg = load_config_or_exit(config)
+    try:
+        with team_prefect(cfg.orchestration):
+            crashed = reconcile_crashed_training(cfg)
+    except DeployError as err:
+        raise exit_error(str(err)) from None
+    if as_json:
+        print(json.dumps([asdict(c) for c in crashed], indent=2))
+        return
+    for c in crashed:
+        console.print(c.describe())
+    if not crashed:
+        console.print("no crashed training run to reconcile")

@@ -27,6 +27,7 @@ from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from checks.result import GateResult
 from models.config import DatasetConfig, RegistryConfig
@@ -283,10 +284,12 @@ def _record_run(
     params: Mapping[str, Any],
     metrics: Mapping[str, float],
     artifacts: Callable[[str], Mapping[str, bytes]],
+    nested: Callable[[str], None] | None = None,
 ) -> str:
     """One run written in one go: tags at creation, then params and metrics, then every
-    artifact (`artifacts(run_id)`: path -> bytes) in one upload. A failure on the way ends the
-    run FAILED, so a FINISHED run always holds all of it."""
+    artifact (`artifacts(run_id)`: path -> bytes) in one upload, then the runs `nested(run_id)`
+    writes under it. A failure on the way ends the run FAILED, so a FINISHED run always holds
+    all of it."""
     exp_id = ensure_experiment(client, registry, experiment)
     run = client.create_run(exp_id, tags=dict(tags), run_name=run_name)
     run_id = str(run.info.run_id)
@@ -298,6 +301,8 @@ def _record_run(
                 local.parent.mkdir(parents=True, exist_ok=True)
                 local.write_bytes(content)
             client.log_artifacts(run_id, tmp)
+        if nested is not None:
+            nested(run_id)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -333,7 +338,26 @@ def record_training_run(
         params=evidence.params,
         metrics={**evidence.metrics, **gate_metrics(gates)},
         artifacts=lambda run_id: {**evidence.artifacts(run_id), EVIDENCE_ARTIFACT: payload},
+        nested=lambda run_id: _record_nested_runs(client, registry, run_id, evidence),
     )
+
+
+def _record_nested_runs(
+    client: MlflowClient, registry: RegistryConfig, parent_id: str, evidence: TrainingEvidence
+) -> None:
+    """The candidates the training run tried, each a run nested under it (MLflow's parent
+    tag): the UI shows them under the run, and `latest_training_run` skips them."""
+    for run in evidence.nested_runs:
+        _record_run(
+            client,
+            registry,
+            registry.experiment,
+            run.run_name,
+            {**run.tags, MLFLOW_PARENT_RUN_ID: parent_id},
+            params=run.params,
+            metrics=run.metrics,
+            artifacts=lambda _run_id: {},
+        )
 
 
 def register_candidate(
@@ -499,7 +523,10 @@ def latest_training_run(client: MlflowClient, registry: RegistryConfig) -> str:
     exp = client.get_experiment_by_name(registry.experiment)
     runs = (
         client.search_runs(
-            [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+            [exp.experiment_id],
+            filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} IS NULL",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
         )
         if exp
         else []

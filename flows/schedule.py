@@ -1,8 +1,10 @@
-"""The scheduled deployments: monitoring every hour, training weekly (cron from the config).
+"""The scheduled deployments served here: monitoring every hour, training weekly (crons from
+the config).
 
 `mlgate schedule` serves them from this process with Prefect's runner, so schedules work on
-the embedded default without a separate worker; `prefect.yaml` declares the same two
-deployments for a Prefect server with a work pool.
+the embedded default without a server or a worker. They are `prefect.yaml`'s deployments
+(`flows/deployments.py` reads it); team mode applies the same ones to a Prefect server's work
+pool instead (`mlgate stack deploy`, `flows/deploy.py`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.deployments import MONITORING_NAME, TRAINING_NAME
+from flows.deployments import MONITORING_NAME, TRAINING_NAME, deployment_specs
 from flows.monitoring import monitoring_flow
 from flows.training import training_flow
 from models.config import MlgateConfig
@@ -18,21 +20,17 @@ from models.config import MlgateConfig
 
 def build_deployments(cfg: MlgateConfig, config_path: Path) -> list[Any]:
     params = {"config_path": str(config_path.resolve())}
+    flows: dict[str, Any] = {TRAINING_NAME: training_flow, MONITORING_NAME: monitoring_flow}
     return [
-        training_flow.to_deployment(
-            name=TRAINING_NAME,
-            cron=cfg.monitor.training_cron,
+        flows[spec.name].to_deployment(
+            name=spec.name,
+            cron=spec.cron,
             parameters=params,
-            description="Train a challenger and let the gates decide (mlgate).",
-            tags=["mlgate", cfg.registry.model_name],
-        ),
-        monitoring_flow.to_deployment(
-            name=MONITORING_NAME,
-            cron=cfg.monitor.monitor_cron,
-            parameters=params,
-            description="One monitoring window: data gate, PSI drift, retraining trigger.",
-            tags=["mlgate", cfg.registry.model_name],
-        ),
+            description=f"{spec.description} (mlgate)",
+            tags=[*spec.tags, cfg.registry.model_name],
+        )
+        for spec in deployment_specs(cfg.monitor)
+        if spec.name in flows
     ]
 
 

@@ -1,5 +1,9 @@
 """`training_flow`: data gate, train, evaluate, ONNX + parity, champion gate, register.
 
+With `train.candidates`, the candidates are trained (on the Dask workers when a scheduler is
+configured) and one is chosen on a split of the training part before the model is trained
+(`flows/candidates.py`); the holdout the gates use plays no part in the choice.
+
 The flow computes first and gathers what it computed into one `TrainingEvidence`; the
 registry is written only at the end (`finish_training`), so a crash on the way leaves
 nothing half-registered.
@@ -22,6 +26,7 @@ from checks.data_quality import profile_reference
 from checks.parity import check_parity
 from checks.result import GateResult, GateStatus
 from flows import registry
+from flows.candidates import choose_candidate
 from flows.champion import read_champion, score_champion
 from flows.training_evidence import (
     TrainingEvidence,
@@ -100,6 +105,7 @@ def training_flow(
         return finish_training(client, cfg, config_path, stopped_evidence(facts, [data_gate], docs))
 
     parts = split(df, cfg.dataset, cfg.train)
+    cfg, facts = choose_candidate(parts.train, cfg, facts)
     model = train(parts.train, cfg.dataset, cfg.train)
     onnx_model = export(model.pipeline, cfg.dataset)
     holdout = score(model, onnx_model, parts, cfg.dataset, cfg.train)

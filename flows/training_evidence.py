@@ -8,6 +8,7 @@ no run with part of its evidence and no version without it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -28,6 +29,7 @@ from flows import registry
 from flows.champion import ChampionState
 from flows.gate_tables import gates_markdown
 from flows.model_report import report_sections, titled_report
+from models.candidates import Selection
 from models.config import DataGateConfig, DatasetConfig, DriftGateConfig, MlgateConfig, TrainConfig
 from models.data import Split, encode_target, hash_frame
 from models.metrics import evaluate
@@ -48,15 +50,18 @@ from models.registry_layout import (
     PROFILE_ARTIFACT,
     REPORT_ARTIFACT,
     SAMPLE_ARTIFACT,
+    SELECTION_ARTIFACT,
 )
 from models.train import TrainedModel, predict_proba
 
 _DRIFT_METRIC_PREFIX = "drift_vs_champion.psi."
+_SELECTION_METRIC_PREFIX = "selection."
 
 
 @dataclass(frozen=True)
 class RunFacts:
-    """What identifies a training run before any gate: its data, code, config and champion."""
+    """What identifies a training run before any gate: its data, code, config and champion,
+    and, with `train.candidates`, which candidate was chosen on the training part and why."""
 
     model_name: str
     run_name: str
@@ -64,6 +69,17 @@ class RunFacts:
     champion_version: str | None
     tags: Mapping[str, str]
     config: Mapping[str, Any]
+    selection: Selection | None = None
+
+
+@dataclass(frozen=True)
+class NestedRun:
+    """A run recorded under the training run: one per candidate tried."""
+
+    run_name: str
+    tags: Mapping[str, str]
+    params: Mapping[str, Any]
+    metrics: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -153,12 +169,46 @@ class TrainingEvidence:
         return dict(self.holdout.params) if self.holdout else {}
 
     @property
+    def nested_runs(self) -> tuple[NestedRun, ...]:
+        """One run per candidate tried (none without `train.candidates`): its params, its
+        validation metric on the training part, what ran it and whether it was chosen."""
+        sel = self.facts.selection
+        if sel is None:
+            return ()
+        return tuple(
+            NestedRun(
+                run_name=f"{self.facts.model_name}-candidate-{s.index}-{s.estimator}",
+                tags={
+                    "candidate_index": str(s.index),
+                    "chosen": str(s is sel.chosen).lower(),
+                    "worker": s.worker,
+                    "worker_address": s.worker_address,
+                    "estimator": s.estimator,
+                    "data_hash": self.facts.data_hash,
+                    "selection_fit_hash": sel.fit_hash,
+                    "selection_validation_hash": sel.validation_hash,
+                },
+                params={"estimator": s.estimator, **s.params},
+                metrics={
+                    f"{_SELECTION_METRIC_PREFIX}{s.metric}": s.value,
+                    "fit_seconds": s.fit_seconds,
+                    "fit_rows": float(s.fit_rows),
+                    "validation_rows": float(s.validation_rows),
+                },
+            )
+            for s in sel.scores
+        )
+
+    @property
     def metrics(self) -> dict[str, float]:
-        """The holdout metrics, the fit time and the PSI against the champion's reference;
-        the registry adds each gate's numbers."""
+        """The holdout metrics, the fit time, the chosen candidate's validation metric and
+        the PSI against the champion's reference; the registry adds each gate's numbers."""
         if self.holdout is None:
             return {}
         metrics = {**self.holdout.metrics, "fit_seconds": self.holdout.fit_seconds}
+        sel = self.facts.selection
+        if sel is not None:
+            metrics[f"{_SELECTION_METRIC_PREFIX}{sel.metric}"] = sel.chosen.value
         psi = drift_psi(self.candidate.drift) if self.candidate else None
         metrics.update({f"{_DRIFT_METRIC_PREFIX}{k}": v for k, v in (psi or {}).items()})
         return metrics
@@ -187,6 +237,8 @@ class TrainingEvidence:
         """Every artifact of the run by its path in the registry's layout; the report is
         titled with the run it is stored in. The registry adds the gates' evidence JSON."""
         out = {CONFIG_ARTIFACT: _json_bytes(self.facts.config)}
+        if self.facts.selection is not None:
+            out[SELECTION_ARTIFACT] = _json_bytes(self.facts.selection.to_dict())
         out.update({f"{DATA_DOCS_ARTIFACT_DIR}/{p}": b for p, b in self.data_docs.items()})
         c = self.candidate
         if c is None:
@@ -229,6 +281,24 @@ def describe_run(
             "estimator": cfg.train.estimator,
         },
         config=cfg.model_dump(mode="json"),
+    )
+
+
+def describe_choice(facts: RunFacts, selection: Selection) -> RunFacts:
+    """The facts of a run whose model is the candidate `selection` chose: named and tagged
+    after its estimator, with the choice and the rows it used."""
+    chosen = selection.chosen
+    return dataclasses.replace(
+        facts,
+        run_name=f"{facts.model_name}-{chosen.estimator}",
+        tags={
+            **facts.tags,
+            "estimator": chosen.estimator,
+            "selected_candidate": str(chosen.index),
+            "selection_fit_hash": selection.fit_hash,
+            "selection_validation_hash": selection.validation_hash,
+        },
+        selection=selection,
     )
 
 
@@ -318,13 +388,19 @@ def gather_training_evidence(
         drift_psi=drift_psi(drift),
         facts={
             "estimator": cfg.train.estimator,
+            **({"candidate choice": facts.selection.reason} if facts.selection else {}),
             "data hash": facts.data_hash,
             "holdout hash": holdout.holdout_hash,
             "holdout rows": str(len(holdout.y)),
         },
     )
     card = model_card(
-        cfg, dict(holdout.metrics), list(gates), facts.data_hash, holdout.holdout_hash
+        cfg,
+        dict(holdout.metrics),
+        list(gates),
+        facts.data_hash,
+        holdout.holdout_hash,
+        facts.selection.reason if facts.selection else None,
     )
     # Same data, code and seed give a byte-identical model: a new version would only move
     # @champion to a twin of itself.
@@ -365,11 +441,13 @@ def model_card(
     gates: list[GateResult],
     data_hash: str,
     holdout_hash: str,
+    selection_reason: str | None = None,
 ) -> str:
     lines = [
         f"# Model card: {cfg.registry.model_name}",
         "",
         f"- estimator: `{cfg.train.estimator}` with params `{json.dumps(cfg.train.params)}`",
+        *([f"- candidate choice: {selection_reason}"] if selection_reason else []),
         f"- target: `{cfg.dataset.target}` (positive label `{cfg.dataset.positive_label}`)",
         f"- features: {len(cfg.dataset.numeric_features)} numeric, "
         f"{len(cfg.dataset.categorical_features)} categorical",

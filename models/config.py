@@ -75,11 +75,24 @@ class DatasetConfig(_Section):
         return self
 
 
+class CandidateConfig(_Section):
+    """One configuration the training flow tries (`train.candidates`)."""
+
+    estimator: Estimator
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class TrainConfig(_Section):
+    """The model and its split. With `candidates`, those configurations are trained instead
+    of `estimator`/`params` and the best on a seeded, stratified `selection_size` share of
+    the training part (never the holdout) is refit on the whole training part."""
+
     estimator: Estimator = "gradient_boosting"
     params: dict[str, Any] = Field(default_factory=dict)
     test_size: float = Field(default=0.25, gt=0.0, lt=1.0)
     seed: int = 42
+    candidates: tuple[CandidateConfig, ...] = ()
+    selection_size: float = Field(default=0.2, gt=0.0, lt=1.0)
 
 
 class DataGateConfig(_Section):
@@ -301,6 +314,22 @@ class OrchestrationConfig(_Section):
     api_url: str | None = None
     auth_string: SecretStr | None = None
     work_pool: str = Field(default="mlgate-pool", pattern=r"^[A-Za-z0-9_.-]+$")
+    # A worker that dies mid-run (flows/deploy.py, flows/reconcile.py): each deployment run
+    # sends a heartbeat every `heartbeat_s` (Prefect's minimum is 30), a run silent for
+    # `crash_after_s` is marked Crashed, and a crashed training run is submitted again at
+    # most `crash_resubmits` times.
+    heartbeat_s: int = Field(default=30, ge=30)
+    crash_after_s: int = Field(default=90, gt=0)
+    crash_resubmits: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _check_crash_after(self) -> OrchestrationConfig:
+        if self.crash_after_s <= self.heartbeat_s:
+            raise ValueError(
+                f"crash_after_s {self.crash_after_s} must exceed heartbeat_s "
+                f"{self.heartbeat_s}: a healthy run would be marked Crashed between beats"
+            )
+        return self
 
 
 class DaskConfig(_Section):

@@ -39,6 +39,8 @@ MODEL_ARTIFACT_DIR = "model"  # model.onnx and schema.json: a version's source
 EVIDENCE_ARTIFACT = "evidence/gates.json"
 REPORT_ARTIFACT = "evidence/model_report.html"
 DRIFT_ARTIFACT = "evidence/drift_vs_champion.json"
+# With train.candidates: each candidate's validation score and the training-part rows used.
+SELECTION_ARTIFACT = "evidence/selection.json"
 DATA_DOCS_ARTIFACT_DIR = "evidence/data_docs"
 CANARY_EVIDENCE_DIR = "evidence/canary"  # `v<version>-<verdict>.json`
 PROFILE_ARTIFACT = "reference/data_profile.json"

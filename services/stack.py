@@ -694,10 +694,14 @@ def _prefect_up(api_url: str, auth: str | None) -> bool:
 
 
 def _prefect_check(api_url: str, auth: str | None) -> str:
+    """'' when the server answers and accepts the auth string (its /health needs none)."""
     resp = _prefect_get(api_url, auth, "/health")
+    if resp.status_code != 200:
+        return f"/health answered {resp.status_code}"
+    resp = _prefect_get(api_url, auth, "/admin/version")
     if resp.status_code == 401:
         return "the server refuses orchestration.auth_string (401)"
-    return "" if resp.status_code == 200 else f"/health answered {resp.status_code}"
+    return "" if resp.status_code == 200 else f"/admin/version answered {resp.status_code}"
 
 
 def _worker_name(kind: str, index: int) -> str:

@@ -1,5 +1,5 @@
-"""The stack tier's one stack: team mode's servers started once per session, as real local
-processes, in a temp dir with free ports, and stopped (and checked gone) at the end."""
+"""The stack tier's one stack: team mode's servers started once for the tier, as real local
+processes, in a temp dir with free ports, and stopped (and checked gone) after its tests."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def team_raw(root: Path) -> dict[str, Any]:
     return raw
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def team() -> Iterator[Team]:
     try:
         st.postgres_bin()

@@ -18,12 +18,13 @@ from typer.testing import CliRunner
 
 from flows import registry
 from flows.cli import app
-from models.config import config_from_dict
+from models.config import ConfigError, config_from_dict
 from services import stack as st
 from services.processes import pid_alive, process_tree
 from tests.stack.conftest import Team, team_raw
 
-pytestmark = pytest.mark.stack
+# The first test also waits for the stack to start (minutes on 2 busy cores).
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,9 +99,11 @@ def test_prefect_refuses_requests_without_the_auth_string(team: Team):
     api = team.cfg.orchestration.api_url
     auth = team.cfg.orchestration.auth_string
     assert api is not None and auth is not None
-    assert httpx.get(f"{api}/health").status_code == 401
     user, _, password = auth.get_secret_value().partition(":")
-    assert httpx.get(f"{api}/health", auth=(user, password)).status_code == 200
+    version = f"{api}/admin/version"
+    assert httpx.get(version).status_code == 401
+    assert httpx.get(version, auth=(user, password + "x")).status_code == 401
+    assert httpx.get(version, auth=(user, password)).status_code == 200
 
 
 def test_the_registry_client_works_through_the_tracking_server(team: Team, mlflow_env, tmp_path):
@@ -172,3 +175,15 @@ def _wait(cond, timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_a_stack_without_its_own_postgres_names_the_databases_it_needs(tmp_path):
+    raw = team_raw(tmp_path)
+    raw["stack"]["postgres"] = {"start": False}
+    with pytest.raises(ConfigError, match=r"mlflow\.backend_store_uri, mlflow\.auth_database_uri"):
+        config_from_dict(raw)
+    raw["stack"]["mlflow"]["start"] = False
+    raw["stack"]["prefect"]["database_url"] = "postgresql+asyncpg://prefect:pw@db:5432/prefect"
+    cfg = config_from_dict(raw)
+    # Nothing of PostgreSQL's runs here; the lock's server elsewhere is what status checks.
+    assert not cfg.stack.postgres.start and cfg.registry.lock_dsn is None
