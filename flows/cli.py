@@ -107,11 +107,11 @@ def train(
 ) -> None:
     """Run the training flow: data gate, train, ONNX parity, champion gate, register."""
     from flows.gate_tables import gate_tables
-    from flows.runtime import use_embedded_prefect
+    from flows.runtime import use_configured_servers
     from models.config import ConfigError
     from models.data import DataError
 
-    use_embedded_prefect(_load(config).registry.store_dir)
+    use_configured_servers(_load(config))
     from flows.training import training_flow
 
     try:
@@ -188,9 +188,9 @@ def monitor(
 ) -> None:
     """Run one monitoring window: live data gate, PSI drift, retraining trigger."""
     from flows.gate_tables import gate_tables
-    from flows.runtime import use_embedded_prefect
+    from flows.runtime import use_configured_servers
 
-    use_embedded_prefect(_load(config).registry.store_dir)
+    use_configured_servers(_load(config))
     from flows.monitoring import monitoring_flow
 
     try:
@@ -218,10 +218,10 @@ def monitor(
 @app.command()
 def schedule(config: ConfigOpt = Path("mlgate.yaml")) -> None:
     """Serve the scheduled deployments (monitoring hourly, training weekly) until Ctrl-C."""
-    from flows.runtime import use_embedded_prefect
+    from flows.runtime import use_configured_servers
 
     cfg = _load(config)
-    use_embedded_prefect(cfg.registry.store_dir)
+    use_configured_servers(cfg)
     from flows.schedule import serve_schedules
 
     console.print(

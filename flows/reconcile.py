@@ -50,6 +50,8 @@ RECONCILED_TAG = "mlgate.reconciled"
 # Crashed runs older than this are left alone: the scheduled reconcile (every few minutes)
 # has seen them, unless it was down for a day, and then the next scheduled run is as good.
 LOOKBACK = timedelta(days=1)
+# The most runs the API returns per query.
+API_PAGE = 200
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ def reconcile_crashed_training(cfg: MlgateConfig) -> list[CrashedRun]:
         FlowRunFilter,
         FlowRunFilterDeploymentId,
         FlowRunFilterExpectedStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
@@ -108,21 +112,37 @@ def reconcile_crashed_training(cfg: MlgateConfig) -> list[CrashedRun]:
             deployment = client.read_deployment_by_name(TRAINING_DEPLOYMENT)
         except ObjectNotFound:
             return []
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
-                expected_start_time=FlowRunFilterExpectedStartTime(
-                    after_=cast(Any, datetime.now(UTC) - LOOKBACK)
-                ),
-            ),
-            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-            limit=500,
+
+        def training_runs(since: datetime, sort: FlowRunSort, **filters: Any) -> list[Any]:
+            return list(
+                client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+                        expected_start_time=FlowRunFilterExpectedStartTime(after_=cast(Any, since)),
+                        **filters,
+                    ),
+                    sort=sort,
+                    limit=API_PAGE,
+                )
+            )
+
+        crashed = training_runs(
+            datetime.now(UTC) - LOOKBACK,
+            FlowRunSort.EXPECTED_START_TIME_ASC,
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
         )
+        crashed = [r for r in crashed if RECONCILED_TAG not in r.tags]
+        if not crashed:
+            return []
+        since = crashed[0].expected_start_time
+        recent = training_runs(since, FlowRunSort.EXPECTED_START_TIME_DESC)
         done: list[CrashedRun] = []
-        for i, run in enumerate(runs):
-            if run.state_type != StateType.CRASHED or RECONCILED_TAG in run.tags:
-                continue
-            later = [r for r in runs[i + 1 :] if _replaces(r, run)]
+        for run in crashed:
+            later = [
+                r
+                for r in recent
+                if r.expected_start_time > run.expected_start_time and _replaces(r, run)
+            ]
             done.append(_reconcile_one(cfg, run, later))
             client.update_flow_run(run.id, tags=[*run.tags, RECONCILED_TAG])
     return done
@@ -146,7 +166,7 @@ def _reconcile_one(cfg: MlgateConfig, run: Any, later: list[Any]) -> CrashedRun:
         return CrashedRun(str(run.id), str(run.name), attempt, action, new_run_id)
 
     if later:
-        return outcome("superseded", str(later[-1].id))
+        return outcome("superseded", str(later[0].id))
     if not should_resubmit(attempt, cfg.orchestration.crash_resubmits):
         gave_up = outcome("gave up")
         registry.notify(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from models.config import OrchestrationConfig, RegistryConfig
+    from models.config import MlgateConfig, OrchestrationConfig, RegistryConfig
 
 
 def use_embedded_prefect(store_dir: Path) -> None:
@@ -44,3 +44,10 @@ def use_team_servers(
         os.environ["PREFECT_API_URL"] = orchestration.api_url
         if orchestration.auth_string is not None:
             os.environ["PREFECT_API_AUTH_STRING"] = orchestration.auth_string.get_secret_value()
+
+
+def use_configured_servers(cfg: MlgateConfig) -> None:
+    """Team mode's servers where the config names them, else the embedded default: what a
+    command that runs a flow calls before it imports Prefect."""
+    use_team_servers(cfg.registry, cfg.orchestration)
+    use_embedded_prefect(cfg.registry.store_dir)
