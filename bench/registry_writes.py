@@ -75,7 +75,7 @@ LABELS = {
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Registry writes (8 writer processes)"
 COMMAND = ".venv/bin/python bench/registry_writes.py"
-ERROR_CLASSES = ("sqlite locked", "http 5xx/429", "lock timeout", "other")
+CONNECT = "connect"
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Phase:
 
     number: int
     backend: str
-    kind: str
+    kind: str  # one of KINDS, or CONNECT: connect only, at once, no barrier
     writes: int
     registry: RegistryConfig
     # writer index -> its two model versions (one to move to while the other holds)
@@ -146,7 +146,8 @@ def _count_hidden_retries() -> None:
 
 
 def classify(err: BaseException) -> str:
-    """An exception as one of ERROR_CLASSES, or "conflict" for a lost compare-and-set."""
+    """An exception as "sqlite locked", "http 5xx/429", "lock timeout" or "other", or as
+    "conflict" for a lost compare-and-set (an answer, not an error)."""
     from filelock import Timeout
     from mlflow.exceptions import RestException
 
@@ -250,6 +251,9 @@ def writer(index: int, commands: Any, results: Any, barrier: Any) -> None:
             client = clients[phase.backend]
         except Exception as err:
             report.failure = f"connect: {type(err).__name__}: {err}"
+        if phase.kind == CONNECT:
+            results.put(report)
+            continue
         try:
             barrier.wait(timeout=300)
         except threading.BrokenBarrierError:
@@ -317,6 +321,23 @@ def prepare_backend(registry_cfg: RegistryConfig) -> dict[int, tuple[str, str]]:
         client, registry_cfg, MODEL, versions[0], reason="bench set-up", expected_from=None
     )
     return {i: (versions[2 * i], versions[2 * i + 1]) for i in range(WRITERS)}
+
+
+def connect_writers(backend: str, registry_cfg: RegistryConfig, commands: list[Any]) -> None:
+    """Each writer connects to the backend now, outside any timed phase."""
+    phase = Phase(0, backend, CONNECT, 0, registry_cfg, {}, 0)
+    for q in commands:
+        q.put(phase)
+
+
+def await_connected(results: Any, expected: int) -> None:
+    for _ in range(expected):
+        try:
+            report: WriterReport = results.get(timeout=900)
+        except queue.Empty:
+            raise RuntimeError("the writers did not connect in 15 min") from None
+        if report.failure:
+            raise RuntimeError(f"writer {report.index}: {report.failure}")
 
 
 def play(
@@ -408,7 +429,6 @@ def run_benchmark(
     commands = [ctx.Queue() for _ in range(WRITERS)]
     results = ctx.Queue()
     barrier = ctx.Barrier(WRITERS + 1)
-    # The writers import MLflow while the stack starts.
     procs = [
         ctx.Process(target=writer, args=(i, commands[i], results, barrier), daemon=True)
         for i in range(WRITERS)
@@ -417,30 +437,47 @@ def run_benchmark(
         p.start()
     log(f"{WRITERS} writer processes started")
     stack, team_registry, orchestration, dask = team_slices(root)
-    try:
+    outcome: dict[str, Any] = {}
+
+    def start_stack() -> None:
         started = time.monotonic()
-        parts = st.start_stack(stack, team_registry, orchestration, dask)
-        bad = [p for p in parts if p.expected and not p.healthy]
+        try:
+            outcome["parts"] = st.start_stack(stack, team_registry, orchestration, dask)
+        except BaseException as err:
+            outcome["error"] = err
+        facts["stack_start_s"] = time.monotonic() - started
+
+    # The stack starts while the SQLite store is prepared and the writers import MLflow and
+    # connect to it: the fixed costs overlap.
+    starter = threading.Thread(target=start_stack, name="stack-start", daemon=True)
+    starter.start()
+    try:
+        registries = {"sqlite": RegistryConfig(store_dir=root / "sqlite-host")}
+        versions = {"sqlite": prepare_backend(registries["sqlite"])}
+        connect_writers("sqlite", registries["sqlite"], commands)
+        log("SQLite store prepared")
+        starter.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        bad = [p for p in outcome["parts"] if p.expected and not p.healthy]
         if bad:
             raise RuntimeError(f"the stack is not healthy: {bad}")
-        facts["stack_start_s"] = time.monotonic() - started
         log(f"stack (PostgreSQL, MLflow server) up in {facts['stack_start_s']:.0f} s")
         lock_dsn = st.client_settings(stack, team_registry, orchestration, dask)[
             "MLGATE_REGISTRY__LOCK_DSN"
         ]
         assert team_registry.password is not None
-        registries = {
-            "sqlite": RegistryConfig(store_dir=root / "sqlite-host"),
-            "pg-server": RegistryConfig(
-                store_dir=team_registry.store_dir,
-                tracking_uri=team_registry.tracking_uri,
-                password=team_registry.password.get_secret_value(),
-                lock_dsn=lock_dsn,
-            ),
-        }
+        registries["pg-server"] = RegistryConfig(
+            store_dir=team_registry.store_dir,
+            tracking_uri=team_registry.tracking_uri,
+            password=team_registry.password.get_secret_value(),
+            lock_dsn=lock_dsn,
+        )
+        versions["pg-server"] = prepare_backend(registries["pg-server"])
+        connect_writers("pg-server", registries["pg-server"], commands)
         facts["lock_timeout_s"] = registries["sqlite"].lock_timeout_s
-        versions = {name: prepare_backend(cfg) for name, cfg in registries.items()}
-        log("both registries prepared")
+        await_connected(results, 2 * WRITERS)
+        log("tracking server prepared, every writer connected to both")
         writes = {k: max(1, round(v * scale)) for k, v in WRITES.items()}
         facts["writes"] = writes
         cells = {(b, k): Cell() for b in BACKENDS for k in KINDS}
@@ -486,12 +523,17 @@ def run_benchmark(
         for q in commands:
             with contextlib.suppress(Exception):
                 q.put(None)
+        # Their work is reported; one slow to exit is killed.
+        deadline = time.monotonic() + 15
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
         log("writers stopped")
+        # Stop only once the start has returned, so that nothing it starts is left behind.
+        starter.join()
         stopped = st.stop_stack(stack, team_registry)
         left = [port for port in (stack.postgres.port, stack.mlflow.port) if st.port_in_use(port)]
         log(f"stack stopped ({', '.join(stopped) or 'nothing was running'})")

@@ -29,7 +29,7 @@ from models.candidates import (
     select_candidate,
     split_for_selection,
 )
-from models.config import DaskConfig, DatasetConfig, MlgateConfig, TrainConfig
+from models.config import ConfigError, DaskConfig, DatasetConfig, MlgateConfig, TrainConfig
 
 
 def train_candidate(
@@ -93,7 +93,19 @@ def run_candidates(calls: list[dict[str, Any]], dask: DaskConfig) -> list[Candid
     side, or here one after another."""
     if dask.scheduler_address is None:
         return [fit_candidate(**call) for call in calls]
+    from prefect.settings import get_current_settings
     from prefect_dask import DaskTaskRunner
+
+    # A task on a worker reports to the API the flow uses. Prefect's embedded API is a
+    # temporary server of this process whose address the workers are not given: each would
+    # start one of its own for every run (minutes each; on another host, another database).
+    if not get_current_settings().api.url:
+        raise ConfigError(
+            f"dask.scheduler_address is set ({dask.scheduler_address}) but the flow runs on "
+            "Prefect's embedded API, which the Dask workers cannot reach: set "
+            "orchestration.api_url to the Prefect server the workers reach too (team mode), "
+            "or unset dask.scheduler_address to train the candidates here"
+        )
 
     with DaskTaskRunner(address=dask.scheduler_address) as runner:
         futures = [runner.submit(fit_candidate, call) for call in calls]

@@ -726,7 +726,11 @@ def _spawn_prefect_worker(lay: _Layout, index: int, auth: str) -> _Proc:
     ]
     workdir = lay.dir / "prefect" / f"worker-{index}"
     workdir.mkdir(parents=True, exist_ok=True)
-    return _spawn(lay.dir, f"prefect-worker-{index}", argv, _prefect_env(lay, auth), cwd=workdir)
+    # Flow runs inherit their worker's environment: this is how they reach the servers
+    # started here, the alias lock's DSN included (a secret, never put in a deployment).
+    clients = client_settings(lay.stack, lay.registry, lay.orchestration, lay.dask)
+    env = _prefect_env(lay, auth, clients)
+    return _spawn(lay.dir, f"prefect-worker-{index}", argv, env, cwd=workdir)
 
 
 def _prefect_workers_online(lay: _Layout, auth: str | None) -> set[str]:

@@ -179,3 +179,14 @@ def test_the_choice_becomes_the_runs_facts_and_one_nested_run_per_candidate(bund
     assert SELECTION_ARTIFACT in evidence.artifacts("run")
     assert TrainingEvidence(facts, ()).nested_runs == ()
     assert SELECTION_ARTIFACT not in TrainingEvidence(facts, ()).artifacts("run")
+
+
+def test_dask_without_a_prefect_server_is_refused_before_any_candidate_runs(monkeypatch):
+    """Dask workers cannot reach Prefect's embedded API (it lives in the flow's process):
+    said plainly, naming the fields, instead of each worker starting an API of its own."""
+    from flows.candidates import run_candidates
+    from models.config import DaskConfig
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(ConfigError, match=r"orchestration\.api_url.*dask\.scheduler_address"):
+        run_candidates([], DaskConfig(scheduler_address="tcp://127.0.0.1:1"))

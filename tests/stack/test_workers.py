@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,8 +22,10 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from flows import registry
+from flows.cli import app
 from flows.deploy import (
     NEVER_STARTED_AUTOMATION,
     RESUBMIT_AUTOMATION,
@@ -178,11 +180,13 @@ def prefect_workers(team: Team) -> dict[int, str]:
 
 
 def worker_of(team: Team, pid: int) -> tuple[int, str]:
-    """The stack's worker whose process tree holds `pid`, and its name."""
+    """The stack's worker whose process tree holds `pid` (a process other than this one),
+    and its name. The stack's processes descend from this test process, which started
+    them, so the chain goes on past the worker to here."""
+    assert pid != os.getpid()
     chain = ancestors(pid)
     found = [(p, name) for p, name in prefect_workers(team).items() if p in chain]
     assert found, f"process {pid} (ancestors {chain}) is no stack worker's"
-    assert os.getpid() not in chain
     return found[0]
 
 
@@ -253,9 +257,13 @@ def test_deploy_applies_the_deployments_and_the_crash_automations(workers: Worke
         assert training.paused
         (silent,) = client.read_automations_by_name(SILENT_AUTOMATION)
         assert silent.trigger.within == timedelta(seconds=CRASH_AFTER_S)
-    # Applying again updates in place: same ids, one automation of each name.
-    again = deploy_team(workers.cfg, workers.config_path, schedules_active=False)
-    assert again == workers.deployed
+    # Applying again (through the command line) updates in place: same ids, one
+    # automation of each name.
+    result = CliRunner().invoke(
+        app, ["stack", "deploy", "--paused", "--json", "--config", str(workers.config_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == asdict(workers.deployed)
 
 
 def test_training_runs_on_a_worker_and_registers_a_version_with_its_evidence(
@@ -420,12 +428,8 @@ def resubmissions_of(client: Any, run_id: UUID) -> list[Any]:
 
 
 def test_reconcile_cli_reports_nothing_left_to_reconcile(workers: Workers):
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
     result = CliRunner().invoke(
         app, ["stack", "reconcile", "--json", "--config", str(workers.config_path)]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == []
+    assert json.loads(result.stdout) == []

@@ -1,0 +1,245 @@
+"""Orchestration overhead: the training flow in-process against through the Prefect server
+and a worker, on the same team servers.
+
+Starts a throwaway team stack (PostgreSQL, MLflow, Prefect server with two process workers,
+Dask) on free ports under a temp dir, or uses a running one (`--config`), applies mlgate's
+deployments (`flows/deploy.py`, schedules paused), trains once to make a champion (not
+timed), then alternates: the training flow called in this process (its Prefect API and
+MLflow the same servers), and the training deployment submitted with `run_deployment` and
+waited for until the server says Completed. Each deployment run is split by its state
+history: submit to Pending (a worker polls and takes it), Pending to Running (the worker
+starts a process that imports the flow's code), Running to Completed (the flow itself), and
+Completed until this client saw it. Overhead is the deployment's submit-to-completion minus
+the median in-process wall time, as a share of that median.
+
+Run: .venv/bin/python bench/orchestration.py [--runs 3] [--config RUNNING_STACK.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flows.deploy import deploy_team, team_prefect  # noqa: E402
+from flows.deployments import TRAINING_DEPLOYMENT  # noqa: E402
+from models.config import MlgateConfig, config_from_dict  # noqa: E402
+from services import stack as st  # noqa: E402
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTION = "## Orchestration (Prefect server + worker)"
+COMMAND = ".venv/bin/python bench/orchestration.py --runs 3"
+MODEL = "churn-bench"
+GOAL = 0.05
+
+
+@dataclass(frozen=True)
+class DeploymentRun:
+    total_s: float  # submit until this client saw Completed
+    to_pending_s: float  # a worker took it
+    to_running_s: float  # its process started and loaded the flow
+    flow_s: float  # Running to Completed on the worker
+    seen_s: float  # Completed until this client saw it
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def stack_config(root: Path) -> dict[str, Any]:
+    """The bundled config on a stack of its own under `root` (as the stack tier's)."""
+    import secrets
+
+    pg, mlflow, prefect, dask, dashboard = free_ports(5)
+    raw = yaml.safe_load((REPO / "mlgate.yaml").read_text())
+    raw["dataset"]["path"] = str(REPO / "data" / "churn.parquet")
+    raw["registry"].update(
+        store_dir=str(root / "host"),
+        model_name=MODEL,
+        tracking_uri=f"http://127.0.0.1:{mlflow}",
+        password=secrets.token_urlsafe(16),
+    )
+    raw["orchestration"] = {
+        "api_url": f"http://127.0.0.1:{prefect}/api",
+        "auth_string": f"mlgate:{secrets.token_urlsafe(16)}",
+    }
+    raw["dask"] = {"scheduler_address": f"tcp://127.0.0.1:{dask}"}
+    raw["stack"] = {
+        "dir": str(root / "stack"),
+        "start_timeout_s": 600,
+        "postgres": {"port": pg},
+        "mlflow": {"port": mlflow, "workers": 1},
+        "prefect": {"port": prefect, "workers": 2},
+        "dask": {"port": dask, "dashboard_port": dashboard, "workers": 1},
+    }
+    return raw
+
+
+def run_in_process(cfg: MlgateConfig, config_path: Path) -> float:
+    from flows.training import training_flow
+
+    with team_prefect(cfg.orchestration):
+        started = time.perf_counter()
+        outcome = training_flow(config_path=str(config_path))
+        took = time.perf_counter() - started
+    assert outcome.accepted, outcome.reason
+    return took
+
+
+def run_deployment_once(cfg: MlgateConfig, config_path: Path) -> DeploymentRun:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    with team_prefect(cfg.orchestration), get_client(sync_client=True) as client:
+        submitted = time.time()
+        run: Any = run_deployment(
+            TRAINING_DEPLOYMENT,
+            parameters={"config_path": str(config_path)},
+            timeout=0,
+            as_subflow=False,
+        )
+        run_id = UUID(str(run.id))
+        while True:
+            current = client.read_flow_run(run_id)
+            if current.state and current.state.is_final():
+                seen = time.time()
+                break
+            time.sleep(0.25)
+        assert current.state_name == "Completed", current.state
+        at = {s.type.value: s.timestamp.timestamp() for s in client.read_flow_run_states(run_id)}
+    return DeploymentRun(
+        total_s=seen - submitted,
+        to_pending_s=at["PENDING"] - submitted,
+        to_running_s=at["RUNNING"] - at["PENDING"],
+        flow_s=at["COMPLETED"] - at["RUNNING"],
+        seen_s=seen - at["COMPLETED"],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--config", type=Path, help="a running stack's config (team mode)")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="mlgate-bench-orch-"))
+    root.chmod(0o711)
+    own_stack = args.config is None
+    if own_stack:
+        raw = stack_config(root)
+    else:
+        raw = yaml.safe_load(args.config.read_text())
+        raw["registry"].update(model_name=MODEL, store_dir=str(root / "host"))
+    cfg = config_from_dict(raw)
+    slices = (cfg.stack, cfg.registry, cfg.orchestration, cfg.dask)
+    try:
+        if own_stack:
+            started = time.monotonic()
+            parts = st.start_stack(*slices)
+            assert all(p.healthy for p in parts), parts
+            raw["registry"]["lock_dsn"] = st.client_settings(*slices)["MLGATE_REGISTRY__LOCK_DSN"]
+            print(f"stack up in {time.monotonic() - started:.0f} s")
+        config_path = root / "mlgate.yaml"
+        config_path.write_text(yaml.safe_dump(raw))
+        cfg = config_from_dict(raw)
+        # MLflow's client reads its credentials from the environment (registry.connect).
+        started = time.monotonic()
+        deploy_team(cfg, config_path, schedules_active=False)
+        print(f"deployed in {time.monotonic() - started:.0f} s")
+        warm = run_in_process(cfg, config_path)
+        print(f"warm-up (first model, not timed): {warm:.1f} s")
+        inproc: list[float] = []
+        deployed: list[DeploymentRun] = []
+        for i in range(args.runs):
+            inproc.append(run_in_process(cfg, config_path))
+            deployed.append(run_deployment_once(cfg, config_path))
+            print(f"run {i + 1}: in-process {inproc[-1]:.1f} s, deployment {deployed[-1]}")
+        write_section(report(inproc, deployed, args.runs))
+        print(f"written to {RESULTS.relative_to(REPO)}")
+    finally:
+        if own_stack:
+            st.stop_stack(cfg.stack, cfg.registry)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def report(inproc: list[float], deployed: list[DeploymentRun], runs: int) -> str:
+    base = statistics.median(inproc)
+    rows = [
+        "| run | in-process s | deployment s | submit→Pending | Pending→Running | "
+        "flow on worker | Completed→seen | overhead s | overhead share |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for i, (own, d) in enumerate(zip(inproc, deployed, strict=True), start=1):
+        over = d.total_s - base
+        rows.append(
+            f"| {i} | {own:.1f} | {d.total_s:.1f} | {d.to_pending_s:.1f} | "
+            f"{d.to_running_s:.1f} | {d.flow_s:.1f} | {d.seen_s:.1f} | {over:.1f} | "
+            f"{over / base:.0%} |"
+        )
+    total = statistics.median(d.total_s for d in deployed)
+    share = (total - base) / base
+    verdict = "meets" if share <= GOAL else "misses"
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"Command: `{COMMAND}` ({platform.machine()}, {os.cpu_count()} CPUs, Python "
+            f"{platform.python_version()}; a throwaway stack on this host: PostgreSQL, MLflow "
+            "with basic auth, Prefect server with two process workers).",
+            "",
+            f"The bundled config's training flow (gradient boosting, 150 trees, 1,000 "
+            f"bootstrap resamples), {runs} runs each way, alternating, after an untimed "
+            "first run that made the champion; every timed run trains the same model and "
+            "goes through all gates. In-process: `training_flow(...)` called here against "
+            "the same Prefect and MLflow servers. Deployment: `run_deployment` to the "
+            "`mlgate-training` deployment until the server says Completed; its phases from "
+            "the run's state history. Overhead: deployment time minus the median in-process "
+            "time, as a share of it.",
+            "",
+            *rows,
+            "",
+            f"Median: in-process {base:.1f} s, through the server and a worker {total:.1f} s: "
+            f"orchestration overhead {total - base:.1f} s, {share:.0%} of the flow's wall "
+            f"time; the goal is ≤ {GOAL:.0%}, which this {verdict}.",
+        ]
+    )
+
+
+def write_section(text: str) -> None:
+    """Replace this benchmark's section of RESULTS.md, leaving the others as they are."""
+    existing = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    if SECTION in existing:
+        head, rest = existing.split(SECTION, 1)
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1 :] if nxt >= 0 else ""
+        existing = head + text + ("\n" + tail if tail else "")
+    else:
+        existing = existing.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(existing.rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    main()
