@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.training_evidence import RunFacts, describe_choice
 from models.candidates import (
     LOCAL,
     CandidateScore,
@@ -30,6 +29,9 @@ from models.candidates import (
     split_for_selection,
 )
 from models.config import ConfigError, DaskConfig, DatasetConfig, MlgateConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from flows.training_evidence import RunFacts
 
 
 def train_candidate(
@@ -71,6 +73,10 @@ def choose_candidate(
     """With `train.candidates`: each trained and scored on a split of the training part, the
     best chosen, and returned as the config's `train` (to be refit on the whole training
     part) with facts that record the choice. Without: `cfg` and `facts` unchanged."""
+    # Here, not at the top: the Dask workers import this module for `fit_candidate`, and
+    # the evidence module would have them import GX, Evidently and MLflow too.
+    from flows.training_evidence import describe_choice
+
     configs = candidate_configs(cfg.train)
     if not configs:
         return cfg, facts

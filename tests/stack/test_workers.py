@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = "churn-workers"
 # Prefect's minimum heartbeat; a run silent for CRASH_AFTER_S is marked Crashed.
 HEARTBEAT_S = 30
-CRASH_AFTER_S = 50
+CRASH_AFTER_S = 60
 T = TypeVar("T")
 
 
