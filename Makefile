@@ -54,9 +54,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Only the fast tier: pure functions, no server.
+# Only the fast tier: pure functions, no server, on both cores (pytest-xdist).
 test-fast: install
-	$(BIN)/python -m pytest -q -m fast
+	$(BIN)/python -m pytest -q -m fast -n 2
 
 # Only the stack tier: team mode's servers started once for the session, in a temp dir.
 test-stack: install
