@@ -200,7 +200,9 @@ def main() -> None:
         inproc: list[float] = []
         deployed: list[DeploymentRun] = []
         imports: list[float] = []
+        loads: list[float] = []
         for i in range(args.runs):
+            loads.append(os.getloadavg()[0])
             inproc.append(run_in_process(cfg, config_path))
             deployed.append(run_deployment_once(cfg, config_path))
             imports.append(cold_import_s())
@@ -208,7 +210,8 @@ def main() -> None:
                 f"run {i + 1}: in-process {inproc[-1]:.1f} s, deployment {deployed[-1]}, "
                 f"cold import {imports[-1]:.1f} s"
             )
-        write_section(report(inproc, deployed, imports, args.runs))
+        loads.append(os.getloadavg()[0])
+        write_section(report(inproc, deployed, imports, loads, args.runs))
         print(f"written to {RESULTS.relative_to(REPO)}")
     finally:
         if own_stack:
@@ -217,7 +220,11 @@ def main() -> None:
 
 
 def report(
-    inproc: list[float], deployed: list[DeploymentRun], imports: list[float], runs: int
+    inproc: list[float],
+    deployed: list[DeploymentRun],
+    imports: list[float],
+    loads: list[float],
+    runs: int,
 ) -> str:
     base = statistics.median(inproc)
     rows = [
@@ -269,6 +276,10 @@ def report(
             "flow's first steps, which the in-process runs had already imported. That cost "
             "is fixed per run, so the share falls as the flow grows: under 5% needs a flow "
             f"of about {cold / GOAL / 60:.0f} minutes or more on this host.",
+            "",
+            f"Host load (1-minute average, before each pair and at the end): "
+            f"{', '.join(f'{x:.1f}' for x in loads)} on {os.cpu_count()} CPUs; other work "
+            "shares this host, so single runs vary.",
         ]
     )
 

@@ -94,11 +94,13 @@ def choose_candidate(
     return cfg.model_copy(update={"train": chosen}), describe_choice(facts, selection)
 
 
-def run_candidates(calls: list[dict[str, Any]], dask: DaskConfig) -> list[CandidateScore]:
+def run_candidates(calls: list[dict[str, Any]], parallel: DaskConfig) -> list[CandidateScore]:
     """`fit_candidate` once per call: on the configured Dask scheduler's workers, side by
     side, or here one after another."""
-    if dask.scheduler_address is None:
+    address = parallel.scheduler_address
+    if address is None:
         return [fit_candidate(**call) for call in calls]
+    import dask
     from prefect.settings import get_current_settings
     from prefect_dask import DaskTaskRunner
 
@@ -107,12 +109,20 @@ def run_candidates(calls: list[dict[str, Any]], dask: DaskConfig) -> list[Candid
     # start one of its own for every run (minutes each; on another host, another database).
     if not get_current_settings().api.url:
         raise ConfigError(
-            f"dask.scheduler_address is set ({dask.scheduler_address}) but the flow runs on "
+            f"dask.scheduler_address is set ({address}) but the flow runs on "
             "Prefect's embedded API, which the Dask workers cannot reach: set "
             "orchestration.api_url to the Prefect server the workers reach too (team mode), "
             "or unset dask.scheduler_address to train the candidates here"
         )
 
-    with DaskTaskRunner(address=dask.scheduler_address) as runner:
-        futures = [runner.submit(fit_candidate, call) for call in calls]
+    with DaskTaskRunner(address=address) as runner:
+        # Dask places many small tasks well, but may pile a handful of long fits onto one
+        # worker (seen on a busy host). Each candidate prefers the next worker in turn, and
+        # may still go elsewhere (a loose restriction) when that one is busy or gone.
+        workers = sorted(runner.client.nthreads())
+        futures = []
+        for i, call in enumerate(calls):
+            prefer = {"workers": [workers[i % len(workers)]], "allow_other_workers": True}
+            with dask.annotate(**(prefer if workers else {})):
+                futures.append(runner.submit(fit_candidate, call))
         return [future.result() for future in futures]
