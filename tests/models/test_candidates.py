@@ -184,9 +184,16 @@ def test_the_choice_becomes_the_runs_facts_and_one_nested_run_per_candidate(bund
 def test_dask_without_a_prefect_server_is_refused_before_any_candidate_runs(monkeypatch):
     """Dask workers cannot reach Prefect's embedded API (it lives in the flow's process):
     said plainly, naming the fields, instead of each worker starting an API of its own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.candidates import run_candidates
     from models.config import DaskConfig
 
+    # The API address may come from the environment or from a harness earlier in the
+    # session (tests/flows/conftest.py sets it in Prefect's settings context): clear both.
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with pytest.raises(ConfigError, match=r"orchestration\.api_url.*dask\.scheduler_address"):
+    with (
+        temporary_settings(restore_defaults={PREFECT_API_URL}),
+        pytest.raises(ConfigError, match=r"orchestration\.api_url.*dask\.scheduler_address"),
+    ):
         run_candidates([], DaskConfig(scheduler_address="tcp://127.0.0.1:1"))
