@@ -24,7 +24,9 @@ and the instances run in sessions of their own and outlive the controller; a res
 controller adopts them by pid (checked against the process start time) and resumes from the
 state: a step that was being analysed is analysed again from fresh counters (a partial
 window is never carried over), a decision already taken is carried out, and promotion
-requires a passing analysis of every step. Only one controller runs at a time.
+requires a passing analysis of every step. Only one controller runs at a time: a file lock
+on this host, and in team mode (`registry.lock_dsn`) also a PostgreSQL advisory lock per
+model that every host shares, so that a controller on another host waits instead of acting.
 
 The registry is reached through `CanaryRegistry`, which `flows/` implements (and where the
 verdict's tags are spelled): `services/` does not import `flows/`.
@@ -35,8 +37,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,7 +52,7 @@ from checks.canary import (
 )
 from checks.result import CheckRow, GateResult, GateStatus
 from models.config import CanaryConfig, MlgateConfig
-from services import haproxy
+from services import haproxy, pg_lock
 from services.canary_instances import instance_ok, served_version, spawn_instance, stop_instance
 from services.canary_state import (
     CanaryError,
@@ -68,10 +71,13 @@ from services.canary_state import (
 )
 from services.canary_windows import haproxy_counts, take_snapshot, window_between
 from services.launcher import ServiceStartError
+from services.pg_lock import HeldLock
 from services.processes import pid_alive, process_start_time, signal_and_wait
 
 _POLL_S = 0.2
 _PROBE_GRACE_S = 1.0
+# Team mode's controller lock (one per model, shared by every host): see `Controller.team_lock`.
+CONTROLLER_LOCK_NAMESPACE = "mlgate.canary"
 
 
 class CanaryRegistry(Protocol):
@@ -137,6 +143,7 @@ class Controller:
         self.paths = canary_paths(cfg)
         self.store = StateStore(self.paths)
         self.on_event = on_event
+        self.team: HeldLock | bool | None = None
 
     # persistence --------------------------------------------------------------------
 
@@ -316,7 +323,11 @@ class Controller:
 
     def run(self) -> CanaryState:
         # A moment's wait: `controller_running` probes by taking this lock briefly.
-        with ControllerLock(self.paths, timeout=_PROBE_GRACE_S):
+        with ControllerLock(self.paths, timeout=_PROBE_GRACE_S), self.team_lock() as team:
+            if team is None:
+                # Stopped waiting for another host's controller: aborted here meanwhile.
+                return self.abort_while_waiting()
+            self.team = team
             while True:
                 state = self.store.read()
                 if state is None:
@@ -337,6 +348,65 @@ class Controller:
                 except BaseException as err:
                     self.park_after_error(state, err)
                     raise
+
+    @contextlib.contextmanager
+    def team_lock(self) -> Iterator[HeldLock | bool | None]:
+        """Team mode (`registry.lock_dsn`): this model's controller lock that every host
+        shares, a PostgreSQL advisory lock held for the controller's life. A controller on
+        another host holding it is waited for (named in the state's events), not raced; an
+        abort here ends the wait (None). Embedded mode has only the local lock (True)."""
+        if self.cfg.registry.lock_dsn is None:
+            yield True
+            return
+
+        def keep_waiting() -> bool:
+            state = self.store.read()
+            return state is not None and not state.terminal and not state.abort_requested
+
+        def on_wait(holder: str) -> None:
+            state = self.store.read()
+            if state is not None:
+                self.save(state, "waiting_for_controller", holder=holder)
+
+        try:
+            with pg_lock.wait_for_lock(
+                self.cfg.registry.lock_dsn.get_secret_value(),
+                CONTROLLER_LOCK_NAMESPACE,
+                self.cfg.registry.model_name,
+                application_name=(
+                    f"mlgate canary {self.cfg.registry.model_name} "
+                    f"{socket.gethostname()} pid {os.getpid()}"
+                ),
+                keep_waiting=keep_waiting,
+                on_wait=on_wait,
+            ) as held:
+                yield held
+        except pg_lock.PgLockError as err:
+            raise CanaryError(f"{err} (registry.lock_dsn)") from None
+
+    def check_team_lock(self) -> None:
+        """The shared lock is still held: a controller that lost it (its connection broke)
+        stops, parking the canary at weight 0, since another host's may act now."""
+        if isinstance(self.team, pg_lock.HeldLock):
+            try:
+                self.team.check()
+            except pg_lock.PgLockError as err:
+                raise CanaryError(f"{err}; this controller stops (registry.lock_dsn)") from None
+
+    def abort_while_waiting(self) -> CanaryState:
+        """An abort that arrived while this controller waited for another host's: carried
+        out here (nothing of this canary took traffic yet), as `abort_canary` would."""
+        state = self.store.read()
+        assert state is not None
+        if not state.terminal and state.abort_requested:
+            with contextlib.suppress(_Decided):
+                raise self.decide_rollback(
+                    state,
+                    "abort",
+                    f"aborted by {state.abort_requested.get('by', '')}: "
+                    f"{state.abort_requested.get('reason', '')}",
+                )
+        return self.store.read() or state
 
     def start_successor(self, state: CanaryState) -> bool:
         """A newer candidate that arrived while this canary was being promoted or rolled
@@ -413,6 +483,7 @@ class Controller:
 
     def sleep(self, state: CanaryState, seconds: float) -> None:
         deadline = time.monotonic() + seconds
+        self.check_team_lock()
         while True:
             self.check_requests(state)
             left = deadline - time.monotonic()
@@ -422,6 +493,8 @@ class Controller:
 
     def walk(self, state: CanaryState) -> None:
         champion = self.registry.champion_version()
+        if champion == state.candidate_version and state.canary is None:
+            raise self.already_champion(state)
         if champion != state.stable_version:
             raise self.decide_rollback(
                 state,
@@ -510,6 +583,30 @@ class Controller:
                     )
         self.enter_promoting(state)
         self.promote(state)
+
+    def already_champion(self, state: CanaryState) -> _Decided:
+        """The candidate got `@champion` before this canary sent it any traffic (another
+        host's controller promoted it while this one waited, or a person did): nothing is
+        left to judge, and the registry is not written (its verdict is someone else's)."""
+        reason = (
+            f"v{state.candidate_version} already holds @champion (moved while this canary "
+            "waited to start); nothing to analyse"
+        )
+        state.decision = {
+            "outcome": "promote",
+            "guardrail": None,
+            "reason": reason,
+            "at": now_iso(),
+            "result": GateResult(
+                name="canary",
+                status=GateStatus.INCONCLUSIVE,
+                reason=reason,
+                checks=(CheckRow("champion", GateStatus.INCONCLUSIVE, "already", "-", reason),),
+            ).to_dict(),
+        }
+        state.phase = Phase.PROMOTED
+        self.save(state, "already_champion", version=state.candidate_version)
+        return _Decided()
 
     def enter_promoting(self, state: CanaryState) -> None:
         """RUNNING -> PROMOTING as a check-and-set under the state lock: an abort that was
