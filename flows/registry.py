@@ -50,6 +50,7 @@ from models.registry_layout import (
     MONITOR_EXPERIMENT,
     MOVE_ARTIFACT,
     OUTCOME_TAG,
+    RECOVERED_TAG,
     REPORT_ARTIFACT,
     SHA_TAG,
     STOPPED_AT_TAG,
@@ -576,6 +577,7 @@ def move_alias(
         raise RegistryError("an alias move needs a reason")
     actor = actor or current_actor(registry)
     with _lock(registry, name, alias):
+        settle_moves(client, name, alias)
         current = get_alias_version(client, name, alias)
         current_version = str(current.version) if current else None
         if current_version != (str(expected_from) if expected_from is not None else None):
@@ -589,12 +591,9 @@ def move_alias(
             client.get_model_version(name, to_version)
         except MlflowException:
             raise RegistryError(f"{name} has no version {to_version}") from None
-        client.set_registered_model_alias(name, alias, to_version)
-        client.set_model_version_tag(name, to_version, f"{ALIAS_TAG_PREFIX}{alias}.since", _now())
-        if current_version is not None and current_version != str(to_version):
-            _tag_if_exists(
-                client, name, current_version, f"{ALIAS_TAG_PREFIX}{alias}.until", _now()
-            )
+        # Write-ahead: the record exists (RUNNING) before the alias moves, and is finished
+        # after; a mover killed in between leaves an intent that `settle_moves` (the next
+        # move, under this lock) completes or abandons from where the alias points.
         run_id = _record(
             client,
             registry,
@@ -607,7 +606,20 @@ def move_alias(
             actor=actor,
             forced=forced,
             evidence=evidence or {},
+            finished=False,
         )
+        try:
+            client.set_registered_model_alias(name, alias, to_version)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
+        client.set_model_version_tag(name, to_version, f"{ALIAS_TAG_PREFIX}{alias}.since", _now())
+        if current_version is not None and current_version != str(to_version):
+            _tag_if_exists(
+                client, name, current_version, f"{ALIAS_TAG_PREFIX}{alias}.until", _now()
+            )
     move = AliasMove(name, alias, current_version, str(to_version), reason, actor, forced, run_id)
     notify(registry, f"mlgate: {kind} {name}@{alias}", _describe(move, kind))
     return move
@@ -631,8 +643,42 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _record(client: MlflowClient, registry: RegistryConfig, **move: Any) -> str:
-    """One run in the audit experiment per move: it outlives the versions it names."""
+def settle_moves(client: MlflowClient, name: str, alias: str) -> list[str]:
+    """Finish the intents of movers that died between their record and the end of their move
+    (runs of the audit experiment still RUNNING): the newest one whose target holds the
+    alias happened (FINISHED), every other one did not (KILLED). Only under the alias's
+    lock, where no live mover has an intent open. Returns a line per intent settled."""
+    exp = client.get_experiment_by_name(AUDIT_EXPERIMENT)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=(
+            f"tags.`model_name` = '{name}' and tags.`alias` = '{alias}' "
+            "and attributes.status = 'RUNNING'"
+        ),
+        max_results=1000,
+    )
+    if not runs:
+        return []
+    holder = get_alias_version(client, name, alias)
+    held = str(holder.version) if holder else None
+    ordered = sorted(runs, key=lambda r: int(r.data.tags.get("at_ns", "0")), reverse=True)
+    settled = []
+    for i, run in enumerate(ordered):
+        happened = i == 0 and run.data.tags.get("to_version") == held
+        status = "FINISHED" if happened else "KILLED"
+        client.set_tag(run.info.run_id, RECOVERED_TAG, "completed" if happened else "abandoned")
+        client.set_terminated(run.info.run_id, status)
+        settled.append(f"{run.data.tags.get('to_version')}: {status}")
+    return settled
+
+
+def _record(
+    client: MlflowClient, registry: RegistryConfig, *, finished: bool = True, **move: Any
+) -> str:
+    """One run in the audit experiment per move: it outlives the versions it names. With
+    `finished=False` it stays RUNNING (a move's intent) until the mover finishes it."""
     exp_id = ensure_experiment(client, registry, AUDIT_EXPERIMENT)
     tags = {
         KIND_TAG: move["kind"],
@@ -652,7 +698,8 @@ def _record(client: MlflowClient, registry: RegistryConfig, **move: Any) -> str:
     log_json_artifact(
         client, run.info.run_id, MOVE_ARTIFACT, {**tags, "evidence": move["evidence"]}
     )
-    client.set_terminated(run.info.run_id, "FINISHED")
+    if finished:
+        client.set_terminated(run.info.run_id, "FINISHED")
     return str(run.info.run_id)
 
 
@@ -667,9 +714,27 @@ def alias_history(
     if alias:
         filt += f" and tags.`alias` = '{alias}'"
     runs = client.search_runs([exp.experiment_id], filter_string=filt, max_results=50000)
-    rows = [dict(r.data.tags) | {"audit_run_id": r.info.run_id} for r in runs]
+    kept = [r for r in runs if r.info.status == "FINISHED" or _happened(client, r, runs)]
+    rows = [dict(r.data.tags) | {"audit_run_id": r.info.run_id} for r in kept]
     rows = [{k: v for k, v in r.items() if not k.startswith("mlflow.")} for r in rows]
     return sorted(rows, key=lambda r: int(r.get("at_ns", "0")), reverse=True)
+
+
+def _happened(client: MlflowClient, run: Any, runs: list[Any]) -> bool:
+    """An intent not yet settled (its mover still at work, or dead) counts as a move once
+    its target holds the alias and nothing was recorded after it; FAILED and KILLED never."""
+    if run.info.status != "RUNNING":
+        return False
+    tags = run.data.tags
+    alias, at_ns = tags.get("alias", ""), int(tags.get("at_ns", "0"))
+    if any(
+        r.data.tags.get("alias") == alias and int(r.data.tags.get("at_ns", "0")) > at_ns
+        for r in runs
+        if r.info.status in ("FINISHED", "RUNNING")
+    ):
+        return False
+    holder = get_alias_version(client, tags.get("model_name", ""), alias)
+    return holder is not None and str(holder.version) == tags.get("to_version")
 
 
 def last_mover(client: MlflowClient, name: str, alias: str) -> str:

@@ -31,6 +31,9 @@ CANARY_FORCED_TAG = f"{CANARY_TAG_PREFIX}forced_start"
 
 # An audit run: its tags, and the move with its evidence as JSON.
 KIND_TAG = "mlgate.kind"  # promote | rollback | delete | canary
+# On a move's record (RUNNING until the alias has moved) whose mover died mid-move, set by
+# the next mover: completed (the alias had moved: FINISHED) | abandoned (it had not: KILLED).
+RECOVERED_TAG = "mlgate.recovered"
 MOVE_ARTIFACT = "move.json"
 
 # Artifacts of a training run.
