@@ -82,16 +82,18 @@ class Deployed:
 def team_prefect(orchestration: OrchestrationConfig) -> Iterator[None]:
     """Prefect's client settings pointed at the config's server and auth string for this
     block, whatever the process's environment or import order."""
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+    import prefect.settings
+    from prefect.settings import temporary_settings
 
-    if not orchestration.api_url:
+    from flows.runtime import prefect_client_settings
+
+    settings = prefect_client_settings(orchestration)
+    if not settings:
         raise DeployError(
             "orchestration.api_url is not set: team mode's deployments need a Prefect server "
             "(`mlgate stack env` prints the settings of the stack started here)"
         )
-    updates: dict[Any, Any] = {PREFECT_API_URL: orchestration.api_url}
-    if orchestration.auth_string is not None:
-        updates[PREFECT_API_AUTH_STRING] = orchestration.auth_string.get_secret_value()
+    updates = {getattr(prefect.settings, key): value for key, value in settings.items()}
     with temporary_settings(updates=updates):
         yield
 

@@ -40,10 +40,20 @@ def use_team_servers(
     if registry.password is not None:
         os.environ["MLFLOW_TRACKING_USERNAME"] = registry.username
         os.environ["MLFLOW_TRACKING_PASSWORD"] = registry.password.get_secret_value()
-    if orchestration is not None and orchestration.api_url:
-        os.environ["PREFECT_API_URL"] = orchestration.api_url
-        if orchestration.auth_string is not None:
-            os.environ["PREFECT_API_AUTH_STRING"] = orchestration.auth_string.get_secret_value()
+    if orchestration is not None:
+        os.environ.update(prefect_client_settings(orchestration))
+
+
+def prefect_client_settings(orchestration: OrchestrationConfig) -> dict[str, str]:
+    """The config's Prefect server and auth string as Prefect's client settings, by name:
+    set in the environment by `use_team_servers`, or for one block by
+    `flows.deploy.team_prefect`. Empty in the embedded default."""
+    if not orchestration.api_url:
+        return {}
+    settings = {"PREFECT_API_URL": orchestration.api_url}
+    if orchestration.auth_string is not None:
+        settings["PREFECT_API_AUTH_STRING"] = orchestration.auth_string.get_secret_value()
+    return settings
 
 
 def use_configured_servers(cfg: MlgateConfig) -> None:

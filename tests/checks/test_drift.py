@@ -13,11 +13,13 @@ from hypothesis.extra.numpy import arrays
 from pydantic import ValidationError
 
 from checks.drift import (
+    Traffic,
     check_drift,
     evidently_drift_report_html,
     evidently_psi,
     feature_psi,
     psi,
+    window_traffic,
 )
 from checks.result import GateStatus
 from models.config import DriftGateConfig
@@ -180,6 +182,27 @@ def test_too_small_window_is_inconclusive_even_when_drifted(churn_df, reference)
     assert "below the minimum" in r.reason
     empty = churn_df.head(0)
     assert check_drift(empty, reference, CFG, scores=np.zeros(0)).status is not GateStatus.PASS
+
+
+def test_an_empty_window_is_no_traffic_never_drift(churn_df, reference):
+    # No rows: PSI is undefined, which says nothing about the data, so it is no verdict
+    # at all, and the window says so, whether or not the caller passed an empty score array.
+    for scores in (np.zeros(0), None):
+        r = check_drift(churn_df.head(0), reference, CFG, scores=scores)
+        assert r.status is GateStatus.INCONCLUSIVE, r.reason
+        assert r.reason.startswith("no traffic"), r.reason
+        assert window_traffic(r) is Traffic.NONE and r.evidence["traffic"] == "no_traffic"
+        assert r.checks and all(row.status is GateStatus.INCONCLUSIVE for row in r.checks)
+        assert r.metrics["rows"] == 0
+
+
+def test_traffic_of_a_window_is_named(churn_df, reference):
+    thin = churn_df.head(CFG.min_rows - 1)
+    assert window_traffic(check_drift(thin, reference, CFG, scores=_score(thin))) is Traffic.THIN
+    full = check_drift(churn_df, reference, CFG, scores=_score(churn_df))
+    assert window_traffic(full) is Traffic.ENOUGH
+    errored = check_drift(churn_df.head(0).assign(tenure="x"), None, CFG)  # type: ignore[arg-type]
+    assert errored.status is GateStatus.FAIL and window_traffic(errored) is Traffic.NONE
 
 
 def test_missing_column_fails_naming_it(churn_df, reference):

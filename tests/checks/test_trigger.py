@@ -2,11 +2,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from checks.drift import check_drift
 from checks.result import GateResult, GateStatus
-from checks.trigger import TriggerState, decide_retraining
-from models.config import MonitorConfig
+from checks.trigger import AlertKind, TriggerState, decide_retraining
+from models.config import DriftGateConfig, MonitorConfig
+from models.reference import ReferenceHistograms, compute_feature_histogram
 
 pytestmark = pytest.mark.fast
 
@@ -53,7 +57,7 @@ def test_data_quality_failure_never_triggers_and_alerts():
     ds = run([DRIFT] * 5, dq=DQ_BAD)
     assert not any(d.retrain for d in ds)
     assert all(d.state.consecutive_drift == 0 for d in ds)
-    assert "tenure" in ds[0].alerts[0]
+    assert ds[0].alerts[0].kind is AlertKind.DATA_QUALITY and "tenure" in ds[0].alerts[0].message
 
 
 def test_cooldown_then_budget():
@@ -82,3 +86,37 @@ def test_cooldown_then_budget():
 def test_state_round_trips():
     state = run([DRIFT] * 3)[-1].state
     assert TriggerState.from_dict(state.to_dict()) == state
+
+
+# The real drift gate on a one-feature window, so the trigger sees what monitoring hands it.
+REFERENCE = ReferenceHistograms(
+    {"x": compute_feature_histogram("x", np.random.default_rng(0).normal(size=2000), "numeric", 10)}
+)
+SHIFTED = np.random.default_rng(1).normal(3.0, 1.0, 500)
+
+
+def _gate(window: pd.DataFrame) -> GateResult:
+    return check_drift(window, REFERENCE, DriftGateConfig(min_rows=200))
+
+
+def test_empty_windows_alert_no_traffic_and_neither_count_nor_reset():
+    drifted, empty = _gate(pd.DataFrame({"x": SHIFTED})), _gate(pd.DataFrame({"x": []}))
+    assert drifted.status is GateStatus.FAIL
+    ds = run([drifted, empty, empty, empty, drifted, drifted], dq=None)
+    assert [d.retrain for d in ds] == [False] * 5 + [True]
+    assert [d.state.consecutive_drift for d in ds[:5]] == [1, 1, 1, 1, 2]
+    for d in ds[1:4]:
+        assert [a.kind for a in d.alerts] == [AlertKind.NO_TRAFFIC]
+        assert "no traffic" in d.reason and "no traffic" in d.alerts[0].message
+    assert not ds[0].alerts and not ds[4].alerts
+
+
+def test_thin_windows_never_count_even_when_their_gate_fails():
+    drifted = _gate(pd.DataFrame({"x": SHIFTED}))
+    thin = _gate(pd.DataFrame({"x": SHIFTED[:50]}))
+    broken_thin = _gate(pd.DataFrame({"y": SHIFTED[:50]}))  # the column is missing
+    assert thin.status is GateStatus.INCONCLUSIVE and broken_thin.status is GateStatus.FAIL
+    ds = run([drifted, thin, broken_thin, broken_thin, drifted])
+    assert [d.retrain for d in ds] == [False] * 5
+    assert [d.state.consecutive_drift for d in ds] == [1, 1, 1, 1, 2]
+    assert all("inconclusive" in d.reason and not d.alerts for d in ds[1:4])

@@ -5,7 +5,7 @@ import pytest
 
 from models.config import config_from_dict
 from models.data import DataError
-from models.starter import infer_dataset_config
+from models.starter import infer_dataset_config, infer_model_name
 
 pytestmark = pytest.mark.fast
 
@@ -51,3 +51,26 @@ def test_target_errors_name_the_problem():
     df2 = pd.DataFrame({"x": [1, 2, 3, 4], "y": ["a", "b", "a", "b"]})
     with pytest.raises(DataError, match="--positive 'c'"):
         infer_dataset_config(df2, "y", "x.csv", positive="c")
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("data/churn.parquet", "churn"),
+        ("/exports/Loan Book (2024).csv", "Loan_Book_2024"),
+        ("exports/.loans.v2.csv", "loans.v2"),
+        ("exports/crédit-risque.parquet", "cr_dit-risque"),
+        ("exports/###.csv", "model"),
+    ],
+)
+def test_model_name_comes_from_the_file_stem(path, name, churn_df):
+    assert infer_model_name(path) == name
+    ds = infer_dataset_config(churn_df, "churn", path)["dataset"]
+    assert config_from_dict({"dataset": ds, "registry": {"model_name": name}})
+
+
+def test_model_name_option_wins_and_must_be_a_registry_name():
+    assert infer_model_name("loans.csv", "credit-risk") == "credit-risk"
+    for bad in ("credit risk", "", "..", "-x", "loans/v2"):
+        with pytest.raises(DataError, match="--name"):
+            infer_model_name("loans.csv", bad)

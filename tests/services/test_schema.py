@@ -4,6 +4,8 @@ every error and feeds the OpenAPI document) accept and refuse the same bodies.""
 from __future__ import annotations
 
 import json
+import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,17 +34,19 @@ DATASET = DatasetConfig(
     categorical_features=("p",),
 )
 MAX_ROWS = 5
+# Shorter than the longest text hypothesis draws, so that it finds bodies over the bound.
+MAX_CHARS = 4
 
 
 @pytest.fixture(scope="module")
 def decoder() -> RequestDecoder:
     # The model's order may differ from the config's.
-    return RequestDecoder(DATASET, ["b", "a"], ["p"], MAX_ROWS)
+    return RequestDecoder(DATASET, ["b", "a"], ["p"], MAX_ROWS, max_category_chars=MAX_CHARS)
 
 
 def pydantic_accepts(body: bytes) -> bool:
     try:
-        make_request_model(make_row_model(DATASET), MAX_ROWS).model_validate_json(body)
+        make_request_model(make_row_model(DATASET, MAX_CHARS), MAX_ROWS).model_validate_json(body)
     except ValidationError:
         return False
     return True
@@ -145,3 +149,105 @@ def test_concat_keeps_row_order_across_small_and_large_blocks() -> None:
     assert [None if m else v for v, m in zip(joined.labels[0].tolist(), nulls, strict=True)] == [
         p for _, p in expected
     ]
+
+
+# Hostile bodies: invalid UTF-8, duplicated keys, categories longer than the bound.
+
+
+@pytest.mark.parametrize(
+    ("body", "offset"),
+    [
+        (b'{"rows": [{"\xff": 1}]}', 12),
+        (b'{"rows": [{"a": 1, "b": 1, "p": "ok\xff"}]}', 35),
+        (b'{"rows": [{"a": 1, "b": 1, "p": "\xc3"}]}', 33),
+        (b'{"rows": [{"a": 1, "b": 1, "p": null}]}\xff', 39),
+    ],
+    ids=["in-a-key", "in-a-value", "truncated-sequence", "outside-strings"],
+)
+def test_invalid_utf8_is_a_400_naming_it(decoder: RequestDecoder, body: bytes, offset: int) -> None:
+    with pytest.raises(RequestError) as info:
+        decoder.decode(body)
+    assert info.value.status == 400
+    message = info.value.payload["error"]
+    assert "not valid UTF-8" in message and "JSON" in message
+    assert f"at byte {offset}" in message
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"rows": [{"a": 1, "b": 1, "p": "x", "p": "y"}]}', "rows.0.p"),
+        (b'{"rows": [{"a": 1, "b": 1, "p": "x"}, {"a": 1, "b": 1, "a": 2, "p": "x"}]}', "rows.1.a"),
+        # The first value is refused by msgspec, the last accepted by pydantic.
+        (b'{"rows": [{"a": 1, "b": 1, "p": 3, "p": "y"}]}', "rows.0.p"),
+        (b'{"rows": [{"a": 1, "b": 1, "p": "x"}], "rows": [{"a": 1, "b": 1, "p": "x"}]}', "rows"),
+    ],
+    ids=["value", "second-row", "first-value-invalid", "top-level"],
+)
+def test_duplicated_key_is_a_422_naming_it(
+    decoder: RequestDecoder, body: bytes, named: str
+) -> None:
+    with pytest.raises(RequestError) as info:
+        decoder.decode(body)
+    assert info.value.status == 422
+    message = info.value.payload["error"]
+    assert "duplicate" in message and named in message
+    assert "JSON" not in message
+    assert info.value.payload["detail"][0]["type"] == "duplicate_key"
+
+
+def test_colons_inside_strings_are_not_taken_for_duplicates(decoder: RequestDecoder) -> None:
+    block = decoder.decode(b'{"rows": [{"a": 1, "b": 1, "p": "a:b"}, {"a": 2, "b": 1, "p": ":"}]}')
+    assert block.build().labels[0].tolist() == ["a:b", ":"]
+
+
+def test_category_longer_than_the_bound_is_a_422_naming_the_field(
+    decoder: RequestDecoder,
+) -> None:
+    at_bound = {"a": 1, "b": 1, "p": "é" * MAX_CHARS}
+    assert decoder.decode(json.dumps({"rows": [at_bound]}).encode()).n == 1
+    over = json.dumps({"rows": [at_bound, at_bound | {"p": "x" * (MAX_CHARS + 1)}]}).encode()
+    assert not pydantic_accepts(over)
+    with pytest.raises(RequestError) as info:
+        decoder.decode(over)
+    assert info.value.status == 422
+    assert "rows.1.p" in info.value.payload["error"]
+    assert info.value.payload["detail"][0]["type"] == "string_too_long"
+    assert f"at most {MAX_CHARS} characters" in info.value.payload["detail"][0]["msg"]
+
+
+def traced_peak(work: Callable[[], object]) -> int:
+    """The peak of Python and numpy allocations while `work` runs, in bytes."""
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_encoder_memory_follows_the_request_not_rows_times_the_longest_label() -> None:
+    """The worst case of the issue, scaled down: 1,000 rows, one label of 40,000 characters.
+    As fixed-width unicode every row took the longest label's width (160 MB here, 1.6 GB for
+    400,000 characters); as references to the decoded strings, the columns cost what the
+    rows do, whatever the bound in the config."""
+    n, long_label = 1000, "m" * 40_000
+    rows = [(float(i), 1.0, long_label if i == 500 else ("x" if i % 3 else None)) for i in range(n)]
+    request_bytes = len(long_label) + 64 * n
+
+    peak = traced_peak(lambda: RowBlock(rows, n, 2).build())
+    assert peak < request_bytes, f"{peak} bytes traced building one request's columns"
+
+    # A batch: small requests joined (tuples), then one built block, joined by column.
+    small = [RowBlock(rows[i : i + 10], 10, 2) for i in range(0, 500, 10)]
+    large = RowBlock(rows[500:], 500, 2).build()
+    peak = traced_peak(lambda: RowBlock.concat([*small, large]).labels)
+    assert peak < request_bytes, f"{peak} bytes traced joining a batch"
+
+    block = RowBlock.concat([*small, large])
+    labels = block.labels[0]
+    assert labels.dtype == object
+    assert labels[500] is long_label
+    assert labels[0] == MISSING_CATEGORY and labels[1] == "x"
+    nulls = block.nulls[0]
+    assert nulls is not None and nulls[:4].tolist() == [True, False, False, True]

@@ -8,6 +8,7 @@ test are bounded in requests and seconds."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -265,6 +267,72 @@ def test_body_problems_are_400_or_422_naming_them(registry: Registry, client: ht
         )
         assert resp.status_code == status, (content, resp.text)
         assert named in resp.json()["error"], (content, resp.text)
+    assert batches(client) == before
+    assert_still_serving(registry, client)
+
+
+def test_hostile_bodies_and_headers_are_4xx_naming_the_problem(
+    registry: Registry, client: httpx.Client
+) -> None:
+    good = json.dumps({"rows": request_rows(registry, 1)}).encode()
+    assert b'"tenure": ' in good and b'"contract": "' in good
+    as_json = {"Content-Type": "application/json"}
+    cases: list[tuple[bytes, dict[str, str], int, str]] = [
+        (good.replace(b'"tenure"', b'"ten\xffure"'), as_json, 400, "not valid UTF-8"),
+        (good.replace(b'"contract": "', b'"contract": "\xc3'), as_json, 400, "not valid UTF-8"),
+        (good.replace(b'"tenure": ', b'"tenure": 1, "tenure": '), as_json, 422, "duplicate"),
+        (good, {"Content-Type": "text/plain"}, 415, "text/plain"),
+        (good, {"Content-Type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+        (good, {"Content-Type": "application/json; charset=utf-16"}, 415, "utf-16"),
+        (gzip.compress(good), {**as_json, "Content-Encoding": "gzip"}, 415, "gzip"),
+    ]
+    before = batches(client)
+    for content, headers, status, named in cases:
+        resp = client.post("/predict", content=content, headers=headers)
+        assert resp.status_code == status, (content[:60], headers, resp.text)
+        assert named in resp.json()["error"], (content[:60], headers, resp.text)
+        if status == 415 and "Content-Encoding" in headers:
+            assert resp.headers["accept-encoding"] == "identity"
+    assert batches(client) == before
+    for headers in ({}, {"Content-Type": "application/json; charset=UTF-8"}):
+        resp = client.post("/predict", content=good, headers=headers)
+        assert resp.status_code == 200, (headers, resp.text)
+    assert_still_serving(registry, client)
+
+
+def peak_rss_bytes(server: ServiceProcess) -> int:
+    """The peak resident memory (VmHWM) of the service's processes, summed, in bytes."""
+    total = 0
+    root = psutil.Process(server.pid)
+    for proc in (root, *root.children(recursive=True)):
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+        total += int(kib) * 1024
+    return total
+
+
+def test_worst_case_category_is_a_422_and_costs_the_workers_no_memory(
+    registry: Registry, server: ServiceProcess, client: httpx.Client
+) -> None:
+    """The issue's worst case: 1,000 rows (under the body limit) with one 400,000-character
+    category. As fixed-width unicode labels it raised the worker's peak RSS by 1.5 GB."""
+    rows = request_rows(registry, 1000)
+    rows[500]["contract"] = "m" * 400_000
+    body = json.dumps({"rows": rows}).encode()
+    assert len(body) < 1_000_000
+    before = batches(client)
+    peak = peak_rss_bytes(server)
+    started = time.monotonic()
+    resp = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    elapsed = time.monotonic() - started
+    grown = peak_rss_bytes(server) - peak
+    print(f"worst case: {resp.status_code} in {elapsed:.2f} s, peak RSS +{grown / 2**20:.0f} MiB")
+    assert resp.status_code == 422, resp.text[:300]
+    error = resp.json()["error"]
+    assert "rows.500.contract" in error, error
+    max_chars = registry.cfg.serving.max_category_chars
+    assert f"at most {max_chars} characters" in resp.json()["detail"][0]["msg"]
+    assert grown < 100 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MiB"
     assert batches(client) == before
     assert_still_serving(registry, client)
 
