@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,27 @@ SMOOTHING = (
     f"additive (Jeffreys, alpha={JEFFREYS_ALPHA}) on both sides; buckets empty on both "
     "sides dropped"
 )
+
+
+class Traffic(StrEnum):
+    """How much of a window the gate had to judge. `NONE` and `THIN` are never a verdict on
+    drift: an empty window has no PSI at all and a thin one too noisy a PSI."""
+
+    NONE = "no_traffic"
+    THIN = "too_thin"
+    ENOUGH = "enough"
+
+
+def classify_traffic(rows: int, cfg: DriftGateConfig) -> Traffic:
+    if rows <= 0:
+        return Traffic.NONE
+    return Traffic.THIN if rows < cfg.min_rows else Traffic.ENOUGH
+
+
+def window_traffic(result: GateResult) -> Traffic:
+    """The traffic a drift result was judged on; a result without it (not made by this
+    gate) is taken at its word."""
+    return Traffic(result.evidence.get("traffic", Traffic.ENOUGH))
 
 
 def psi(
@@ -83,10 +105,13 @@ def _label(column: str) -> str:
     return "prediction score" if column == SCORE_COLUMN else column
 
 
-def _psi_row(column: str, value: float, cfg: DriftGateConfig, small_window: str | None) -> CheckRow:
+def _psi_row(
+    column: str, value: float, cfg: DriftGateConfig, traffic: Traffic, small_window: str | None
+) -> CheckRow:
     check, bound = f"psi {_label(column)}", f"< {fmt_number(cfg.psi_alert)}"
     shown = f"{value:.4f}" if math.isfinite(value) else str(value)
-    if math.isnan(value):
+    # Without rows PSI is undefined by construction; with rows, NaN means a broken reference.
+    if math.isnan(value) and traffic is not Traffic.NONE:
         return CheckRow(check, GateStatus.FAIL, shown, bound, "PSI undefined on this window")
     if small_window is not None:
         return CheckRow(check, GateStatus.INCONCLUSIVE, shown, bound, small_window)
@@ -105,6 +130,10 @@ def _score_values(
     check, bound = f"psi {_label(SCORE_COLUMN)}", "scores for every row"
     if reference.score is None and scores is None:
         return None, None
+    if rows == 0:
+        # An empty window has no scores to miss or to mismatch: the score is as unjudged as
+        # every feature.
+        return (None if reference.score is None else np.empty(0)), None
     if reference.score is None:
         detail = "scores given but the reference has no score histogram"
         return None, CheckRow(check, GateStatus.INCONCLUSIVE, "n/a", bound, detail)
@@ -129,11 +158,14 @@ def check_drift(
     try:
         return _check(df, reference, cfg, scores)
     except Exception as err:  # a gate fails closed
+        rows = len(df) if isinstance(df, pd.DataFrame) else None
+        traffic = Traffic.ENOUGH if rows is None else classify_traffic(rows, cfg)
         return GateResult(
             name=NAME,
             status=GateStatus.FAIL,
             reason=f"drift gate error: {type(err).__name__}: {err}",
-            metrics={"rows": float(len(df)) if isinstance(df, pd.DataFrame) else math.nan},
+            metrics={"rows": math.nan if rows is None else float(rows)},
+            evidence={"traffic": traffic.value},
         )
 
 
@@ -144,11 +176,12 @@ def _check(
     scores: np.ndarray | None,
 ) -> GateResult:
     n = len(df)
-    small_window = (
-        f"window of {n:,} rows is below the minimum of {cfg.min_rows:,}"
-        if n < cfg.min_rows
-        else None
-    )
+    traffic = classify_traffic(n, cfg)
+    small_window = {
+        Traffic.NONE: "no traffic: the window has no rows",
+        Traffic.THIN: f"window of {n:,} rows is below the minimum of {cfg.min_rows:,}",
+        Traffic.ENOUGH: None,
+    }[traffic]
     bound = f"< {fmt_number(cfg.psi_alert)}"
     rows: list[CheckRow] = []
     values: dict[str, float] = {}
@@ -175,7 +208,7 @@ def _check(
             broken.append(f"{column} ({detail})")
             continue
         values[column] = value
-        rows.append(_psi_row(column, value, cfg, small_window))
+        rows.append(_psi_row(column, value, cfg, traffic, small_window))
     if score_problem is not None:
         rows.append(score_problem)
 
@@ -184,7 +217,8 @@ def _check(
     metrics = {"rows": float(n), "max_psi": max_psi}
     metrics.update({f"psi.{c}": v for c, v in values.items()})
 
-    broken += [f"{c} (PSI undefined)" for c, v in values.items() if math.isnan(v)]
+    if traffic is not Traffic.NONE:
+        broken += [f"{c} (PSI undefined)" for c, v in values.items() if math.isnan(v)]
     ranked = sorted(((c, v) for c, v in values.items() if not math.isnan(v)), key=lambda kv: -kv[1])
     drifted = [(c, v) for c, v in ranked if v >= cfg.psi_alert]
     warned = [(c, v) for c, v in ranked if cfg.psi_warn <= v < cfg.psi_alert]
@@ -194,6 +228,7 @@ def _check(
         "psi_warn": cfg.psi_warn,
         "psi_alert": cfg.psi_alert,
         "min_rows": cfg.min_rows,
+        "traffic": traffic.value,
         "smoothing": SMOOTHING,
         "drifted": [c for c, _ in drifted],
         "warned": [c for c, _ in warned],

@@ -1,15 +1,18 @@
 """When drift becomes retraining: hysteresis, cooldown and a daily budget.
 
 A pure function over the previous state and this window's gate results, so the policy is
-testable without a scheduler and the state can live in any store.
+testable without a scheduler and the state can live in any store. It also says which
+windows a person must hear about (alerts): failed data quality, and no traffic at all.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
+from checks.drift import Traffic, window_traffic
 from checks.result import GateResult, GateStatus
 from models.config import MonitorConfig
 
@@ -36,12 +39,26 @@ class TriggerState:
         )
 
 
+class AlertKind(StrEnum):
+    DATA_QUALITY = "data_quality"
+    NO_TRAFFIC = "no_traffic"
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: AlertKind
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind.value, "message": self.message}
+
+
 @dataclass(frozen=True)
 class TriggerDecision:
     retrain: bool
     reason: str
     state: TriggerState
-    alerts: tuple[str, ...] = field(default_factory=tuple)
+    alerts: tuple[Alert, ...] = field(default_factory=tuple)
 
 
 def decide_retraining(
@@ -52,15 +69,28 @@ def decide_retraining(
     now: datetime,
     cfg: MonitorConfig,
 ) -> TriggerDecision:
-    """Drift must hold for `consecutive_windows` windows in a row. A data-quality failure is
-    an alert, not drift: it neither counts nor resets the streak, and neither does an
-    inconclusive window (too little traffic says nothing either way)."""
-    alerts: list[str] = []
+    """Drift must hold for `consecutive_windows` windows in a row. A window with no traffic
+    is an alert of its own (the service may be down or logging elsewhere) and a
+    data-quality failure an alert too; neither is drift. They neither count nor reset the
+    streak, and neither does a thin or otherwise inconclusive window, whatever its gate
+    said: too little traffic says nothing either way."""
+    traffic = window_traffic(drift)
+    if traffic is Traffic.NONE:
+        alert = Alert(
+            AlertKind.NO_TRAFFIC,
+            "no traffic: not one row in a window where the served model should have had "
+            "some; is the service up, and writing its inference log where monitoring reads it?",
+        )
+        reason = "no traffic is an alert, not drift: no retraining, the drift streak is kept"
+        return TriggerDecision(False, reason, state, (alert,))
     if data_quality is not None and not data_quality.passed:
-        alerts.append(f"data quality {data_quality.status.value}: {data_quality.reason}")
+        alert = Alert(
+            AlertKind.DATA_QUALITY,
+            f"data quality {data_quality.status.value}: {data_quality.reason}",
+        )
         reason = "data-quality failure is an alert, not drift: no retraining"
-        return TriggerDecision(False, reason, state, tuple(alerts))
-    if drift.status is GateStatus.INCONCLUSIVE:
+        return TriggerDecision(False, reason, state, (alert,))
+    if traffic is Traffic.THIN or drift.status is GateStatus.INCONCLUSIVE:
         return TriggerDecision(False, f"inconclusive window: {drift.reason}", state)
     if drift.status is GateStatus.PASS:
         streak_was = state.consecutive_drift

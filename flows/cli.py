@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +57,10 @@ def init(
     positive: Annotated[
         str | None, typer.Option("--positive", help="Positive class label (default: the rarer).")
     ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Registered model name (default: from the data file's name)."),
+    ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Config to write.")] = Path(
         "mlgate.yaml"
     ),
@@ -64,17 +71,19 @@ def init(
 
     from models.config import ConfigError, config_from_dict
     from models.data import DataError, read_table
-    from models.starter import infer_dataset_config
+    from models.starter import infer_dataset_config, infer_model_name
 
     if output.exists() and not force:
         raise _fail(f"{output} exists; pass --force to overwrite it", EXIT_USAGE)
     try:
+        model_name = infer_model_name(data, name)
         df = read_table(data)
         rel = os.path.relpath(data.resolve(), output.resolve().parent)
         inferred = infer_dataset_config(df, target, rel, positive)
     except DataError as err:
         raise _fail(str(err), EXIT_USAGE) from None
     skipped = inferred.pop("_skipped")
+    inferred["registry"] = {"model_name": model_name}
     try:
         config_from_dict(
             {**inferred, "dataset": {**inferred["dataset"], "path": str(data)}}, output
@@ -83,13 +92,16 @@ def init(
         raise _fail(str(err), EXIT_USAGE) from None
     header = (
         f"# mlgate starter config for {data.name} (written by `mlgate init`).\n"
-        "# Every other section (train, gates, registry, serving) has defaults: see the\n"
-        "# README. Review the feature lists, then run `mlgate train`.\n"
+        "# The model is registered as registry.model_name. Every other setting (train, gates,\n"
+        "# registry, serving) has defaults: see the README. Review the feature lists, then\n"
+        "# run `mlgate train`.\n"
     )
     output.write_text(header + yaml.safe_dump(inferred, sort_keys=False))
     ds = inferred["dataset"]
     console.print(
-        f"wrote [bold]{output}[/]: target [bold]{target}[/] (positive {ds['positive_label']!r}), "
+        f"wrote [bold]{output}[/]: model [bold]{model_name}[/]"
+        f"{' (named after the data file; --name sets another)' if name is None else ''}, "
+        f"target [bold]{target}[/] (positive {ds['positive_label']!r}), "
         f"{len(ds['numeric_features'])} numeric and {len(ds['categorical_features'])} "
         f"categorical features, id column {ds['id_column']!r}"
     )
@@ -159,7 +171,10 @@ def serve(
     except ValueError as err:
         raise _fail(str(err), EXIT_USAGE) from None
     port = port or cfg.serving.port
-    proc = start_service(config, ref, port=port, host=cfg.serving.host)
+    # SIGTERM (a supervisor, `kill`) stops the service as Ctrl-C does; a SIGKILL of this
+    # process reaches the server through `die_with_parent`.
+    signal.signal(signal.SIGTERM, _interrupt)
+    proc = start_service(config, ref, port=port, host=cfg.serving.host, die_with_parent=True)
     try:
         proc.wait_ready(timeout=180)
         console.print(
@@ -178,34 +193,93 @@ def serve(
     raise _fail(f"service exited on its own:\n{proc.output_tail()}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+_WINDOW = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)")
+_HOURS_PER_UNIT = {"s": 1 / 3600, "m": 1 / 60, "h": 1.0, "": 1.0, "d": 24.0}
+
+
+def _window_hours(text: str) -> float:
+    """`90s`, `30m`, `1h`, `2d`, or a bare number of hours (as `monitor.window_hours`)."""
+    match = _WINDOW.fullmatch(text.strip().lower())
+    hours = float(match[1]) * _HOURS_PER_UNIT[match[2]] if match else 0.0
+    if not hours > 0:
+        raise _fail(
+            f"--window {text!r}: a length above 0 such as 90s, 30m, 1h or 2d "
+            "(a bare number is hours)",
+            EXIT_USAGE,
+        )
+    return hours
+
+
+def _window_end(text: str) -> datetime:
+    """An ISO 8601 time (naive: UTC) that is not in the future."""
+    try:
+        end = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise _fail(
+            f"--until {text!r} is not an ISO 8601 time (2026-03-01T12:00:00Z)", EXIT_USAGE
+        ) from None
+    end = end.replace(tzinfo=UTC) if end.tzinfo is None else end.astimezone(UTC)
+    if end > datetime.now(UTC):
+        # Rows not yet logged would make a future window look thin or empty.
+        raise _fail(f"--until {text!r} is in the future: that window is not over", EXIT_USAGE)
+    return end
+
+
 @app.command()
 def monitor(
     config: ConfigOpt = Path("mlgate.yaml"),
     no_retrain: Annotated[
         bool, typer.Option("--no-retrain", help="Evaluate and record, but never retrain.")
     ] = False,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until",
+            metavar="TIME",
+            help="End of the window, ISO 8601; naive is UTC (default: now).",
+        ),
+    ] = None,
+    window: Annotated[
+        str | None,
+        typer.Option(
+            "--window",
+            metavar="DURATION",
+            help="Length of the window: 90s, 30m, 1h, 2d, or hours "
+            "(default: monitor.window_hours).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run one monitoring window: live data gate, PSI drift, retraining trigger."""
     from flows.gate_tables import gate_tables
     from flows.runtime import use_configured_servers
 
+    end = _window_end(until) if until is not None else None
+    hours = _window_hours(window) if window is not None else None
     use_configured_servers(_load(config))
     from flows.monitoring import monitoring_flow
 
     try:
-        outcome = monitoring_flow(config_path=str(config), retrain=not no_retrain)
+        outcome = monitoring_flow(
+            config_path=str(config), retrain=not no_retrain, now=end, window_hours=hours
+        )
     except Exception as err:
         raise _fail(f"monitoring flow failed: {type(err).__name__}: {err}") from None
     if as_json:
         print(json.dumps(outcome.to_dict(), indent=2, default=str))
         return
     console.print(
-        f"window {outcome.window_start:%Y-%m-%d %H:%M} – {outcome.window_end:%H:%M} UTC: "
-        f"{outcome.rows} rows scored by champion v{outcome.champion_version}"
+        f"window {outcome.window_start:%Y-%m-%d %H:%M} – {outcome.window_end:%Y-%m-%d %H:%M} "
+        f"UTC: {outcome.rows} rows scored by champion v{outcome.champion_version}"
     )
     if outcome.gates:
         console.print(gate_tables(outcome.gates))
+    for alert in outcome.alerts:
+        console.print(f"[bold red]alert ({alert['kind']}):[/] {alert['message']}")
     for k, v in outcome.live_metrics.items():
         console.print(f"{k}: {v:.4f}")
     for name in outcome.quarantined:

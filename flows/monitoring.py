@@ -4,7 +4,8 @@ Reads the last window of the inference log and any labelled batches dropped into
 incoming folder, runs the data gate and PSI drift against what was stored with the champion,
 lets the trigger policy decide whether to start the training flow, and records the window
 (its numbers and Evidently's report) in MLflow in one go at the end. A labelled batch that
-fails its data gate is quarantined: named in the run and never trained on.
+fails its data gate is quarantined: named in the run and never trained on. A window without
+traffic is never drift: it is recorded as `no_traffic` and alerted on.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from checks.data_quality import DataProfile, check_data_quality
-from checks.drift import check_drift, evidently_drift_report_html
+from checks.drift import check_drift, evidently_drift_report_html, window_traffic
 from checks.result import GateResult, GateStatus
-from checks.trigger import TriggerDecision, TriggerState, decide_retraining
+from checks.trigger import Alert, TriggerDecision, TriggerState, decide_retraining
 from flows import registry
 from flows.champion import ChampionState, read_champion
 from flows.deployments import TRAINING_DEPLOYMENT
@@ -61,6 +62,9 @@ class MonitoringOutcome:
     training: str | None = None
     run_id: str | None = None
     quarantined: list[str] = field(default_factory=list)
+    # How much of the window there was to judge (checks.drift.Traffic); None: nothing was.
+    traffic: str | None = None
+    alerts: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "gates"}
@@ -140,6 +144,15 @@ def advance_trigger(
         )
         _save_trigger_state(cfg, decision.state)
     return decision
+
+
+def window_bounds(end: datetime, hours: float) -> tuple[datetime, datetime]:
+    """The window that ends at `end` (naive: UTC, as in the inference log) and lasts
+    `hours`, as (start, end) in UTC."""
+    if not hours > 0:
+        raise ValueError(f"a monitoring window must last longer than 0 hours, not {hours}")
+    end = end.replace(tzinfo=UTC) if end.tzinfo is None else end.astimezone(UTC)
+    return end - timedelta(hours=hours), end
 
 
 def read_window(cfg: MlgateConfig, since: datetime, until: datetime) -> pd.DataFrame:
@@ -263,10 +276,13 @@ def start_retraining(cfg: MlgateConfig, config_path: str, reason: str) -> str:
     return start_training(config_path, combine_training_data(cfg))
 
 
-def raise_alerts(cfg: MlgateConfig, alerts: tuple[str, ...]) -> None:
+def raise_alerts(cfg: MlgateConfig, alerts: tuple[Alert, ...]) -> None:
+    """Each alert under a title of its own kind, so a channel can route no-traffic apart
+    from data quality."""
     for alert in alerts:
-        get_run_logger().warning("alert: %s", alert)
-        registry.notify(cfg.registry, f"mlgate: {cfg.registry.model_name} monitoring alert", alert)
+        get_run_logger().warning("alert (%s): %s", alert.kind.value, alert.message)
+        title = f"mlgate: {cfg.registry.model_name} monitoring alert: {alert.kind.value}"
+        registry.notify(cfg.registry, title, alert.message)
 
 
 def drift_report(
@@ -303,6 +319,10 @@ def monitoring_evidence(
         "decision": outcome.decision[:5000],
         "retrained": str(outcome.retrained).lower(),
     }
+    if outcome.traffic is not None:
+        tags["traffic"] = outcome.traffic
+    if outcome.alerts:
+        tags["alerts"] = ", ".join(a["kind"] for a in outcome.alerts)
     if outcome.quarantined:
         tags["quarantined"] = ", ".join(outcome.quarantined)[:5000]
     if report.error is not None:
@@ -344,13 +364,18 @@ render_drift_report = _task(drift_report, "drift-report")
 
 @flow(name="monitoring_flow", log_prints=True)
 def monitoring_flow(
-    config_path: str = "mlgate.yaml", now: datetime | None = None, retrain: bool = True
+    config_path: str = "mlgate.yaml",
+    now: datetime | None = None,
+    retrain: bool = True,
+    window_hours: float | None = None,
 ) -> MonitoringOutcome:
-    """One monitoring window; `now` fixes the window's end (default: the current time)."""
+    """One monitoring window; `now` fixes the window's end (default: the current time; naive
+    is UTC, as in the inference log), `window_hours` its length (default:
+    `monitor.window_hours`)."""
     cfg = load_config(config_path)
     client = registry.connect(cfg.registry)
-    end = (now or datetime.now(UTC)).astimezone(UTC)
-    start = end - timedelta(hours=cfg.monitor.window_hours)
+    hours = cfg.monitor.window_hours if window_hours is None else window_hours
+    start, end = window_bounds(now or datetime.now(UTC), hours)
     champion = read_champion(client, cfg)
     if champion.version is None or champion.histograms is None or champion.profile is None:
         idle = MonitoringOutcome(start, end, 0, champion.version, decision=_idle_reason(champion))
@@ -375,6 +400,8 @@ def monitoring_flow(
         retrained=retrained,
         training=training,
         quarantined=[p.name for p in batches.quarantined],
+        traffic=window_traffic(drift).value,
+        alerts=[a.to_dict() for a in decision.alerts],
     )
     report = render_drift_report(client, cfg, champion, window)
     return finish_monitoring(client, cfg, outcome, report)

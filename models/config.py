@@ -35,6 +35,8 @@ CONFIG_PATH_ENV = "MLGATE_CONFIG"
 
 Estimator = Literal["logistic_regression", "gradient_boosting", "random_forest", "mlp"]
 PrimaryMetric = Literal["roc_auc", "pr_auc", "f1", "neg_log_loss", "neg_brier"]
+# A category is a label, not free text: services/schema.py bounds requests by this default.
+DEFAULT_MAX_CATEGORY_CHARS = 256
 # Schemes `pyarrow.fs.FileSystem.from_uri` opens (services/inference_log.py opens the URI).
 INFERENCE_LOG_URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
@@ -199,6 +201,9 @@ class ServingConfig(_Section):
     max_batch_size: int = Field(default=256, ge=1)
     max_latency_ms: int = Field(default=2000, ge=1)
     max_rows_per_request: int = Field(default=1000, ge=1)
+    # The longest categorical value a request may send, in characters (longer: a 422 naming
+    # the field). The service refuses to start a model that knows a longer category.
+    max_category_chars: int = Field(default=DEFAULT_MAX_CATEGORY_CHARS, ge=1)
     # None: sized from max_rows_per_request and the number of features.
     max_body_bytes: int | None = Field(default=None, ge=1024)
     workers: int = Field(default=1, ge=1)

@@ -1,8 +1,9 @@
-"""`mlgate init`: infer a starter dataset config from any table."""
+"""`mlgate init`: infer a starter config (the dataset and the model's name) from any table."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -14,6 +15,25 @@ _ID_NAME = re.compile(r"(^id$|_id$|^id_|^uuid$|^key$|customer.?id|account.?id)",
 # free text, not a category a one-hot encoder should learn.
 MAX_CATEGORY_SHARE = 0.5
 MAX_CATEGORIES = 200
+# What registry.model_name allows, starting with a letter or digit: the name also names
+# files and folders (trigger state, inference log), where "." or ".." would mean another.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+FALLBACK_MODEL_NAME = "model"
+
+
+def infer_model_name(data_path: Path | str, name: str | None = None) -> str:
+    """`name` when given (a valid registry name, else a DataError), otherwise the data
+    file's stem made into one: `Loan Book (2024).csv` is `Loan_Book_2024`."""
+    if name is not None:
+        if not _MODEL_NAME.fullmatch(name):
+            raise DataError(
+                f"--name {name!r} is not a model name: letters, digits, '_', '.' and '-', "
+                "starting with a letter or digit"
+            )
+        return name
+    stem = _NOT_IN_NAME.sub("_", Path(data_path).stem).strip("_.-")
+    return stem if _MODEL_NAME.fullmatch(stem) else FALLBACK_MODEL_NAME
 
 
 def infer_id_column(df: pd.DataFrame, target: str) -> str | None:

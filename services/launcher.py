@@ -4,17 +4,26 @@
 child reads the same config file (found through `MLGATE_CONFIG`, see
 `services/bento_service.py`); what differs per instance, the model and the variant, reaches
 it as config overrides (`MLGATE_SERVING__MODEL`, `MLGATE_SERVING__VARIANT`).
+
+Each instance gets a BentoML home of its own (unless the caller gives one): BentoML empties
+its Prometheus multiprocess directory, which lives in that home, when a server starts, so
+two services sharing one would report each other's counters. `mlgate serve`'s child dies
+with it (`die_with_parent`: Linux's PR_SET_PDEATHSIG, set through ctypes since the standard
+library has no prctl); the canary's instances do not, on purpose: they outlive their
+controller.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -168,10 +177,13 @@ def start_service(
     echo: bool = False,
     log_path: Path | None = None,
     env: Mapping[str, str] | None = None,
+    die_with_parent: bool = False,
 ) -> ServiceProcess:
     """Start `bentoml serve` for the model `ref` on host:port, as `variant` (None: the
     config's `serving.variant`). Returns at once; call `wait_ready()` before sending
-    traffic. `env` adds to (and overrides) the inherited environment."""
+    traffic. `env` adds to (and overrides) the inherited environment; without a
+    `BENTOML_HOME` there the instance gets its own (`instance_home`). With
+    `die_with_parent` the server gets SIGTERM when this process dies, however it dies."""
     child_env = dict(os.environ)
     child_env.update(
         {
@@ -186,6 +198,8 @@ def start_service(
         child_env[env_override_name("serving", "variant")] = variant
     if env:
         child_env.update(env)
+    if not env or "BENTOML_HOME" not in env:
+        child_env["BENTOML_HOME"] = str(instance_home(host, port))
     cmd = [
         sys.executable,
         "-m",
@@ -207,5 +221,25 @@ def start_service(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_die_with_parent if die_with_parent else None,
     )
     return ServiceProcess(process, host=host, port=port, echo=echo, log_path=log_path)
+
+
+def instance_home(host: str, port: int) -> Path:
+    """A BentoML home for the instance on host:port: one address has one running server at
+    a time, so no two running servers share it."""
+    tag = re.sub(r"[^\w.-]", "_", host)
+    home = Path(tempfile.gettempdir()) / f"mlgate-bentoml-{os.getuid()}" / f"{tag}-{port}"
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -61,17 +61,25 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "mlgate"
 _HOT_PATHS = ["/predict", "/metrics", "/livez", "/readyz", "/healthz"]
+_CATEGORY_ATTRIBUTES = ("cats_strings", "keys_strings")
 # Applied to the class BentoML builds its middleware stack from, before any worker starts.
 cancel_timeout_timers()
 
 _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "the body is not valid JSON"},
+    400: {"model": ErrorBody, "description": "the body is not valid JSON, or not UTF-8"},
     401: {"model": ErrorBody, "description": "no `Authorization: Bearer <API key>` header"},
     403: {"model": ErrorBody, "description": "the API key is unknown or revoked"},
     413: {"model": ErrorBody, "description": "too many rows, or the body is too large"},
+    415: {
+        "model": ErrorBody,
+        "description": "the body is not sent as JSON in UTF-8, or is compressed",
+    },
     422: {
         "model": ErrorBody,
-        "description": "a field is missing, unknown, of the wrong type, NaN or out of range",
+        "description": (
+            "a field is missing, unknown, given twice, of the wrong type, NaN, out of range, "
+            "or a category longer than the bound"
+        ),
     },
     429: {"model": ErrorBody, "description": "the key's rate limit; see Retry-After"},
     503: {"model": ErrorBody, "description": "not ready yet, or overloaded; see Retry-After"},
@@ -91,6 +99,27 @@ def check_model_matches_config(model: LoadedModel, dataset: DatasetConfig) -> No
                 f"model {model.ref} was trained on {kind} features {sorted(stored)}, but the "
                 f"config's dataset lists {sorted(configured)}; serve it with its own config"
             )
+
+
+def check_categories_fit(content: bytes, max_chars: int) -> None:
+    """Every category the model knows (its ONNX one-hot encoders' `cats_strings`, label
+    encoders' `keys_strings`) must fit `serving.max_category_chars`: a smaller bound would
+    refuse every request that sends it, so such a model is refused at start-up instead."""
+    import onnx
+
+    for node in onnx.load_model_from_string(content).graph.node:
+        for attr in node.attribute:
+            if attr.name not in _CATEGORY_ATTRIBUTES:
+                continue
+            for raw in attr.strings:
+                label = raw.decode("utf-8", errors="replace")
+                if len(label) > max_chars:
+                    feature = node.input[0] if node.input else node.name
+                    raise ValueError(
+                        f"the model knows a {feature!r} category of {len(label)} characters "
+                        f"({label[:40]!r}...), longer than serving.max_category_chars "
+                        f"({max_chars}); raise the bound to serve it"
+                    )
 
 
 def describe_providers(content: bytes, providers: list[str]) -> str:
@@ -169,7 +198,9 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 "required": True,
                 "content": {
                     "application/json": {
-                        "schema": request_openapi_schema(dataset, serving.max_rows_per_request)
+                        "schema": request_openapi_schema(
+                            dataset, serving.max_rows_per_request, serving.max_category_chars
+                        )
                     }
                 },
             }
@@ -213,6 +244,7 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
             variant = serving.variant
             model = load_registered_model(tracking_uri, ref)
             check_model_matches_config(model, dataset)
+            check_categories_fit(model.content, serving.max_category_chars)
             session = make_session(model.content)
             providers = list(session.get_providers())
             authenticator = Authenticator(

@@ -4,15 +4,18 @@ test harness. The retraining it triggers is the real training flow, run as a sub
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from checks.result import GateStatus
 from flows import registry
+from flows.cli import app
 from flows.demo import shifted_batch
 from flows.monitoring import (
     combine_training_data,
@@ -114,6 +117,48 @@ def test_thin_or_broken_windows_never_trigger(env):
         assert not out.retrained
         assert next(g for g in out.gates if g.name == "data").status is GateStatus.FAIL
     assert "alert" in out.decision
+
+
+def test_empty_windows_are_no_traffic_alerts_that_keep_the_streak(env):
+    """No traffic says nothing about drift: empty windows between drifted ones neither count
+    towards the retrain (consecutive_windows is 2 here) nor reset the streak."""
+    path, cfg, version, df = env
+    write_log(cfg, shifted_batch(df, 800, 0), version, NOW - timedelta(minutes=5))
+    drifted = monitoring_flow(config_path=str(path), now=NOW, retrain=False)
+    assert next(g for g in drifted.gates if g.name == "drift").status is GateStatus.FAIL
+    assert drifted.traffic == "enough" and not drifted.alerts
+    for i in (1, 2):
+        out = monitoring_flow(config_path=str(path), now=NOW + timedelta(hours=i), retrain=False)
+        drift = next(g for g in out.gates if g.name == "drift")
+        assert drift.status is GateStatus.INCONCLUSIVE and drift.reason.startswith("no traffic")
+        assert out.rows == 0 and out.traffic == "no_traffic" and "no traffic" in out.decision
+        assert [a["kind"] for a in out.alerts] == ["no_traffic"]
+        assert load_trigger_state(cfg).consecutive_drift == 1
+    client = registry.connect(cfg.registry)
+    tags = client.get_run(out.run_id).data.tags
+    assert tags["traffic"] == "no_traffic" and tags["alerts"] == "no_traffic"
+    logged = registry.load_json_artifact(client, out.run_id, MONITORING_ARTIFACT)
+    assert logged["traffic"] == "no_traffic" and logged["alerts"][0]["kind"] == "no_traffic"
+
+
+def test_monitor_judges_the_window_it_is_given(env):
+    """`mlgate monitor --until T --window D`: a backfill of a past window, its length from the
+    command line rather than monitor.window_hours (1 h here)."""
+    path, cfg, version, df = env
+    until = NOW - timedelta(days=2)
+    write_log(cfg, df.sample(300, random_state=7), version, until - timedelta(minutes=100))
+    write_log(cfg, df.sample(300, random_state=8), version, until - timedelta(minutes=5))
+    write_log(cfg, df.sample(300, random_state=9), version, until + timedelta(minutes=5))
+    args = ["monitor", "--config", str(path), "--no-retrain", "--json"]
+    window = ["--until", until.isoformat(), "--window", "2h"]
+    result = CliRunner().invoke(app, [*args, *window])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout[result.stdout.index("{\n") :])
+    assert out["rows"] == 600 and out["traffic"] == "enough"
+    assert datetime.fromisoformat(out["window_end"]) == until
+    assert datetime.fromisoformat(out["window_start"]) == until - timedelta(hours=2)
+    short = monitoring_flow(config_path=str(path), now=until, retrain=False)
+    assert short.rows == 300
 
 
 def test_labelled_batch_gives_the_live_metric(env):
