@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from models.config import MlgateConfig, OrchestrationConfig, RegistryConfig
@@ -25,6 +25,37 @@ def use_embedded_prefect(store_dir: Path) -> None:
     os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
     # MLflow's per-download progress bars would interleave with the gate tables.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def ephemeral_server_dies_with_this_process() -> None:
+    """Prefect's temporary API server (a uvicorn child that Prefect starts on first use, and
+    stops only at a normal exit) gets SIGTERM when this process dies, SIGKILL included.
+
+    Prefect has no hook for that child's start: its server module's `subprocess` is given a
+    `Popen` that adds `services.processes.die_with_parent_preexec` (PR_SET_PDEATHSIG). Only
+    from the main thread: the signal follows the thread that started the child, and a
+    helper thread's end must not stop a server the whole process uses."""
+    import subprocess
+    import threading
+    import types
+
+    import prefect.server.api.server as server_module
+
+    from services.processes import die_with_parent_preexec
+
+    if getattr(server_module.subprocess, "mlgate_dies_with_parent", False):
+        return
+
+    class Popen(subprocess.Popen):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if threading.current_thread() is threading.main_thread():
+                kwargs.setdefault("preexec_fn", die_with_parent_preexec())
+            super().__init__(*args, **kwargs)
+
+    patched = types.SimpleNamespace(**vars(subprocess))
+    patched.Popen = Popen
+    patched.mlgate_dies_with_parent = True
+    server_module.subprocess = patched  # type: ignore[assignment]
 
 
 def use_team_servers(
@@ -61,3 +92,5 @@ def use_configured_servers(cfg: MlgateConfig) -> None:
     command that runs a flow calls before it imports Prefect."""
     use_team_servers(cfg.registry, cfg.orchestration)
     use_embedded_prefect(cfg.registry.store_dir)
+    if not cfg.orchestration.api_url and not os.environ.get("PREFECT_API_URL"):
+        ephemeral_server_dies_with_this_process()

@@ -8,16 +8,14 @@ it as config overrides (`MLGATE_SERVING__MODEL`, `MLGATE_SERVING__VARIANT`).
 Each instance gets a BentoML home of its own (unless the caller gives one): BentoML empties
 its Prometheus multiprocess directory, which lives in that home, when a server starts, so
 two services sharing one would report each other's counters. `mlgate serve`'s child dies
-with it (`die_with_parent`: Linux's PR_SET_PDEATHSIG, set through ctypes since the standard
-library has no prctl); the canary's instances do not, on purpose: they outlive their
-controller.
+with it (`die_with_parent`: Linux's PR_SET_PDEATHSIG, see `services.processes`); the
+canary's instances do not, on purpose: they outlive their controller.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -35,6 +33,7 @@ import httpx
 
 from models.config import CONFIG_PATH_ENV, env_override_name
 from models.model_ref import ModelRef
+from services.processes import die_with_parent_preexec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_IMPORT = "services.bento_service:MlgateService"
@@ -221,7 +220,7 @@ def start_service(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with_parent if die_with_parent else None,
+        preexec_fn=die_with_parent_preexec() if die_with_parent else None,
     )
     return ServiceProcess(process, host=host, port=port, echo=echo, log_path=log_path)
 
@@ -233,13 +232,3 @@ def instance_home(host: str, port: int) -> Path:
     home = Path(tempfile.gettempdir()) / f"mlgate-bentoml-{os.getuid()}" / f"{tag}-{port}"
     home.mkdir(parents=True, exist_ok=True)
     return home
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -4,15 +4,40 @@ The canary target's processes (HAProxy and the BentoML instances) outlive the co
 that started them, so a controller that restarts knows them only by pid. A pid is trusted
 only while the process's start time (field 22 of /proc/<pid>/stat) is the one recorded at
 launch: pids are reused.
+
+The opposite case, a child that must not outlive its parent however the parent dies
+(SIGKILL included), is Linux's PR_SET_PDEATHSIG (`die_with_parent_preexec`). The standard
+library has no prctl and python-prctl needs libcap headers to build, so it is called
+through ctypes; libc's prctl is resolved in the parent, since the child runs it between
+fork and exec, where loading a library could deadlock on a lock another thread held.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def die_with_parent_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` for `subprocess.Popen`: the child gets `sig` when the thread that
+    started it dies. None where the kernel has no such thing (not Linux)."""
+    prctl = _prctl
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig)
+
+    return preexec
 
 
 def _proc_stat(pid: int) -> list[str] | None:
