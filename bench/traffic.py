@@ -13,6 +13,7 @@ import http.client
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from services.haproxy import VARIANT_HEADER
@@ -26,7 +27,8 @@ class Replayer:
 
     With `wait_for_target`, refused connections before the first answer are not failures:
     the target is still coming up (the demo starts its clients before the canary's
-    HAProxy listens); they are counted in `refused_before_target`."""
+    HAProxy listens); they are counted in `refused_before_target`. `headers` go with every
+    request (an `Authorization: Bearer` API key)."""
 
     def __init__(
         self,
@@ -38,6 +40,7 @@ class Replayer:
         threads: int = 3,
         wait_for_target: bool = False,
         path: str = "/predict",
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if not bodies:
             raise ValueError("a replayer needs at least one request body")
@@ -45,6 +48,7 @@ class Replayer:
             raise ValueError(f"rate {rate} and threads {threads} must be positive")
         self.port, self.bodies, self.rate, self.max_s = port, bodies, rate, max_s
         self.threads, self.path = threads, path
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.counts: Counter[tuple[str, int]] = Counter()
         self.transport_errors: Counter[str] = Counter()
         self.failures: list[tuple[float, str, int | str]] = []
@@ -96,9 +100,7 @@ class Replayer:
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=35)
-                conn.request(
-                    "POST", self.path, body=body, headers={"Content-Type": "application/json"}
-                )
+                conn.request("POST", self.path, body=body, headers=self.headers)
                 resp = conn.getresponse()
                 resp.read()
                 key = (resp.getheader(VARIANT_HEADER) or "?", resp.status)

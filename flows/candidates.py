@@ -19,6 +19,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.fan_out import run_tasks
 from models.candidates import (
     LOCAL,
     CandidateScore,
@@ -28,7 +29,7 @@ from models.candidates import (
     select_candidate,
     split_for_selection,
 )
-from models.config import ConfigError, DaskConfig, DatasetConfig, MlgateConfig, TrainConfig
+from models.config import DaskConfig, DatasetConfig, MlgateConfig, TrainConfig
 
 if TYPE_CHECKING:
     from flows.training_evidence import RunFacts
@@ -96,33 +97,5 @@ def choose_candidate(
 
 def run_candidates(calls: list[dict[str, Any]], parallel: DaskConfig) -> list[CandidateScore]:
     """`fit_candidate` once per call: on the configured Dask scheduler's workers, side by
-    side, or here one after another."""
-    address = parallel.scheduler_address
-    if address is None:
-        return [fit_candidate(**call) for call in calls]
-    import dask
-    from prefect.settings import get_current_settings
-    from prefect_dask import DaskTaskRunner
-
-    # A task on a worker reports to the API the flow uses. Prefect's embedded API is a
-    # temporary server of this process whose address the workers are not given: each would
-    # start one of its own for every run (minutes each; on another host, another database).
-    if not get_current_settings().api.url:
-        raise ConfigError(
-            f"dask.scheduler_address is set ({address}) but the flow runs on "
-            "Prefect's embedded API, which the Dask workers cannot reach: set "
-            "orchestration.api_url to the Prefect server the workers reach too (team mode), "
-            "or unset dask.scheduler_address to train the candidates here"
-        )
-
-    with DaskTaskRunner(address=address) as runner:
-        # Dask places many small tasks well, but may pile a handful of long fits onto one
-        # worker (seen on a busy host). Each candidate prefers the next worker in turn, and
-        # may still go elsewhere (a loose restriction) when that one is busy or gone.
-        workers = sorted(runner.client.nthreads())
-        futures = []
-        for i, call in enumerate(calls):
-            prefer = {"workers": [workers[i % len(workers)]], "allow_other_workers": True}
-            with dask.annotate(**(prefer if workers else {})):
-                futures.append(runner.submit(fit_candidate, call))
-        return [future.result() for future in futures]
+    side, or here one after another (`flows.fan_out.run_tasks`)."""
+    return run_tasks(fit_candidate, calls, parallel)

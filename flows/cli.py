@@ -26,10 +26,14 @@ from flows.cli_common import (
     ConfigOpt,
     JsonOpt,
     console,
+    err_console,
 )
 from flows.cli_common import exit_error as _fail
 from flows.cli_common import load_config_or_exit as _load
+from flows.cli_keys import keys_app, print_new_token
 from flows.cli_registry import gates_app, history, models_app, promote, registry_call, rollback
+from flows.cli_score import score
+from flows.cli_slo import slo_app
 from flows.cli_stack import stack_app
 
 app = typer.Typer(
@@ -48,6 +52,12 @@ app.add_typer(gates_app, name="gates")
 app.add_typer(models_app, name="models")
 app.add_typer(canary_app, name="canary")
 app.add_typer(stack_app, name="stack")
+app.add_typer(keys_app, name="keys")
+app.add_typer(slo_app, name="slo")
+
+
+# The key `mlgate init` creates for the first client.
+INIT_KEY_NAME = "default"
 
 
 @app.command()
@@ -66,12 +76,14 @@ def init(
     ),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
 ) -> None:
-    """Write a starter mlgate.yaml for any CSV/Parquet file, inferring the features."""
+    """Write a starter mlgate.yaml for any CSV/Parquet file, inferring the features, with
+    an API key for the service (its token printed once, its sha256 in the file)."""
     import yaml
 
     from models.config import ConfigError, config_from_dict
     from models.data import DataError, read_table
     from models.starter import infer_dataset_config, infer_model_name
+    from services.auth import hash_api_key, new_api_key_token
 
     if output.exists() and not force:
         raise _fail(f"{output} exists; pass --force to overwrite it", EXIT_USAGE)
@@ -84,6 +96,9 @@ def init(
         raise _fail(str(err), EXIT_USAGE) from None
     skipped = inferred.pop("_skipped")
     inferred["registry"] = {"model_name": model_name}
+    # The service must never be open by accident: a first key comes with the config.
+    token = new_api_key_token()
+    inferred["serving"] = {"api_keys": [{"name": INIT_KEY_NAME, "sha256": hash_api_key(token)}]}
     try:
         config_from_dict(
             {**inferred, "dataset": {**inferred["dataset"], "path": str(data)}}, output
@@ -94,7 +109,9 @@ def init(
         f"# mlgate starter config for {data.name} (written by `mlgate init`).\n"
         "# The model is registered as registry.model_name. Every other setting (train, gates,\n"
         "# registry, serving) has defaults: see the README. Review the feature lists, then\n"
-        "# run `mlgate train`.\n"
+        "# run `mlgate train`. serving.api_keys holds the sha256 of each client's API key,\n"
+        "# never the key: `mlgate keys create NAME` adds one, `mlgate keys revoke NAME`\n"
+        "# refuses one.\n"
     )
     output.write_text(header + yaml.safe_dump(inferred, sort_keys=False))
     ds = inferred["dataset"]
@@ -107,6 +124,7 @@ def init(
     )
     for col, why in skipped.items():
         console.print(f"  skipped {col}: {why}")
+    print_new_token(INIT_KEY_NAME, token)
 
 
 @app.command()
@@ -155,9 +173,18 @@ def serve(
     ] = None,
     alias: Annotated[str | None, typer.Option("--alias", help="Alias to serve.")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port (default from config).")] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="Start even without API keys: anyone who reaches the port may use the model.",
+        ),
+    ] = False,
 ) -> None:
-    """Serve @champion (or a version) over HTTP with BentoML and ONNX Runtime."""
+    """Serve @champion (or a version) over HTTP with BentoML and ONNX Runtime. Refuses to
+    start without an API key (`mlgate keys create`) unless --insecure-no-auth is given."""
     from models.model_ref import ModelRef
+    from services.auth import API_KEYS_ENV, configured_api_keys
     from services.launcher import start_service
 
     cfg = _load(config)
@@ -171,15 +198,47 @@ def serve(
     except ValueError as err:
         raise _fail(str(err), EXIT_USAGE) from None
     port = port or cfg.serving.port
+    address = f"http://{cfg.serving.host}:{port}"
+    try:
+        keys = configured_api_keys(cfg.serving, os.environ.get(API_KEYS_ENV))
+    except ValueError as err:
+        raise _fail(str(err), EXIT_USAGE) from None
+    if not keys and not insecure_no_auth:
+        raise _fail(
+            f"no API keys: {config} has none in serving.api_keys and {API_KEYS_ENV} is not "
+            f"set, so anyone who reaches {address} could use the model. Create one with "
+            f"`mlgate keys create NAME --config {config}` (it prints the token once and adds "
+            "its sha256 to the config), or pass --insecure-no-auth to serve without "
+            "authentication on a network you trust.",
+            EXIT_USAGE,
+        )
+    if not keys:
+        err_console.print(
+            f"[bold red]WARNING: --insecure-no-auth: authentication is OFF; every client that "
+            f"reaches {address} is served without an API key or a rate limit[/]",
+            highlight=False,
+        )
+    elif all(key.revoked for key in keys.values()):
+        err_console.print(
+            "[bold yellow]warning:[/] every API key is revoked: each request will be refused "
+            "(403); `mlgate keys create NAME` makes a new one",
+            highlight=False,
+        )
     # SIGTERM (a supervisor, `kill`) stops the service as Ctrl-C does; a SIGKILL of this
     # process reaches the server through `die_with_parent`.
     signal.signal(signal.SIGTERM, _interrupt)
-    proc = start_service(config, ref, port=port, host=cfg.serving.host, die_with_parent=True)
+    # The service's own lines (model version, ONNX Runtime provider, authentication, errors)
+    # go to stderr as it writes them.
+    proc = start_service(
+        config, ref, port=port, host=cfg.serving.host, echo=True, die_with_parent=True
+    )
     try:
         proc.wait_ready(timeout=180)
+        auth = "no API key needed" if not keys else "`Authorization: Bearer <API key>`"
         console.print(
-            f"serving {ref.name} {ref.selector} on "
-            f"http://{cfg.serving.host}:{port}  (POST /predict; Ctrl-C stops)"
+            f"serving {ref.name} {ref.selector} on {address}  (POST /predict with {auth}; "
+            "Ctrl-C stops)",
+            highlight=False,
         )
         while proc.is_running():
             time.sleep(0.5)
@@ -187,10 +246,12 @@ def serve(
         console.print("stopping…")
         return
     except Exception as err:
-        raise _fail(f"service failed: {err}") from None
+        # Its output was echoed as it came: the launcher's copy of the last lines would
+        # only repeat it.
+        raise _fail(f"service failed: {str(err).partition('; its last output:')[0]}") from None
     finally:
         proc.stop()
-    raise _fail(f"service exited on its own:\n{proc.output_tail()}")
+    raise _fail("service exited on its own (its output is above)")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -342,7 +403,7 @@ def report(
     print(text)
 
 
-for command in (promote, rollback, history):
+for command in (promote, rollback, history, score):
     app.command()(command)
 
 

@@ -6,6 +6,9 @@ sends real predictions and checks them against ONNX Runtime in-process, runs a d
 episode, and finally two canary rollouts through HAProxy with the holdout replayed as live
 traffic: a healthy retrained candidate that earns @champion step by step, and a candidate
 made bad on purpose (trained on shuffled labels) that is rolled back.
+
+Every service it starts requires an API key, as `mlgate serve` does: the demo mints one
+for its own clients and gives the services its sha256 in `MLGATE_API_KEYS`.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from rich.table import Table
 
 from flows.gate_tables import gate_tables
 from flows.runtime import use_embedded_prefect
-from models.config import MlgateConfig, load_config
+from models.config import MlgateConfig, env_override_name, load_config
 from models.data import load_dataset, split_data
 from models.model_ref import ModelRef
 from models.onnx_export import make_session, predict_proba_with_schema
 from models.registry_layout import CHAMPION_ALIAS
+from services.auth import API_KEYS_ENV, hash_api_key, new_api_key_token
 from services.canary_state import CanaryState, StateStore, canary_paths
 from services.launcher import start_service
 from services.model_store import load_registered_model
@@ -117,12 +121,14 @@ def shifted_batch(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return out
 
 
-def _send_batch(url: str, batch: pd.DataFrame, features: list[str]) -> datetime:
+def _send_batch(
+    url: str, batch: pd.DataFrame, features: list[str], headers: dict[str, str]
+) -> datetime:
     rows = [
         {k: (None if v != v else v) for k, v in r.items()}
         for r in batch[features].to_dict(orient="records")
     ]
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(timeout=60, headers=headers) as http:
         for i in range(0, len(rows), 50):
             http.post(url, json={"rows": rows[i : i + 50]}).raise_for_status()
     return datetime.now(UTC)
@@ -173,6 +179,7 @@ DEMO_CANARY = {
     "MLGATE_CANARY__DRAIN_TIMEOUT_S": "5",
 }
 REPLAY_RATE = 120.0
+DEMO_KEY_RATE = 10 * REPLAY_RATE
 # Retrained candidates for the canary: the bundled config's model with a few trees more or
 # less, one that differs from the current champion (a model identical to it would be
 # "nothing new to register").
@@ -257,7 +264,7 @@ def _print_decision(state: CanaryState, *, summary: bool = True) -> None:
         )
 
 
-def _canary_episode(config: Path, cfg: MlgateConfig) -> CanaryEpisode:
+def _canary_episode(config: Path, cfg: MlgateConfig, headers: dict[str, str]) -> CanaryEpisode:
     from bench.traffic import Replayer
     from flows import registry
     from flows.canary import MlflowCanaryRegistry, begin_canary
@@ -272,7 +279,9 @@ def _canary_episode(config: Path, cfg: MlgateConfig) -> CanaryEpisode:
     bodies = [json.dumps({"rows": [r]}).encode() for r in rows]
     with (
         _environ(env),
-        Replayer(public, bodies, rate=REPLAY_RATE, wait_for_target=True, max_s=900) as clients,
+        Replayer(
+            public, bodies, rate=REPLAY_RATE, wait_for_target=True, max_s=900, headers=headers
+        ) as clients,
     ):
         ccfg = load_config(config)
         healthy = _run_training(
@@ -326,6 +335,19 @@ def _canary_episode(config: Path, cfg: MlgateConfig) -> CanaryEpisode:
 
 
 def main(config: Path = Path("mlgate.yaml")) -> int:
+    token = new_api_key_token()
+    keys = {
+        API_KEYS_ENV: f"demo:{hash_api_key(token)}",
+        # All of the demo's traffic comes with its one key, the canary's replay at
+        # REPLAY_RATE: above the default per-key rate limit.
+        env_override_name("serving", "rate_limit_per_s"): str(DEMO_KEY_RATE),
+        env_override_name("serving", "rate_limit_burst"): str(int(DEMO_KEY_RATE)),
+    }
+    with _environ(keys):
+        return _run_demo(config, {"Authorization": f"Bearer {token}"})
+
+
+def _run_demo(config: Path, headers: dict[str, str]) -> int:
     cfg = load_config(config)
     use_embedded_prefect(cfg.registry.store_dir)
     from flows import registry
@@ -356,16 +378,22 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
         svc.wait_ready(timeout=180)
         started = time.perf_counter() - t
         url = f"http://127.0.0.1:{port}/predict"
-        resp = httpx.post(url, json=payload, timeout=30)
+        resp = httpx.post(url, json=payload, headers=headers, timeout=30)
         resp.raise_for_status()
         body = resp.json()
-        bad = httpx.post(url, json={"rows": [{**payload["rows"][0], "tenure": "long"}]}, timeout=30)
+        bad = httpx.post(
+            url,
+            json={"rows": [{**payload["rows"][0], "tenure": "long"}]},
+            headers=headers,
+            timeout=30,
+        )
+        anonymous = httpx.post(url, json=payload, timeout=30)
         # Traffic for the drift episode, one batch per monitoring window: a window is as
         # long as one batch's sending plus a margin, and the batches are that far apart.
-        window_ends = [_send_batch(url, stable_batch, features)]
+        window_ends = [_send_batch(url, stable_batch, features, headers)]
         for batch in shifted_batches:
             time.sleep(EPISODE_WINDOW_S)
-            window_ends.append(_send_batch(url, batch, features))
+            window_ends.append(_send_batch(url, batch, features, headers))
     scores = [p["score"] for p in body["predictions"]]
     worst = max(abs(a - b) for a, b in zip(scores, expected, strict=True))
     console.print(f"service ready in {started:.1f}s on {url}")
@@ -384,9 +412,12 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
     console.print(table)
     console.print(f"max |served - in-process| = {worst:.2e}")
     console.print(f"a bad request (tenure='long') got HTTP {bad.status_code}: {bad.text[:200]}")
+    console.print(
+        f"a request without an API key got HTTP {anonymous.status_code}: {anonymous.text[:200]}"
+    )
 
     episode = _drift_episode(config, cfg, window_ends, shifted_batches)
-    canary = _canary_episode(config, cfg)
+    canary = _canary_episode(config, cfg, headers)
 
     console.print(Rule("summary"))
     client = registry.connect(cfg.registry)
@@ -427,6 +458,7 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
         "served answers equal in-process ONNX": body["model_version"] == champion.version
         and worst < 1e-5,
         "a bad request got a 4xx": 400 <= bad.status_code < 500,
+        "a request without an API key got a 401": anonymous.status_code == 401,
         "the drift episode retrained exactly once": retrains == [False, False, False, True],
         "the healthy canary was promoted": healthy_phase == "promoted",
         "the bad canary was rolled back, @champion untouched": canary.bad_state.phase

@@ -2,10 +2,12 @@
 
 Reads the last window of the inference log and any labelled batches dropped into the
 incoming folder, runs the data gate and PSI drift against what was stored with the champion,
-lets the trigger policy decide whether to start the training flow, and records the window
-(its numbers and Evidently's report) in MLflow in one go at the end. A labelled batch that
-fails its data gate is quarantined: named in the run and never trained on. A window without
-traffic is never drift: it is recorded as `no_traffic` and alerted on.
+estimates the champion's ROC AUC, precision and recall from its scores alone (with the
+calibrator stored with it), lets the trigger policy decide whether to start the training
+flow, and records the window (its numbers and Evidently's report) in MLflow in one go at the
+end. Labelled batches give the realized metrics beside the estimate made on the same rows. A
+labelled batch that fails its data gate is quarantined: named in the run and never trained
+on. A window without traffic is never drift: it is recorded as `no_traffic` and alerted on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pandas as pd
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
@@ -26,19 +29,34 @@ from prefect.cache_policies import NO_CACHE
 
 from checks.data_quality import DataProfile, check_data_quality
 from checks.drift import check_drift, evidently_drift_report_html, window_traffic
+from checks.performance import NAME as ESTIMATE_GATE
+from checks.performance import check_estimated_performance
 from checks.result import GateResult, GateStatus
 from checks.trigger import Alert, TriggerDecision, TriggerState, decide_retraining
 from flows import registry
 from flows.champion import ChampionState, read_champion
 from flows.deployments import TRAINING_DEPLOYMENT
 from flows.training import training_flow
-from models.config import DataGateConfig, DatasetConfig, DriftGateConfig, MlgateConfig, load_config
+from models.config import (
+    DataGateConfig,
+    DatasetConfig,
+    DriftGateConfig,
+    MlgateConfig,
+    MonitorConfig,
+    load_config,
+)
 from models.data import SUPPORTED_SUFFIXES, encode_target, read_table
 from models.metrics import metric_value
 from models.model_ref import ModelRef
 from models.onnx_export import make_session, predict_proba_with_schema
+from models.performance_estimate import Calibrator, compare_to_realized
 from models.reference import SCORE_COLUMN, ReferenceHistograms
-from models.registry_layout import EVIDENCE_DIR, MONITORING_ARTIFACT, SAMPLE_ARTIFACT
+from models.registry_layout import (
+    CALIBRATOR_ARTIFACT,
+    EVIDENCE_DIR,
+    MONITORING_ARTIFACT,
+    SAMPLE_ARTIFACT,
+)
 from services.inference_log import read_inference_log
 from services.model_store import load_registered_model
 
@@ -130,7 +148,11 @@ def _save_trigger_state(cfg: MlgateConfig, state: TriggerState) -> None:
 
 
 def advance_trigger(
-    cfg: MlgateConfig, data_quality: GateResult | None, drift: GateResult, now: datetime
+    cfg: MlgateConfig,
+    data_quality: GateResult | None,
+    drift: GateResult,
+    now: datetime,
+    estimate: GateResult | None = None,
 ) -> TriggerDecision:
     """The trigger policy on this window; the state of earlier windows is read and written
     under one lock, so concurrent windows never lose a count."""
@@ -141,6 +163,7 @@ def advance_trigger(
             drift=drift,
             now=now,
             cfg=cfg.monitor,
+            estimate=estimate,
         )
         _save_trigger_state(cfg, decision.state)
     return decision
@@ -188,6 +211,35 @@ def gate_drift(
     return check_drift(window[features], reference, gate, scores=window["score"].to_numpy())
 
 
+def read_calibrator(
+    client: MlflowClient, cfg: MlgateConfig, champion: ChampionState
+) -> Calibrator | None:
+    """The calibrator stored with the champion; none for a version trained before
+    performance estimation, or one whose calibrator cannot be read (said in the log)."""
+    if champion.version is None:
+        return None
+    try:
+        mv = client.get_model_version(cfg.registry.model_name, str(champion.version))
+        raw = registry.load_json_artifact(client, str(mv.run_id), CALIBRATOR_ARTIFACT)
+        return Calibrator.from_dict(raw)
+    except Exception as err:
+        get_run_logger().warning(
+            "no performance estimate: calibrator of v%s unreadable: %s", champion.version, err
+        )
+        return None
+
+
+def gate_estimate(
+    window: pd.DataFrame, calibrator: Calibrator | None, drift: GateResult, monitor: MonitorConfig
+) -> GateResult:
+    """The champion's performance estimated from the window's scores, judged on the traffic
+    the drift gate saw."""
+    scores = window["score"].to_numpy() if len(window) else np.empty(0)
+    return check_estimated_performance(
+        calibrator, scores, window_traffic(drift), monitor.max_estimated_drop
+    )
+
+
 def processed_dir(cfg: MlgateConfig) -> Path:
     return cfg.incoming_dir() / PROCESSED_DIR
 
@@ -203,11 +255,15 @@ def _move(path: Path, folder: Path) -> Path:
     return target
 
 
-def score_incoming(cfg: MlgateConfig, champion: ChampionState) -> IncomingBatches:
+def score_incoming(
+    cfg: MlgateConfig, champion: ChampionState, calibrator: Calibrator | None = None
+) -> IncomingBatches:
     """Labelled batches dropped into the incoming folder, each gated with its labels and
     moved aside so it is counted once: one that passed goes to `processed/`, is scored by the
     champion for the live metric and is trained on at the next retrain; one that failed goes
-    to `quarantine/`, is neither scored nor trained on, and is named in the outcome."""
+    to `quarantine/`, is neither scored nor trained on, and is named in the outcome. With a
+    calibrator, the metrics estimated from the scores alone stand beside the realized ones
+    (`live_estimated_*`, `live_realized_*`, `live_estimation_error_*`)."""
     incoming = cfg.incoming_dir()
     files = sorted(p for p in incoming.glob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES)
     if not files or champion.version is None or champion.profile is None:
@@ -234,6 +290,9 @@ def score_incoming(cfg: MlgateConfig, champion: ChampionState) -> IncomingBatche
         scores = predict_proba_with_schema(session, labelled, loaded.schema)
         name = cfg.gates.champion.primary_metric
         metrics = {f"live_{name}": metric_value(name, y, scores), "labelled_rows": float(len(y))}
+        if calibrator is not None:
+            compared = compare_to_realized(calibrator, y, scores)
+            metrics.update({f"live_{k}": v for k, v in compared.items()})
     return IncomingBatches(gates, metrics, processed, quarantined)
 
 
@@ -329,7 +388,7 @@ def monitoring_evidence(
         tags["evidently_error"] = report.error[:5000]
     metrics = {"rows": float(outcome.rows), **outcome.live_metrics}
     for g in outcome.gates:
-        if g.name == "drift":
+        if g.name in ("drift", ESTIMATE_GATE):
             metrics.update(g.metrics)
     return MonitoringEvidence(
         run_name=f"monitor {outcome.window_end:%Y-%m-%d %H:%M}",
@@ -357,6 +416,7 @@ def _task(fn: Any, name: str, **kw: Any) -> Any:
 read_traffic = _task(read_window, "read-window", retries=2, retry_delay_seconds=2)
 run_data_gate = _task(gate_live_data, "live-data-gate")
 run_drift = _task(gate_drift, "drift")
+estimate_performance = _task(gate_estimate, "performance-estimate")
 gate_incoming = _task(score_incoming, "labelled-batches")
 decide = _task(advance_trigger, "trigger-policy")
 render_drift_report = _task(drift_report, "drift-report")
@@ -384,8 +444,10 @@ def monitoring_flow(
     window = champion_traffic(read_traffic(cfg, start, end), champion.version)
     dq = run_data_gate(window, cfg.dataset, cfg.gates.data, champion.profile)
     drift = run_drift(window, cfg.dataset, champion.histograms, cfg.gates.drift)
-    batches = gate_incoming(cfg, champion)
-    decision = decide(cfg, dq, drift, end)
+    calibrator = read_calibrator(client, cfg, champion)
+    estimate = estimate_performance(window, calibrator, drift, cfg.monitor)
+    batches = gate_incoming(cfg, champion, calibrator)
+    decision = decide(cfg, dq, drift, end, estimate)
     raise_alerts(cfg, decision.alerts)
     retrained = decision.retrain and retrain
     training = start_retraining(cfg, config_path, decision.reason) if retrained else None
@@ -394,7 +456,7 @@ def monitoring_flow(
         end,
         len(window),
         champion.version,
-        gates=[g for g in (dq, drift) if g is not None] + batches.gates,
+        gates=[g for g in (dq, drift, estimate) if g is not None] + batches.gates,
         live_metrics=batches.metrics,
         decision=decision.reason,
         retrained=retrained,

@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -60,6 +61,7 @@ from models.registry_layout import DRIFT_ARTIFACT as DRIFT_ARTIFACT
 from models.registry_layout import HISTOGRAMS_ARTIFACT as HISTOGRAMS_ARTIFACT
 from models.registry_layout import PROFILE_ARTIFACT as PROFILE_ARTIFACT
 from models.registry_layout import SAMPLE_ARTIFACT as SAMPLE_ARTIFACT
+from services import registry_access
 
 if TYPE_CHECKING:
     from flows.monitoring import MonitoringEvidence
@@ -75,6 +77,11 @@ class AliasConflictError(RegistryError):
     """Someone else moved the alias between our read and our write."""
 
 
+class RegistryUnavailableError(RegistryError, registry_access.RegistryUnavailableError):
+    """The registry cannot be used now: locked, unreachable, or its database is missing.
+    One line naming the registry and why; caught as either parent."""
+
+
 @dataclass(frozen=True)
 class AliasMove:
     model_name: str
@@ -85,6 +92,13 @@ class AliasMove:
     actor: str
     forced: bool
     audit_run_id: str
+
+
+# How long one call waits out a SQLite writer (concurrent promoters queue this long).
+_BUSY_RETRY_S = 120
+# Beside the SQLite file: written when mlgate first opens it, so that a database that later
+# goes missing is told from one never created (`check_registry_present`).
+REGISTRY_MARKER_SUFFIX = ".created"
 
 
 def _is_sqlite_busy(err: BaseException) -> bool:
@@ -99,8 +113,9 @@ class _BusyRetryingClient:
     calling again is safe.
     """
 
-    def __init__(self, client: MlflowClient):
+    def __init__(self, client: MlflowClient, label: str):
         self._client = client
+        self._label = label
 
     def __getattr__(self, attr: str) -> Any:
         target = getattr(self._client, attr)
@@ -109,14 +124,22 @@ class _BusyRetryingClient:
 
         @functools.wraps(target)
         def call(*args: Any, **kwargs: Any) -> Any:
-            for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception(_is_sqlite_busy),
-                wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
-                stop=tenacity.stop_after_delay(120),
-                reraise=True,
-            ):
-                with attempt:
-                    return target(*args, **kwargs)
+            try:
+                for attempt in tenacity.Retrying(
+                    retry=tenacity.retry_if_exception(_is_sqlite_busy),
+                    wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+                    stop=tenacity.stop_after_delay(_BUSY_RETRY_S),
+                    reraise=True,
+                ):
+                    with attempt:
+                        return target(*args, **kwargs)
+            except Exception as err:
+                if not _is_sqlite_busy(err):
+                    raise
+                raise RegistryUnavailableError(
+                    f"registry {self._label} stayed locked by another process for "
+                    f"{_BUSY_RETRY_S} s ({attr}: SQLite says database is locked)"
+                ) from None
             raise AssertionError("unreachable: tenacity reraises")
 
         return call
@@ -124,16 +147,69 @@ class _BusyRetryingClient:
 
 def connect(registry: RegistryConfig) -> MlflowClient:
     """A client of the configured registry: SQLite under the store dir (embedded), or a
-    tracking server with the configured basic-auth user (team mode)."""
+    tracking server with the configured basic-auth user (team mode).
+
+    A registry that cannot be reached (SQLite locked by a writer, a server that does not
+    answer) is tried for `registry.unavailable_retry_s`, then `RegistryUnavailableError`
+    in one line. A SQLite registry is created on first use only, never in place of one
+    that went missing (`check_registry_present`)."""
     from flows.runtime import use_team_servers
 
     registry.store_dir.mkdir(parents=True, exist_ok=True)
     use_team_servers(registry)
     uri = registry.resolved_tracking_uri()
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if uri.startswith("sqlite:"):
-        return cast(MlflowClient, _BusyRetryingClient(client))
-    return client
+    database = registry_access.sqlite_database(uri)
+    if database is not None:
+        check_registry_present(registry, database)
+        database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        client = registry_access.retry_unavailable(
+            lambda: registry_access.open_registry_client(uri), uri, registry.unavailable_retry_s
+        )
+    except registry_access.RegistryUnavailableError as err:
+        raise RegistryUnavailableError(str(err)) from None
+    if database is None:
+        return cast(MlflowClient, client)
+    _mark_registry_created(database)
+    return cast(MlflowClient, _BusyRetryingClient(client, str(database)))
+
+
+def registry_marker(database: Path) -> Path:
+    """The file beside a SQLite registry that says it was opened here once."""
+    return database.with_name(database.name + REGISTRY_MARKER_SUFFIX)
+
+
+def check_registry_present(registry: RegistryConfig, database: Path) -> None:
+    """Refuse to start a new, empty registry where one existed: its SQLite file is missing
+    but its marker is there (written when mlgate first opened it), or, for a store from
+    before the marker, the store's artifact folder holds runs that database recorded.
+    Neither: first use, and MLflow creates the database."""
+    if database.exists():
+        return
+    marker = registry_marker(database)
+    if marker.exists():
+        raise RegistryUnavailableError(
+            f"registry database {database} is missing, though it existed ({marker.name} "
+            "beside it was written when it was first used); restore it, or delete "
+            f"{marker} to start a new, empty registry"
+        )
+    artifacts = registry.store_dir / "artifacts"
+    if registry.tracking_uri is None and artifacts.is_dir() and any(artifacts.iterdir()):
+        raise RegistryUnavailableError(
+            f"registry database {database} is missing, but {artifacts} holds the artifacts "
+            "of the runs it recorded; restore it, or move that folder away to start a new, "
+            "empty registry"
+        )
+
+
+def _mark_registry_created(database: Path) -> None:
+    marker = registry_marker(database)
+    if marker.exists():
+        return
+    record = {"database": str(database), "first_opened": datetime.now(UTC).isoformat()}
+    # Without the marker only the artifact folder tells a missing database from a new one.
+    with contextlib.suppress(OSError), open(marker, "x") as f:
+        json.dump(record, f)
 
 
 def ensure_experiment(client: MlflowClient, registry: RegistryConfig, name: str) -> str:
@@ -369,6 +445,7 @@ def register_candidate(
     verdict, the facts and links to the evidence. The run is tagged with the version."""
     if evidence.candidate is None or not evidence.registrable:
         raise RegistryError(f"training run {run_id} holds no challenger to register")
+    check_registrable(evidence.candidate.onnx.content, f"the challenger of run {run_id}")
     artifact_uri = client.get_run(run_id).info.artifact_uri
     mv = register_version(
         client,
@@ -471,6 +548,7 @@ def register_onnx_model(
     given are set: no gate evidence is invented for it."""
     from models.onnx_export import write_model_dir
 
+    check_registrable(onnx_model.content, run_name)
     exp_id = ensure_experiment(client, registry, registry.experiment)
     run = client.create_run(exp_id, run_name=run_name, tags={MADE_BY_TAG: run_name})
     with tempfile.TemporaryDirectory() as tmp:
@@ -485,6 +563,18 @@ def register_onnx_model(
         tags=tags,
         description=description or run_name,
     )
+
+
+def check_registrable(content: bytes, what: str) -> None:
+    """A version is the bytes its sha256 tag covers: a graph that refers to external data
+    (a tensor stored in another file, found anywhere in the graph) is refused before
+    anything is written, naming the tensor."""
+    from models.onnx_export import ExternalDataError, check_no_external_data
+
+    try:
+        check_no_external_data(content)
+    except ExternalDataError as err:
+        raise RegistryError(f"{what} cannot be registered: {err}") from None
 
 
 def gate_tags(mv: ModelVersion) -> dict[str, str]:

@@ -40,8 +40,10 @@ from models.onnx_export import (
     predict_proba_onnx,
     write_model_dir,
 )
+from models.performance_estimate import fit_calibrator
 from models.reference import SCORE_COLUMN, ReferenceHistograms, compute_reference_histograms
 from models.registry_layout import (
+    CALIBRATOR_ARTIFACT,
     CONFIG_ARTIFACT,
     DATA_DOCS_ARTIFACT_DIR,
     DRIFT_ARTIFACT,
@@ -102,8 +104,9 @@ class ScoredHoldout:
 @dataclass(frozen=True)
 class CandidateEvidence:
     """What a challenger that reached the champion gate adds: its model directory (ONNX,
-    schema, model card), the references monitoring compares live traffic with, the drift of
-    its data since the champion and the body of the HTML report."""
+    schema, model card), the references monitoring compares live traffic with (and the
+    calibrator it estimates performance with before labels), the drift of its data since
+    the champion and the body of the HTML report."""
 
     onnx: OnnxModel
     model_files: Mapping[str, bytes]
@@ -114,6 +117,7 @@ class CandidateEvidence:
     primary_metric: str
     drift: GateResult | None = None
     identical_to: str | None = None
+    calibrator: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,8 @@ class TrainingEvidence:
         out.update({f"{MODEL_ARTIFACT_DIR}/{p}": b for p, b in c.model_files.items()})
         out[PROFILE_ARTIFACT] = _json_bytes(c.profile)
         out[HISTOGRAMS_ARTIFACT] = _json_bytes(c.histograms)
+        if c.calibrator is not None:
+            out[CALIBRATOR_ARTIFACT] = _json_bytes(c.calibrator)
         if c.drift is not None:
             out[DRIFT_ARTIFACT] = _json_bytes(c.drift.to_dict())
         out[SAMPLE_ARTIFACT] = c.sample
@@ -416,6 +422,8 @@ def gather_training_evidence(
         primary_metric=primary_metric,
         drift=drift,
         identical_to=champion.version if identical else None,
+        # On the served (ONNX) model's scores, as monitoring sees them.
+        calibrator=fit_calibrator(holdout.y, holdout.onnx_scores).to_dict(),
     )
     return TrainingEvidence(facts, tuple(gates), data_docs, holdout, candidate)
 

@@ -167,11 +167,19 @@ class RegistryConfig(_Section):
     # per model and alias); None: a file lock under store_dir, which serialises this host only.
     lock_dsn: SecretStr | None = None
     lock_timeout_s: float = Field(default=120.0, gt=0.0)
+    # How long a locked or unreachable registry is retried before a command stops with the
+    # reason, or the service serves its last-known-good copy of the model.
+    unavailable_retry_s: float = Field(default=30.0, ge=0.0)
 
     def resolved_tracking_uri(self) -> str:
         if self.tracking_uri:
             return self.tracking_uri
         return f"sqlite:///{(self.store_dir / 'mlflow.db').resolve()}"
+
+    def last_known_good_dir(self) -> Path:
+        """Where the service keeps a verified copy of each model it fetched from the
+        registry, served while the registry cannot be reached (services/model_store.py)."""
+        return self.store_dir / "last_known_good"
 
     def artifact_location(self) -> str:
         return (self.store_dir / "artifacts").resolve().as_uri()
@@ -211,7 +219,9 @@ class ServingConfig(_Section):
     gpus: int = Field(default=0, ge=0)
     # The canary's two instances say which one answered; the launcher sets it for each.
     variant: str = Field(default="stable", pattern=r"^[A-Za-z0-9_.-]+$")
-    # No keys here and none in MLGATE_API_KEYS: authentication is off (said at start-up).
+    # `mlgate init` and `mlgate keys create` add keys here. No keys here and none in
+    # MLGATE_API_KEYS: the service is open (said at start-up), so `mlgate serve` refuses to
+    # start it without --insecure-no-auth.
     api_keys: tuple[ApiKey, ...] = ()
     rate_limit_per_s: float = Field(default=100.0, gt=0.0)
     rate_limit_burst: int = Field(default=200, ge=1)
@@ -270,6 +280,9 @@ class MonitorConfig(_Section):
     consecutive_windows: int = Field(default=3, ge=1)
     cooldown_hours: float = Field(default=24.0, ge=0.0)
     max_retrains_per_day: int = Field(default=2, ge=0)
+    # A window whose ROC AUC, estimated from the champion's calibrated scores before labels
+    # arrive, is this far below its holdout ROC AUC counts like a drifted window.
+    max_estimated_drop: float = Field(default=0.05, gt=0.0, le=1.0)
     incoming_dir: Path | None = None
     monitor_cron: str = "0 * * * *"
     training_cron: str = "0 3 * * 1"
@@ -411,6 +424,99 @@ class StackConfig(_Section):
         return self
 
 
+# A Prometheus duration of one unit (`5m`, `1h`, `3d`): the windows of `slo.burn_windows`.
+PROM_DURATION = r"^[1-9][0-9]*[smhdw]$"
+_PROM_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def prom_duration_s(text: str) -> int:
+    """Seconds in a one-unit Prometheus duration: "30m" -> 1800."""
+    return int(text[:-1]) * _PROM_UNIT_S[text[-1]]
+
+
+class SloConfig(_Section):
+    """Service level objectives in users' terms over a rolling `window_days`, which `mlgate
+    slo rules` turns into Prometheus rules (checks/slo_rules.py). Availability is the share
+    of `/predict` answers that are not 5xx; `latency_p95_s` is met when 95 % of requests are
+    answered within it (`latency_p99_s`: 99 %), and each must be a bound of the service's
+    latency buckets. A burn window pair alerts when both windows spend the error budget
+    `factor` times as fast as would spend it exactly in `window_days` (the SRE workbook's
+    multi-window burn rates). The leading indicators (load shed by the batcher, its batch
+    fill, load against `capacity_rps`, inference-log drops) warn after `leading_for`."""
+
+    class BurnWindow(_Section):
+        long: str = Field(pattern=PROM_DURATION)
+        short: str = Field(pattern=PROM_DURATION)
+        factor: float = Field(gt=0.0)
+        severity: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+
+        @model_validator(mode="after")
+        def _check_windows(self) -> SloConfig.BurnWindow:
+            if prom_duration_s(self.short) >= prom_duration_s(self.long):
+                raise ValueError(f"short window {self.short} is not shorter than {self.long}")
+            return self
+
+    window_days: float = Field(default=30.0, gt=0.0)
+    availability: float = Field(default=0.999, gt=0.0, lt=1.0)
+    latency_p95_s: float | None = Field(default=0.05, gt=0.0)
+    latency_p99_s: float | None = Field(default=0.2, gt=0.0)
+    # No series on `/metrics` measures these yet: `mlgate slo rules` names them as objectives
+    # it could not turn into rules (the monitoring flow measures drift and estimates).
+    champion_max_age_days: float | None = Field(default=None, gt=0.0)
+    max_score_psi: float | None = Field(default=None, gt=0.0)
+    min_estimated_metric: float | None = None
+    # The SRE workbook's defaults for a 30-day window: 2 % of the budget spent in an hour or
+    # 5 % in six hours pages; 10 % in a day or in three days opens a ticket.
+    burn_windows: tuple[BurnWindow, ...] = (
+        BurnWindow(long="1h", short="5m", factor=14.4, severity="page"),
+        BurnWindow(long="6h", short="30m", factor=6.0, severity="page"),
+        BurnWindow(long="1d", short="2h", factor=3.0, severity="ticket"),
+        BurnWindow(long="3d", short="6h", factor=1.0, severity="ticket"),
+    )
+    leading_for: str = Field(default="10m", pattern=PROM_DURATION)
+    # Share of requests answered 503 (shed by the batcher: its queue full, or a wait past
+    # serving.max_latency_ms) above which it warns.
+    max_shed_share: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Mean rows per ONNX Runtime call over serving.max_batch_size: a batcher that keeps
+    # filling its batches has more queued than it scores.
+    max_batch_fill: float = Field(default=0.5, gt=0.0, le=1.0)
+    # Requests/s one instance answers within its latency objectives (measure it: `make
+    # bench`); None: no load-against-capacity alert.
+    capacity_rps: float | None = Field(default=None, gt=0.0)
+    max_capacity_share: float = Field(default=0.8, gt=0.0, le=1.0)
+    max_log_drop_share: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Where the runbook lives (a wiki page); alerts link `<runbook_url>#<alertname>`.
+    runbook_url: str | None = None
+
+    def objectives(self) -> dict[str, tuple[float, float | None]]:
+        """Each burn-rate objective by name: (share of good requests, latency bound or None)."""
+        found: dict[str, tuple[float, float | None]] = {"availability": (self.availability, None)}
+        if self.latency_p95_s is not None:
+            found["latency_p95"] = (0.95, self.latency_p95_s)
+        if self.latency_p99_s is not None:
+            found["latency_p99"] = (0.99, self.latency_p99_s)
+        return found
+
+    @model_validator(mode="after")
+    def _check_burn_windows(self) -> SloConfig:
+        if not self.burn_windows:
+            raise ValueError("burn_windows needs at least one window pair")
+        window_s = self.window_days * 86400
+        for w in self.burn_windows:
+            if prom_duration_s(w.long) > window_s:
+                raise ValueError(
+                    f"burn window {w.long}/{w.short} is longer than window_days "
+                    f"{self.window_days:g}"
+                )
+            for name, (good, _) in self.objectives().items():
+                if w.factor * (1.0 - good) >= 1.0:
+                    raise ValueError(
+                        f"burn window {w.long}/{w.short} at factor {w.factor} can never fire for "
+                        f"{name} {good}: more than every request would have to miss it"
+                    )
+        return self
+
+
 class MlgateConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -429,6 +535,7 @@ class MlgateConfig(BaseSettings):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     dask: DaskConfig = DaskConfig()
     stack: StackConfig = StackConfig()
+    slo: SloConfig = SloConfig()
 
     @model_validator(mode="after")
     def _check_served_model(self) -> MlgateConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,85 @@ class OnnxModel:
     @property
     def size_bytes(self) -> int:
         return len(self.content)
+
+
+class ExternalDataError(ValueError):
+    """An ONNX model whose tensors keep their data outside the model's own bytes."""
+
+
+def find_external_data(content: bytes) -> list[str]:
+    """Every tensor of the model that refers to external data (`data_location` EXTERNAL or
+    `external_data` entries), described by name and place: initializers, sparse
+    initializers, tensor attributes (Constant nodes), in the main graph, every subgraph
+    (If, Loop, Scan bodies), every function and every training graph. The model is parsed
+    from bytes, so nothing outside them is read."""
+    import onnx
+
+    model = onnx.load_model_from_string(content)
+    graphs = [(model.graph, f"graph {model.graph.name!r}")]
+    for info in model.training_info:
+        graphs.append((info.initialization, "a training initialization graph"))
+        graphs.append((info.algorithm, "a training algorithm graph"))
+    found: list[str] = []
+    for graph, where in graphs:
+        found.extend(_external(_graph_tensors(graph, where)))
+    for function in model.functions:
+        for node in function.node:
+            found.extend(_external(_node_tensors(node, f"function {function.name!r}")))
+    return found
+
+
+def check_no_external_data(content: bytes) -> None:
+    """A served model is exactly the bytes whose sha256 the registry vouches for: ONNX
+    Runtime would read a tensor's external data from a file beside the model (or, loading
+    from bytes with optimizations off, relative to the working directory), which no hash
+    covers. Raises `ExternalDataError` naming the tensors."""
+    found = find_external_data(content)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise ExternalDataError(
+            f"{'; '.join(found[:3])}{more}: the model refers to external data, which its "
+            "sha256 does not cover; save every tensor inside the model "
+            "(onnx.save_model(..., save_as_external_data=False))"
+        )
+
+
+def _external(tensors: Iterator[tuple[str, Any]]) -> Iterator[str]:
+    from onnx import TensorProto
+
+    for where, tensor in tensors:
+        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
+            entries = {e.key: e.value for e in tensor.external_data}
+            location = entries.get("location")
+            at = f", location {location!r}" if location is not None else ""
+            yield f"tensor {tensor.name!r} ({where}{at})"
+
+
+def _graph_tensors(graph: Any, where: str) -> Iterator[tuple[str, Any]]:
+    for tensor in graph.initializer:
+        yield f"initializer of {where}", tensor
+    for sparse in graph.sparse_initializer:
+        yield f"sparse initializer of {where}", sparse.values
+        yield f"sparse initializer of {where}", sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node, where)
+
+
+def _node_tensors(node: Any, where: str) -> Iterator[tuple[str, Any]]:
+    node_name = node.name or node.op_type
+    for attr in node.attribute:
+        at = f"attribute {attr.name!r} of node {node_name!r} in {where}"
+        if attr.HasField("t"):
+            yield at, attr.t
+        yield from ((at, t) for t in attr.tensors)
+        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+        for s in [*sparse, *attr.sparse_tensors]:
+            yield at, s.values
+            yield at, s.indices
+        subgraphs = [attr.g] if attr.HasField("g") else []
+        for i, graph in enumerate([*subgraphs, *attr.graphs]):
+            name = graph.name or f"{attr.name}[{i}]"
+            yield from _graph_tensors(graph, f"subgraph {name!r} of {at}")
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -48,6 +48,8 @@ DATA_DOCS_ARTIFACT_DIR = "evidence/data_docs"
 CANARY_EVIDENCE_DIR = "evidence/canary"  # `v<version>-<verdict>.json`
 PROFILE_ARTIFACT = "reference/data_profile.json"
 HISTOGRAMS_ARTIFACT = "reference/histograms.json"
+# Isotonic calibration of the holdout scores, for performance estimates before labels.
+CALIBRATOR_ARTIFACT = "reference/calibrator.json"
 # Holdout features and scores: the raw side of Evidently's visual report in monitoring.
 SAMPLE_ARTIFACT = "reference/sample.parquet"
 

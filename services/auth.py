@@ -1,7 +1,8 @@
 """API keys as `Authorization: Bearer <token>` and a token bucket per key.
 
 Keys are stored as the sha256 hex digest of the token (in `serving.api_keys`, or as extra
-digests in `MLGATE_API_KEYS`), so a leaked config leaks no usable token. A request without
+digests in `MLGATE_API_KEYS`), so a leaked config leaks no usable token; `mlgate init` and
+`mlgate keys create` mint tokens (`new_api_key_token`) and print them once. A request without
 a usable header is a 401; a token whose digest is unknown or revoked is a 403; a key over
 its rate is a 429 with `Retry-After`. Buckets live in each worker process: with
 `serving.workers` above one, a key's effective rate is that many times its limit.
@@ -12,11 +13,19 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.config import ServingConfig
 
 API_KEYS_ENV = "MLGATE_API_KEYS"
+# In front of every token mlgate mints, so that people and secret scanners can tell one.
+TOKEN_PREFIX = "mlg_"
+_TOKEN_BYTES = 32
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
@@ -41,6 +50,32 @@ class Denial:
 
 def hash_api_key(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_api_key_token() -> str:
+    """A new client token: 256 random bits, URL-safe base64 (safe in a header and a shell)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(_TOKEN_BYTES)
+
+
+def check_api_key_name(name: str) -> str:
+    """`name`, when it can name a key in `serving.api_keys` and in `MLGATE_API_KEYS` alike."""
+    if not _NAME.match(name):
+        raise ValueError(
+            f"{name[:80]!r} is not an API key name: 1 to 64 letters, digits, '_', '.', '@' or '-'"
+        )
+    return name
+
+
+def configured_api_keys(serving: ServingConfig, env_value: str | None) -> dict[str, ApiKey]:
+    """The keys a service started now would hold, by digest: `serving.api_keys` merged with
+    `env_value` (the value of `MLGATE_API_KEYS`; ValueError for a malformed entry)."""
+    return merge_api_keys(
+        (
+            ApiKey(k.name, k.sha256, k.revoked, k.rate_limit_per_s, k.rate_limit_burst)
+            for k in serving.api_keys
+        ),
+        parse_api_keys_env(env_value),
+    )
 
 
 def parse_api_keys_env(value: str | None) -> list[ApiKey]:

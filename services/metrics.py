@@ -55,6 +55,7 @@ FLUSH_INTERVAL_S = 1.0
 # The histograms the canary controller reads from `/metrics` (services/canary_windows.py).
 LATENCY_METRIC = "mlgate_request_latency_seconds"
 SCORE_METRIC = "mlgate_score"
+LAST_KNOWN_GOOD_METRIC = "mlgate_model_from_last_known_good"
 
 
 def multiprocess_dir() -> str | None:
@@ -109,13 +110,21 @@ class _LocalHistogram:
 
 class ServiceMetrics:
     """Requests by status and model version, latency, rows per request and per ONNX Runtime
-    call (the batch size), scores, and the inference log's written and dropped rows.
+    call (the batch size), scores, the inference log's written and dropped rows, and whether
+    the model came from the last-known-good copy rather than the registry.
 
     `observe_*` and `flush` are called from the worker's event loop only; the inference
     log's counters, which its writer thread updates, go to prometheus-client directly."""
 
     def __init__(
-        self, model_name: str, model_version: str, variant: str, provider: str, sha256: str
+        self,
+        model_name: str,
+        model_version: str,
+        variant: str,
+        provider: str,
+        sha256: str,
+        *,
+        from_last_known_good: bool = False,
     ) -> None:
         self._registry = CollectorRegistry(auto_describe=True)
         names = ("model_name", "model_version", "variant")
@@ -169,6 +178,15 @@ class ServiceMetrics:
             multiprocess_mode="max",
         )
         info.labels(*self._labels, sha256, provider).set(1)
+        fallback = Gauge(
+            LAST_KNOWN_GOOD_METRIC,
+            "1 while the model is served from the last-known-good copy because the registry "
+            "could not be reached at start-up; 0 when the registry gave it.",
+            names,
+            registry=reg,
+            multiprocess_mode="max",
+        )
+        fallback.labels(*self._labels).set(1 if from_last_known_good else 0)
         self._latency = _LocalHistogram(latency.labels(*self._labels), LATENCY_BUCKETS_S)
         self._rows = _LocalHistogram(rows.labels(*self._labels), ROW_BUCKETS)
         self._batch = _LocalHistogram(batch.labels(*self._labels), ROW_BUCKETS)

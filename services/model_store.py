@@ -2,22 +2,49 @@
 
 The training flow registers each version with `source=<run artifacts>/model` (a directory
 holding `model.onnx` and `schema.json`) and the sha256 tag (`models.registry_layout`).
-Serving loads nothing else: no pickles, no MLflow flavours, and no bytes whose hash does not
-match that tag.
+Serving loads nothing else: no pickles, no MLflow flavours, no external data, and no bytes
+whose hash does not match that tag.
+
+A registry that cannot be reached (its SQLite file locked by a writer or gone, its tracking
+server down) is retried for a bounded time and then named in one line
+(`RegistryUnavailableError`, `services.registry_access`); reading never creates a SQLite
+registry. The service keeps a
+last-known-good copy of the model it serves (`save_last_known_good`): the bytes, the schema
+and what the registry vouched for when it gave them (version, sha256 tag). While the
+registry cannot be reached it serves that copy, verified again (`load_served_model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from models.model_ref import ModelRef
-from models.onnx_export import ONNX_FILENAME, SCHEMA_FILENAME, sha256_bytes
+from models.onnx_export import (
+    ONNX_FILENAME,
+    SCHEMA_FILENAME,
+    ExternalDataError,
+    check_no_external_data,
+    sha256_bytes,
+)
 from models.registry_layout import SHA_TAG
+from services import registry_access
+from services.registry_access import (
+    open_registry_client,
+    registry_label,
+    retry_unavailable,
+    sqlite_database,
+)
+
+# The record of a last-known-good copy: which model, what the registry vouched for, when.
+LAST_KNOWN_GOOD_RECORD = "current.json"
 
 
 class ModelStoreError(RuntimeError):
@@ -32,6 +59,21 @@ class ModelIntegrityError(ModelStoreError):
     """The artifacts of a version are not what its registration vouches for."""
 
 
+class RegistryUnavailableError(ModelStoreError, registry_access.RegistryUnavailableError):
+    """The registry could not be reached to fetch the model (and, for the service, no
+    usable last-known-good copy was there); one line naming the registry and why."""
+
+
+@dataclass(frozen=True)
+class LastKnownGood:
+    """Where a model served without the registry came from: the copy kept when the registry
+    last gave it, when that was, and why the registry was not used this time."""
+
+    path: Path
+    fetched_at: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     name: str
@@ -40,6 +82,8 @@ class LoadedModel:
     sha256: str
     content: bytes = field(repr=False)
     schema: dict[str, Any]
+    # Set when the registry could not be reached and the last-known-good copy is served.
+    last_known_good: LastKnownGood | None = None
 
     @property
     def ref(self) -> str:
@@ -50,18 +94,39 @@ class LoadedModel:
 
 
 def load_registered_model(
-    tracking_uri: str, ref: ModelRef, *, cache_dir: Path | None = None
+    tracking_uri: str,
+    ref: ModelRef,
+    *,
+    cache_dir: Path | None = None,
+    retry_s: float = 0.0,
 ) -> LoadedModel:
     """Resolve `ref` (its alias or its version), download the ONNX artifacts and check them.
 
     With `cache_dir`, the artifacts are kept under `cache_dir/<name>/<version>/` and reused
     when their hash still matches the tag; without it they are read from a temporary
-    directory that is removed before returning.
+    directory that is removed before returning. A registry that cannot be reached is tried
+    for `retry_s` seconds, then `RegistryUnavailableError`; so is a SQLite registry whose
+    file does not exist, at once: reading never leaves an empty registry in its place.
     """
-    from mlflow import MlflowClient
+    database = sqlite_database(tracking_uri)
+    if database is not None and not database.is_file():
+        raise RegistryUnavailableError(
+            f"registry database {database} does not exist (moved or deleted?); reading a "
+            "model never creates one"
+        )
+    try:
+        return retry_unavailable(
+            lambda: _fetch_registered_model(tracking_uri, ref, cache_dir), tracking_uri, retry_s
+        )
+    except registry_access.RegistryUnavailableError as err:
+        raise RegistryUnavailableError(str(err)) from None
 
+
+def _fetch_registered_model(
+    tracking_uri: str, ref: ModelRef, cache_dir: Path | None
+) -> LoadedModel:
     model_name, alias, version = ref.name, ref.alias, ref.version
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = open_registry_client(tracking_uri)
     registered = _get_registered_model(client, model_name, tracking_uri)
     if alias is not None:
         aliases: dict[str, str] = dict(registered.aliases or {})
@@ -100,6 +165,7 @@ def load_registered_model(
             f"version's {SHA_TAG} tag says {expected}; the artifact was changed or "
             "replaced after registration, refusing to serve it"
         )
+    _check_self_contained(content, f"{model_name} version {version}")
     return LoadedModel(
         name=model_name,
         version=str(version),
@@ -108,6 +174,164 @@ def load_registered_model(
         content=content,
         schema=_parse_schema(schema_text, model_name, str(version)),
     )
+
+
+def _check_self_contained(content: bytes, what: str) -> None:
+    try:
+        check_no_external_data(content)
+    except ExternalDataError as err:
+        raise ModelIntegrityError(f"{what}: {err}; refusing to serve it") from None
+
+
+def load_served_model(
+    tracking_uri: str, ref: ModelRef, *, last_known_good_dir: Path, retry_s: float
+) -> LoadedModel:
+    """What the service serves: `ref` from the registry, tried for `retry_s` seconds; while
+    the registry cannot be reached, the last-known-good copy of `ref` under
+    `last_known_good_dir`, verified against what the registry vouched for when it gave it
+    (`LoadedModel.last_known_good` says so). An answer from the registry (no such alias, a
+    bad artifact) is never overridden by the copy."""
+    try:
+        return load_registered_model(tracking_uri, ref, retry_s=retry_s)
+    except RegistryUnavailableError as err:
+        return load_last_known_good(last_known_good_dir, ref, tracking_uri, reason=str(err))
+
+
+def save_last_known_good(model: LoadedModel, directory: Path, tracking_uri: str) -> Path:
+    """Keep `model`, just fetched from the registry and served, as the copy for an outage:
+    `directory/<name>/<alias-A|version-V>/<sha256>/` holds `model.onnx` and `schema.json`,
+    and the record beside them (`current.json`) names the copy with what the registry
+    vouched for: version, sha256 tag, the schema's digest, the registry, when. The record
+    is replaced in one rename, so a reader finds the old copy or the new one, never half of
+    either; bytes already kept are not written again, the record is (the registry vouched
+    for them once more). Returns the record's path."""
+    slot = _slot(directory, model.name, model.alias, model.version)
+    schema_bytes = json.dumps(model.schema, indent=2).encode()
+    record = {
+        "model": model.name,
+        "alias": model.alias,
+        "version": model.version,
+        "sha256": model.sha256,
+        "schema_sha256": sha256_bytes(schema_bytes),
+        "registry": registry_label(tracking_uri),
+        "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    record_path = slot / LAST_KNOWN_GOOD_RECORD
+    copy = slot / model.sha256
+    if not _copy_intact(slot, record):
+        slot.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=slot))
+        try:
+            (staging / ONNX_FILENAME).write_bytes(model.content)
+            (staging / SCHEMA_FILENAME).write_bytes(schema_bytes)
+            shutil.rmtree(copy, ignore_errors=True)
+            # Another worker may have put the same bytes in place first: theirs is as good.
+            with contextlib.suppress(OSError):
+                staging.rename(copy)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    _write_atomically(record_path, json.dumps(record, indent=2).encode())
+    for old in slot.iterdir():
+        if old.is_dir() and old.name != model.sha256 and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    return record_path
+
+
+def load_last_known_good(
+    directory: Path, ref: ModelRef, tracking_uri: str, *, reason: str
+) -> LoadedModel:
+    """The last-known-good copy of `ref`, checked as the registry's own artifacts are: its
+    bytes against the sha256 the registry's tag held when the copy was made, its schema
+    against the digest recorded then, no external data, the same registry. `reason` (why
+    the registry is not used) goes into the result and into every error."""
+    slot = _slot(directory, ref.name, ref.alias, ref.version)
+    record_path = slot / LAST_KNOWN_GOOD_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+    except FileNotFoundError:
+        raise RegistryUnavailableError(
+            f"{reason}; and there is no last-known-good copy of {ref} ({record_path} does "
+            "not exist: this host never served it)"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise ModelIntegrityError(
+            f"{reason}; and the last-known-good record {record_path} is unreadable: {err}"
+        ) from None
+    if not isinstance(record, dict) or any(
+        not isinstance(record.get(k), str) for k in ("version", "sha256", "schema_sha256")
+    ):
+        raise ModelIntegrityError(
+            f"{reason}; and the last-known-good record {record_path} lacks the version and "
+            "digests the registry vouched for"
+        )
+    label = registry_label(tracking_uri)
+    if record.get("registry") != label:
+        raise ModelIntegrityError(
+            f"{reason}; and the last-known-good copy of {ref} came from registry "
+            f"{record.get('registry')}, not the configured {label}; refusing to serve it"
+        )
+    version = record["version"]
+    what = f"last-known-good copy of {ref} (v{version}, {slot / record['sha256']})"
+    if ref.version is not None and ref.version != version:
+        raise ModelIntegrityError(f"{reason}; and the {what} is not version {ref.version}")
+    try:
+        content = (slot / record["sha256"] / ONNX_FILENAME).read_bytes()
+        schema_bytes = (slot / record["sha256"] / SCHEMA_FILENAME).read_bytes()
+    except OSError as err:
+        raise ModelIntegrityError(f"{reason}; and the {what} is incomplete: {err}") from None
+    actual = sha256_bytes(content)
+    if actual != record["sha256"] or sha256_bytes(schema_bytes) != record["schema_sha256"]:
+        raise ModelIntegrityError(
+            f"{reason}; and the {what} does not match what the registry vouched for (sha256 "
+            f"of {ONNX_FILENAME} {actual}, recorded {record['sha256']}, or its "
+            f"{SCHEMA_FILENAME} changed); it was altered after it was kept, refusing to "
+            "serve it"
+        )
+    _check_self_contained(content, what)
+    return LoadedModel(
+        name=ref.name,
+        version=version,
+        alias=ref.alias,
+        sha256=actual,
+        content=content,
+        schema=_parse_schema(schema_bytes.decode("utf-8", "replace"), ref.name, version),
+        last_known_good=LastKnownGood(
+            path=slot / record["sha256"],
+            fetched_at=str(record.get("fetched_at", "unknown")),
+            reason=reason,
+        ),
+    )
+
+
+def _slot(directory: Path, name: str, alias: str | None, version: str | None) -> Path:
+    # An alias and a version are kept apart: `churn@champion` may later name another version.
+    return Path(directory) / name / (f"alias-{alias}" if alias else f"version-{version}")
+
+
+def _copy_intact(slot: Path, record: dict[str, Any]) -> bool:
+    copy = slot / str(record.get("sha256"))
+    try:
+        content = (copy / ONNX_FILENAME).read_bytes()
+        schema_bytes = (copy / SCHEMA_FILENAME).read_bytes()
+    except OSError:
+        return False
+    return sha256_bytes(content) == record.get("sha256") and sha256_bytes(
+        schema_bytes
+    ) == record.get("schema_sha256")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _get_registered_model(client: Any, model_name: str, tracking_uri: str) -> Any:

@@ -30,7 +30,7 @@ import json
 import operator
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
@@ -248,6 +248,13 @@ class ErrorBody(BaseModel):
     detail: list[ErrorDetail] | None = None
 
 
+class LastKnownGoodInfo(BaseModel):
+    """Why the registry was not used at start-up, and when it gave the copy served instead."""
+
+    fetched_at: str
+    reason: str
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -257,6 +264,9 @@ class ModelInfo(BaseModel):
     providers: list[str]
     numeric_features: list[str]
     categorical_features: list[str]
+    # "last_known_good": the registry could not be reached at start-up (see last_known_good).
+    source: Literal["registry", "last_known_good"] = "registry"
+    last_known_good: LastKnownGoodInfo | None = None
 
 
 def make_row_model(

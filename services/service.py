@@ -21,7 +21,11 @@ py-spy and wrk; `bench/serving.py` and bench/RESULTS.md have the numbers):
   often (`services.app.freeze_heap`); the inference log holds Arrow tables, not Python rows.
 
 Readiness: `/readyz` answers 200 only once the model is loaded, verified (sha256), checked
-against the config's features and has passed a warm-up through the serving path.
+against the config's features and has passed a warm-up through the serving path; its body
+names the model and where it came from. A model that passed all of that is kept as the
+last-known-good copy (`services.model_store`); when the registry cannot be reached at
+start-up, that copy is served instead, and `/readyz`, `/model` and the
+`mlgate_model_from_last_known_good` gauge say so.
 Shutdown: SIGTERM makes the worker stop accepting, finish the requests in flight, answer
 what the batcher holds, and write the inference log's queue before it exits.
 
@@ -32,6 +36,7 @@ worker process that BentoML starts.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -42,7 +47,7 @@ from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.config import DatasetConfig, MlgateConfig
 from models.model_ref import ModelRef
@@ -147,6 +152,49 @@ class BareRoutes(Starlette):
         return self.router
 
 
+def describe_source(model: LoadedModel) -> dict[str, Any]:
+    """Where the served model came from, as `/readyz` and `/model` tell it: the registry,
+    or the last-known-good copy (when the registry gave it, and why it was not asked)."""
+    fallback = model.last_known_good
+    if fallback is None:
+        return {"source": "registry", "last_known_good": None}
+    return {
+        "source": "last_known_good",
+        "last_known_good": {"fetched_at": fallback.fetched_at, "reason": fallback.reason},
+    }
+
+
+class ReadinessAnswer:
+    """`GET /readyz` once the model serves: 200 with the model and where it came from.
+    Before that, BentoML's own answer (503). BentoML matches its `/readyz` route ahead of
+    every mounted app, so only a middleware can answer it; other requests pay one string
+    comparison here."""
+
+    def __init__(self, app: ASGIApp, predict: PredictEndpoint) -> None:
+        self.app = app
+        self.predict = predict
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = self.predict.runtime
+        if scope.get("path") != "/readyz" or runtime is None or not runtime.ready:
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(
+            {"ready": True, "model": runtime.model.ref, **describe_source(runtime.model)}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(body)),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
 def _document_route(app: FastAPI, served_by: Any, **route: Any) -> APIRoute:
     """An APIRoute that only documents a path (FastAPI builds its OpenAPI entry from the
     route's models and extras; BentoML reads them into /docs.json). `served_by`, mounted
@@ -170,6 +218,8 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
     dataset = cfg.dataset
     serving = cfg.serving
     tracking_uri = cfg.registry.resolved_tracking_uri()
+    last_known_good_dir = cfg.registry.last_known_good_dir()
+    retry_s = cfg.registry.unavailable_retry_s
     log_dir = cfg.inference_log_location()
 
     predict_endpoint = PredictEndpoint()
@@ -234,7 +284,7 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
             )
             from services.inference_log import InferenceLogWriter
             from services.metrics import ServiceMetrics
-            from services.model_store import load_registered_model
+            from services.model_store import load_served_model, save_last_known_good
 
             # BentoML leaves the root logger at WARNING; which model a worker serves, and on
             # which provider, belongs in its log.
@@ -242,7 +292,19 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 logger.setLevel(logging.INFO)
             started = time.perf_counter()
             variant = serving.variant
-            model = load_registered_model(tracking_uri, ref)
+            model = load_served_model(
+                tracking_uri, ref, last_known_good_dir=last_known_good_dir, retry_s=retry_s
+            )
+            if model.last_known_good is not None:
+                logger.warning(
+                    "%s; serving the last-known-good copy of %s, sha256 %s, which the registry "
+                    "gave at %s (%s)",
+                    model.last_known_good.reason,
+                    model.ref,
+                    model.sha256,
+                    model.last_known_good.fetched_at,
+                    model.last_known_good.path,
+                )
             check_model_matches_config(model, dataset)
             check_categories_fit(model.content, serving.max_category_chars)
             session = make_session(model.content)
@@ -258,7 +320,14 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 rate_per_s=serving.rate_limit_per_s,
                 burst=serving.rate_limit_burst,
             )
-            metrics = ServiceMetrics(model.name, model.version, variant, providers[0], model.sha256)
+            metrics = ServiceMetrics(
+                model.name,
+                model.version,
+                variant,
+                providers[0],
+                model.sha256,
+                from_last_known_good=model.last_known_good is not None,
+            )
             log_writer = InferenceLogWriter(
                 log_dir,
                 model_name=model.name,
@@ -285,6 +354,17 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 metrics=metrics,
             )
             self.runtime.warm_up()
+            if model.last_known_good is None:
+                # Only a model that passed every start-up check becomes the copy for an outage.
+                try:
+                    save_last_known_good(model, last_known_good_dir, tracking_uri)
+                except OSError as err:
+                    logger.warning(
+                        "could not keep %s as the last-known-good copy in %s: %s",
+                        model.ref,
+                        last_known_good_dir,
+                        err,
+                    )
             log_writer.start()
             predict_endpoint.runtime = self.runtime
             metrics_endpoint.metrics = metrics
@@ -338,6 +418,10 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 providers=self.runtime.providers,
                 numeric_features=list(model.schema["numeric"]),
                 categorical_features=list(model.schema["categorical"]),
+                **describe_source(model),
             )
 
-    return MlgateService
+    # `bentoml.service` has made the class a `bentoml.Service`, which mypy cannot see.
+    service: Any = MlgateService
+    service.add_asgi_middleware(ReadinessAnswer, predict=predict_endpoint)
+    return service

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -120,3 +121,63 @@ def test_thin_windows_never_count_even_when_their_gate_fails():
     assert [d.retrain for d in ds] == [False] * 5
     assert [d.state.consecutive_drift for d in ds] == [1, 1, 1, 1, 2]
     assert all("inconclusive" in d.reason and not d.alerts for d in ds[1:4])
+
+
+# An estimated performance drop counts like drift, with a streak of its own.
+DROP = GateResult("estimated_performance", GateStatus.FAIL, "drop 0.12 exceeds 0.05")
+HELD = GateResult("estimated_performance", GateStatus.PASS, "drop 0.01 within 0.05")
+NO_ESTIMATE = GateResult("estimated_performance", GateStatus.INCONCLUSIVE, "too_thin")
+
+
+def run_with_estimates(drifts, estimates, state=TriggerState()):
+    decisions = []
+    for i, (drift, estimate) in enumerate(zip(drifts, estimates, strict=True)):
+        d = decide_retraining(
+            state,
+            data_quality=DQ_OK,
+            drift=drift,
+            now=T0 + i * timedelta(hours=1),
+            cfg=CFG,
+            estimate=estimate,
+        )
+        decisions.append(d)
+        state = d.state
+    return decisions
+
+
+def test_an_estimated_drop_held_for_n_windows_triggers_without_drift():
+    ds = run_with_estimates([CALM] * 3, [DROP] * 3)
+    assert [d.retrain for d in ds] == [False, False, True]
+    assert "estimated drop in 2 of 3" in ds[1].reason and "no drift" in ds[1].reason
+    assert ds[2].reason.startswith("estimated drop held for 3 consecutive windows")
+    fired = ds[2].state
+    assert fired.consecutive_drift == fired.consecutive_estimated_drop == 0
+
+
+def test_the_estimate_streak_resets_on_a_held_window_and_skips_inconclusive_ones():
+    ds = run_with_estimates([CALM] * 5, [DROP, NO_ESTIMATE, DROP, HELD, DROP])
+    assert not any(d.retrain for d in ds)
+    assert [d.state.consecutive_estimated_drop for d in ds] == [1, 1, 2, 0, 1]
+    assert "estimated-drop streak of 2 reset" in ds[3].reason
+
+
+def test_thin_or_empty_windows_never_count_an_estimated_drop():
+    ds = run_with_estimates([DRIFT, THIN, THIN, THIN], [DROP, DROP, DROP, DROP])
+    assert not any(d.retrain for d in ds)
+    assert [d.state.consecutive_estimated_drop for d in ds] == [1, 1, 1, 1]
+    empty = _gate(pd.DataFrame({"x": []}))
+    d = decide_retraining(
+        ds[-1].state, data_quality=None, drift=empty, now=T0, cfg=CFG, estimate=DROP
+    )
+    assert not d.retrain and d.state.consecutive_estimated_drop == 1
+
+
+def test_drift_and_an_estimated_drop_share_the_cooldown():
+    fired = run_with_estimates([DRIFT] * 3, [HELD] * 3)[-1].state
+    ds = run_with_estimates([CALM] * 3, [DROP] * 3, state=fired)
+    assert not ds[-1].retrain and ds[-1].reason.startswith("estimated drop held, but in cooldown")
+
+
+def test_state_from_before_estimates_still_reads():
+    old: dict[str, Any] = {"consecutive_drift": 2, "last_retrain_at": None, "retrains": []}
+    assert TriggerState.from_dict(old) == TriggerState(consecutive_drift=2)

@@ -1,8 +1,11 @@
-"""`mlgate init` and `mlgate monitor` options, without a flow run: the model name `init`
-writes for a user's own table, and the window `monitor` hands the monitoring flow."""
+"""`mlgate init`, `serve` and `monitor` options, without a flow run or a server: the model
+name and the API key `init` writes for a user's own table, `serve`'s refusal to start an
+open endpoint, and the window `monitor` hands the monitoring flow."""
 
 from __future__ import annotations
 
+import re
+import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,9 +16,11 @@ from typer.testing import CliRunner
 
 import flows.monitoring
 import flows.runtime
+import services.launcher
 from flows.cli import EXIT_USAGE, app
 from flows.monitoring import MonitoringOutcome
 from models.config import load_config
+from services.auth import API_KEYS_ENV, hash_api_key
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.fast
@@ -122,3 +127,88 @@ def test_monitor_refuses_a_window_it_cannot_judge(monitor, args):
     result, calls = monitor(*args)
     assert result.exit_code == EXIT_USAGE, result.output
     assert args[0] in result.output and not calls
+
+
+def test_init_creates_an_api_key_printed_once_and_stores_only_its_hash(tmp_path):
+    result, out = _init(tmp_path, _loans(tmp_path / "loans.csv"))
+    assert result.exit_code == 0, result.output
+    tokens = set(re.findall(r"\bmlg_[A-Za-z0-9_-]{43}\b", result.output))
+    assert len(tokens) == 1, result.output
+    (token,) = tokens
+    assert result.output.count(token) == 1 and "Authorization: Bearer" in result.output
+    assert token not in out.read_text()
+    (key,) = load_config(out).serving.api_keys
+    assert key.sha256 == hash_api_key(token) and not key.revoked
+
+
+class FakeService:
+    """What `mlgate serve` drives: ready at once, then gone (so `serve` returns)."""
+
+    def wait_ready(self, timeout: float) -> None:
+        pass
+
+    def is_running(self) -> bool:
+        return False
+
+    def stop(self) -> None:
+        pass
+
+    def output_tail(self) -> str:
+        return "the service's last lines"
+
+
+@pytest.fixture()
+def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`mlgate serve` with the launcher replaced by one that records its arguments."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_start(config: Path, ref: Any, **kwargs: Any) -> FakeService:
+        calls.append({"config": config, "ref": ref, **kwargs})
+        return FakeService()
+
+    monkeypatch.setattr(services.launcher, "start_service", fake_start)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+
+    def invoke(*args: str, **serving: Any) -> tuple[Any, list[dict[str, Any]]]:
+        config = write_config(tmp_path, serving=serving)
+        calls.clear()
+        result = CliRunner().invoke(app, ["serve", "--config", str(config), *args])
+        return result, list(calls)
+
+    return invoke
+
+
+def test_serve_refuses_to_start_without_api_keys(serve):
+    result, calls = serve()
+    assert result.exit_code == EXIT_USAGE and not calls
+    flat = " ".join(result.output.split())
+    assert "mlgate keys create" in flat and "--insecure-no-auth" in flat
+
+
+def test_serve_insecure_no_auth_starts_open_and_says_so_loudly(serve):
+    result, calls = serve("--insecure-no-auth")
+    assert len(calls) == 1, result.output
+    assert "authentication is OFF" in " ".join(result.output.split())
+
+
+def test_serve_with_keys_starts_and_shows_the_service_output(serve, monkeypatch):
+    result, calls = serve(api_keys=[{"name": "ci", "sha256": hash_api_key("t")}])
+    assert [c["echo"] for c in calls] == [True], result.output
+    # Echoed as it came, the service's output is not repeated in the error.
+    assert result.exit_code == 1 and "the service's last lines" not in result.output
+    monkeypatch.setenv(API_KEYS_ENV, f"ci:{hash_api_key('t')}")
+    result, calls = serve()
+    assert len(calls) == 1, result.output
+
+
+def test_serve_with_every_key_revoked_starts_and_warns(serve):
+    result, calls = serve(api_keys=[{"name": "ci", "sha256": hash_api_key("t"), "revoked": True}])
+    assert len(calls) == 1, result.output
+    assert "revoked" in result.output
+
+
+def test_serve_refuses_a_malformed_api_keys_variable(serve, monkeypatch):
+    monkeypatch.setenv(API_KEYS_ENV, "a-plain-token")
+    result, calls = serve()
+    assert result.exit_code == EXIT_USAGE and not calls and API_KEYS_ENV in result.output

@@ -171,6 +171,21 @@ def test_labelled_batch_gives_the_live_metric(env):
     assert out.live_metrics["labelled_rows"] == 600
     assert not list(cfg.incoming_dir().glob("*.parquet"))
     assert (cfg.incoming_dir() / "processed" / "labels-week1.parquet").exists()
+    # Before labels: the window's estimate, judged against the holdout; once labels land,
+    # the estimate on the labelled rows beside what they realized.
+    estimate = next(g for g in out.gates if g.name == "estimated_performance")
+    assert estimate.status is GateStatus.PASS, estimate.reason
+    assert 0.75 < estimate.metrics["estimated_roc_auc"] < 0.95
+    live = out.live_metrics
+    assert live["live_realized_roc_auc"] == live["live_roc_auc"]
+    assert live["live_estimation_error_roc_auc"] == pytest.approx(
+        live["live_estimated_roc_auc"] - live["live_realized_roc_auc"]
+    )
+    assert abs(live["live_estimation_error_roc_auc"]) < 0.1
+    recorded = registry.connect(cfg.registry).get_run(out.run_id).data
+    assert recorded.tags["gate.estimated_performance"] == "pass"
+    for name in ("estimated_roc_auc", "estimated_drop", "live_estimation_error_recall"):
+        assert name in recorded.metrics
 
 
 def test_a_batch_that_fails_its_gate_is_quarantined_and_never_trained_on(env):

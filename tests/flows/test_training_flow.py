@@ -17,6 +17,8 @@ from flows.cli import EXIT_REJECTED, EXIT_USAGE, app
 from flows.training import training_flow
 from models.config import load_config
 from models.data import DataError
+from models.performance_estimate import Calibrator
+from models.registry_layout import CALIBRATOR_ARTIFACT
 from tests.conftest import BUNDLED_DATA, write_config
 from tests.flows.conftest import Seed, copy_registry
 
@@ -63,6 +65,10 @@ def test_first_run_registers_champion_on_floor_alone(seed: Seed):
     assert "<svg" in report.read_text() and "roc_auc floor" in report.read_text()
     hist = registry.load_json_artifact(client, mv.run_id, registry.HISTOGRAMS_ARTIFACT)
     assert {h["column"] for h in hist["histograms"]} >= {"tenure", "contract", "__score__"}
+    calibrator = Calibrator.from_dict(
+        registry.load_json_artifact(client, mv.run_id, CALIBRATOR_ARTIFACT)
+    )
+    assert calibrator.holdout["roc_auc"] == pytest.approx(run.data.metrics["roc_auc"], abs=1e-3)
     history = registry.alias_history(client, "churn", "champion")
     assert history[0]["to_version"] == "1" and history[0]["from_version"] == "None"
     assert history[0]["actor"].startswith("prefect:training_flow")

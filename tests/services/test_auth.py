@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from models.config import ServingConfig
 from services.auth import (
     ApiKey,
     Authenticator,
     TokenBucket,
+    check_api_key_name,
+    configured_api_keys,
     hash_api_key,
     merge_api_keys,
+    new_api_key_token,
     parse_api_keys_env,
 )
 
@@ -110,3 +114,34 @@ def test_env_keys_parse_named_and_unnamed_and_refuse_tokens() -> None:
         parse_api_keys_env("my-secret-token")
     with pytest.raises(ValueError, match="key name"):
         parse_api_keys_env(f"bad!name:{a}")
+
+
+def test_new_tokens_are_random_and_recognisable() -> None:
+    tokens = {new_api_key_token() for _ in range(100)}
+    assert len(tokens) == 100
+    assert all(t.startswith("mlg_") and len(t) == 47 for t in tokens)
+    # Tokens go into `Authorization: Bearer` headers and shells unquoted.
+    assert all(t.replace("_", "").replace("-", "").isalnum() for t in tokens)
+
+
+def test_key_names_are_checked_as_the_environment_form_needs_them() -> None:
+    assert check_api_key_name("ci-2026.q1@team") == "ci-2026.q1@team"
+    for bad in ("", "has space", "a:b", "x" * 65):
+        with pytest.raises(ValueError, match="key name"):
+            check_api_key_name(bad)
+
+
+def test_configured_keys_merge_the_config_and_the_environment() -> None:
+    a, b = hash_api_key("a"), hash_api_key("b")
+    serving = ServingConfig(
+        api_keys=[
+            {"name": "cfg", "sha256": a, "rate_limit_per_s": 2.0},
+            {"name": "gone", "sha256": b, "revoked": True},
+        ]
+    )
+    keys = configured_api_keys(serving, f"env:{b.upper()}")
+    assert keys[a] == ApiKey("cfg", a, False, 2.0, None)
+    assert keys[b].revoked  # revoked in the config, active in the environment: revoked
+    assert configured_api_keys(ServingConfig(), None) == {}
+    with pytest.raises(ValueError, match="MLGATE_API_KEYS"):
+        configured_api_keys(ServingConfig(), "a-token")

@@ -1,0 +1,357 @@
+"""Prometheus recording and alerting rules generated from the service level objectives in `slo:`.
+
+Two groups, in the order an incident shows itself:
+
+1. leading indicators, per instance, each a warning after `slo.leading_for`: requests the
+   batcher sheds (503: its queue is full or a request waited past `serving.max_latency_ms`),
+   batches that keep filling (mean rows per ONNX Runtime call against
+   `serving.max_batch_size`), the request rate against `slo.capacity_rps`, and inference-log
+   rows dropped (monitoring goes blind before users notice anything);
+2. the objectives: first recording rules, per model, the share of requests that missed each
+   objective (5xx answers; answers slower than a latency bound) over every window the alerts
+   use, then the burn-rate alerts (Google's SRE workbook, multiple windows and burn rates):
+   per objective and severity, firing when both windows of any of its pairs spend the error
+   budget at least `factor` times as fast as would spend it exactly in `slo.window_days`.
+   The short window lets an alert resolve soon after the burn stops. One group, because
+   Prometheus evaluates a group's rules in order but groups independently: the alerts read
+   the ratios of the same evaluation, never a previous one gone stale.
+
+Objectives are per model (`model_name`), across versions and the canary's variants: users
+see one endpoint. A latency bound must be a bound of the latency histogram's buckets, so the
+share of requests within it is counted, not interpolated. This module knows the series
+`services/metrics.py` exports by name only, and none that it does not export:
+`NOT_EXPORTED` says which requested indicators have no series, and `RuleFile.notes` names
+the objectives no rule could be generated for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from models.config import SloConfig, prom_duration_s
+
+# The series services/metrics.py exports (prometheus-client adds `_total` to counters);
+# tests/checks/test_slo_rules.py holds every name used here to a real exposition.
+REQUESTS = "mlgate_requests_total"
+LATENCY = "mlgate_request_latency_seconds"
+BATCH_ROWS = "mlgate_batch_rows"
+LOG_ROWS = "mlgate_inference_log_rows_total"
+
+SLO_BY = "model_name"
+INSTANCE_BY = "model_name, variant, instance"
+LEADING_RANGE = "5m"
+
+# Indicators asked for that services/metrics.py does not export, and what stands in for them.
+NOT_EXPORTED = (
+    "batcher queue depth (no series; AdaptiveBatcher.queued_rows is not exported): "
+    "MlgateBatcherSaturated and MlgateBatcherShedding watch its effects",
+    "batcher wait time (no series; only the whole request latency is exported)",
+    "in-flight requests (no gauge): MlgateLoadNearCapacity holds the request rate "
+    "against slo.capacity_rps instead, when it is set",
+)
+
+_BAD_SERIES = {
+    "availability": "mlgate_requests_5xx",
+    "latency_p95": "mlgate_requests_over_p95_bound",
+    "latency_p99": "mlgate_requests_over_p99_bound",
+}
+_ALERT_NAMES = {
+    "availability": "MlgateAvailabilityBudgetBurn",
+    "latency_p95": "MlgateLatencyP95BudgetBurn",
+    "latency_p99": "MlgateLatencyP99BudgetBurn",
+}
+_RUNBOOKS = {
+    "availability": (
+        "500s: the service log names each request id. 503s: load shed by the batcher (see "
+        "MlgateBatcherShedding). During a canary: `mlgate canary status`, and `mlgate canary "
+        "abort --reason ...` if the canary is the cause; after a promotion: `mlgate rollback "
+        "NAME --reason ...`."
+    ),
+    "latency": (
+        "Check the leading indicators (MlgateBatcherSaturated, MlgateLoadNearCapacity): "
+        "load calls for more serving.workers or instances. A slower version since the last "
+        "promotion (mlgate_model_info): `mlgate rollback NAME --reason ...`."
+    ),
+    "MlgateBatcherShedding": (
+        "The batcher's queue is full or requests wait past serving.max_latency_ms: add "
+        "serving.workers or instances, or find what slowed scoring (a new model version)."
+    ),
+    "MlgateBatcherSaturated": (
+        "Scoring barely keeps up: every ONNX Runtime call takes a nearly full batch. Add "
+        "serving.workers or instances before requests are shed."
+    ),
+    "MlgateLoadNearCapacity": (
+        "Traffic is close to what one instance was measured to serve (slo.capacity_rps): "
+        "add instances, or check for a client retrying in a loop (per-key rate limits)."
+    ),
+    "MlgateInferenceLogDropping": (
+        "The inference log cannot keep up or its store is unreachable "
+        "(serving.inference_log_dir or inference_log_uri): the service log says why. "
+        "Monitoring sees fewer rows until it recovers; predictions are unaffected."
+    ),
+}
+
+
+class SloRulesError(ValueError):
+    """An objective that cannot be turned into rules; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RuleFile:
+    """A Prometheus rule file's groups, and what the objectives asked for that no rule
+    could be generated for."""
+
+    groups: tuple[dict[str, Any], ...]
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": list(self.groups)}
+
+    def to_yaml(self, header: Sequence[str] = ()) -> str:
+        """The rule file, `header` and `notes` as comments above it."""
+        comments = [*header, *(f"not generated: {n}" for n in self.notes)]
+        top = "".join(f"# {line}\n" for line in comments)
+        return top + yaml.dump(
+            self.to_dict(), Dumper=_RulesDumper, sort_keys=False, width=100, allow_unicode=True
+        )
+
+    def alert_names(self) -> list[str]:
+        return [r["alert"] for g in self.groups for r in g["rules"] if "alert" in r]
+
+    def recorded_names(self) -> list[str]:
+        return [r["record"] for g in self.groups for r in g["rules"] if "record" in r]
+
+
+class _RulesDumper(yaml.SafeDumper):
+    """Multi-line expressions as literal blocks, so the file reads as PromQL."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_RulesDumper.add_representer(str, _str_representer)
+
+
+def build_slo_rules(
+    slo: SloConfig, model_name: str, max_batch_size: int, latency_buckets: Sequence[float]
+) -> RuleFile:
+    """The rule file for `slo` on the series of `model_name` (`registry.model_name`), so that
+    the files of several models load side by side. `max_batch_size` is
+    `serving.max_batch_size`; `latency_buckets` the upper bounds of the service's latency
+    histogram."""
+    model = f'model_name="{model_name}"'
+    objectives = slo.objectives()
+    matchers = {
+        name: _le_matcher(name, bound, latency_buckets)
+        for name, (_, bound) in objectives.items()
+        if bound is not None
+    }
+    windows = sorted(
+        {w for pair in slo.burn_windows for w in (pair.long, pair.short)}, key=prom_duration_s
+    )
+    recording = [
+        {
+            "record": _recorded(name, window),
+            "expr": _bad_share(name, window, model, matchers.get(name)),
+        }
+        for name in objectives
+        for window in windows
+    ]
+    burn_alerts = [
+        _burn_alert(slo, name, good, bound, severity)
+        for name, (good, bound) in objectives.items()
+        for severity in dict.fromkeys(pair.severity for pair in slo.burn_windows)
+    ]
+    groups = (
+        {
+            "name": f"mlgate-{model_name}-leading-indicators",
+            "rules": _leading_alerts(slo, model, max_batch_size),
+        },
+        {"name": f"mlgate-{model_name}-slo", "rules": [*recording, *burn_alerts]},
+    )
+    return RuleFile(groups=groups, notes=(*NOT_EXPORTED, *_objectives_without_series(slo)))
+
+
+def _le_matcher(name: str, bound: float, buckets: Sequence[float]) -> str:
+    for b in buckets:
+        if math.isclose(b, bound, rel_tol=1e-9):
+            # prometheus-client writes `le="1.0"`; Prometheus 3 rewrites whole numbers as
+            # `le="1"` when it scrapes, so those match either spelling.
+            return f'le=~"{b:g}|{b!r}"' if float(b).is_integer() else f'le="{b!r}"'
+    bounds = ", ".join(f"{b:g}" for b in buckets)
+    raise SloRulesError(
+        f"slo.{name}_s {bound:g} is not a bound of the service's latency buckets ({bounds}): "
+        "the share of requests within it could only be interpolated; use one of them"
+    )
+
+
+def _recorded(name: str, window: str) -> str:
+    return f"{SLO_BY}:{_BAD_SERIES[name]}:ratio_rate{window}"
+
+
+def _bad_share(name: str, window: str, model: str, le: str | None) -> str:
+    if le is None:
+        errors = f'sum by ({SLO_BY}) (rate({REQUESTS}{{{model},status=~"5.."}}[{window}]))'
+        every = f"sum by ({SLO_BY}) (rate({REQUESTS}{{{model}}}[{window}]))"
+        return f"{errors}\n/\n{every}\n"
+    within = f"sum by ({SLO_BY}) (rate({LATENCY}_bucket{{{model},{le}}}[{window}]))"
+    every = f"sum by ({SLO_BY}) (rate({LATENCY}_count{{{model}}}[{window}]))"
+    return f"1 - (\n  {within}\n  /\n  {every}\n)\n"
+
+
+def _num(x: float) -> str:
+    return format(round(x, 12), ".12g")
+
+
+def _percent(share: float) -> str:
+    return f"{round(share * 100, 10):g}%"
+
+
+def _burn_alert(
+    slo: SloConfig, name: str, good: float, bound: float | None, severity: str
+) -> dict[str, Any]:
+    budget = 1.0 - good
+    pairs = [p for p in slo.burn_windows if p.severity == severity]
+    clauses = []
+    for p in pairs:
+        threshold = _num(p.factor * budget)
+        clauses.append(
+            f"(\n  {_recorded(name, p.long)} > {threshold}\n  and\n"
+            f"  {_recorded(name, p.short)} > {threshold}\n)"
+        )
+    rates = "; ".join(
+        f"{p.long} and {p.short} at {p.factor:g}x (budget spent in "
+        f"{slo.window_days / p.factor:.3g} days)"
+        for p in pairs
+    )
+    days = f"{slo.window_days:g} days"
+    if bound is None:
+        missed = "of /predict answers were 5xx"
+        objective = f"{_percent(good)} of /predict answers not 5xx over {days}"
+        what = "availability"
+    else:
+        missed = f"of /predict requests took longer than {bound:g} s"
+        objective = f"{_percent(good)} of /predict requests within {bound:g} s over {days}"
+        what = f"p{round(good * 100)} latency"
+    alert = _ALERT_NAMES[name]
+    return {
+        "alert": alert,
+        "expr": "\nor\n".join(clauses) + "\n",
+        "labels": {"severity": severity, "slo": name},
+        "annotations": {
+            "summary": f"{{{{ $labels.model_name }}}}: {what} is spending its error budget "
+            "too fast",
+            "description": (
+                f"{{{{ $value | humanizePercentage }}}} {missed} over the longer window "
+                f"that tripped (objective: {objective}). Fires on {rates}."
+            ),
+            **_runbook(slo, alert, "availability" if bound is None else "latency"),
+        },
+    }
+
+
+def _runbook(slo: SloConfig, alert: str, key: str) -> dict[str, str]:
+    found = {"runbook": _RUNBOOKS[key]}
+    if slo.runbook_url:
+        found["runbook_url"] = f"{slo.runbook_url}#{alert.lower()}"
+    return found
+
+
+def _leading(
+    slo: SloConfig, alert: str, expr: str, summary: str, description: str
+) -> dict[str, Any]:
+    return {
+        "alert": alert,
+        "expr": expr,
+        "for": slo.leading_for,
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": summary,
+            "description": description,
+            **_runbook(slo, alert, alert),
+        },
+    }
+
+
+def _leading_alerts(slo: SloConfig, model: str, max_batch_size: int) -> list[dict[str, Any]]:
+    r = LEADING_RANGE
+    who = "{{ $labels.model_name }} on {{ $labels.instance }} ({{ $labels.variant }})"
+    requests = f"sum by ({INSTANCE_BY}) (rate({REQUESTS}{{{model}}}[{r}]))"
+    shed = f'sum by ({INSTANCE_BY}) (rate({REQUESTS}{{{model},status="503"}}[{r}]))'
+    fill = _num(slo.max_batch_fill * max_batch_size)
+    batch_mean = (
+        f"sum by ({INSTANCE_BY}) (rate({BATCH_ROWS}_sum{{{model}}}[{r}]))\n/\n"
+        f"sum by ({INSTANCE_BY}) (rate({BATCH_ROWS}_count{{{model}}}[{r}]))\n"
+    )
+    dropped = f'sum by ({INSTANCE_BY}) (rate({LOG_ROWS}{{{model},outcome="dropped"}}[{r}]))'
+    logged = f"sum by ({INSTANCE_BY}) (rate({LOG_ROWS}{{{model}}}[{r}]))"
+    rules = [
+        _leading(
+            slo,
+            "MlgateBatcherShedding",
+            f"{shed}\n/\n{requests}\n> {_num(slo.max_shed_share)}\n",
+            f"{who}: the batcher is shedding load (503)",
+            f"{{{{ $value | humanizePercentage }}}} of requests were answered 503 over {r} "
+            f"(warns above {_percent(slo.max_shed_share)}): the batcher's queue is full or "
+            "requests waited past serving.max_latency_ms. These count against availability.",
+        ),
+        _leading(
+            slo,
+            "MlgateBatcherSaturated",
+            f"{batch_mean}> {fill}\n",
+            f"{who}: the batcher's batches are nearly full",
+            f"ONNX Runtime calls averaged {{{{ $value | humanize }}}} rows over {r} (warns "
+            f"above {fill}, {_percent(slo.max_batch_fill)} of serving.max_batch_size "
+            f"{max_batch_size}): requests queue faster than they are scored.",
+        ),
+    ]
+    if slo.capacity_rps is not None:
+        limit = _num(slo.max_capacity_share * slo.capacity_rps)
+        rules.append(
+            _leading(
+                slo,
+                "MlgateLoadNearCapacity",
+                f"{requests} > {limit}\n",
+                f"{who}: load is near the instance's capacity",
+                f"{{{{ $value | humanize }}}} requests/s over {r} (warns above {limit}, "
+                f"{_percent(slo.max_capacity_share)} of slo.capacity_rps "
+                f"{slo.capacity_rps:g}).",
+            )
+        )
+    rules.append(
+        _leading(
+            slo,
+            "MlgateInferenceLogDropping",
+            f"{dropped}\n/\n{logged}\n> {_num(slo.max_log_drop_share)}\n",
+            f"{who}: the inference log is dropping rows",
+            f"{{{{ $value | humanizePercentage }}}} of inference-log rows were dropped over "
+            f"{r} (warns above {_percent(slo.max_log_drop_share)}): drift monitoring and "
+            "retraining see fewer rows than were scored.",
+        )
+    )
+    return rules
+
+
+def _objectives_without_series(slo: SloConfig) -> list[str]:
+    notes = []
+    if slo.champion_max_age_days is not None:
+        notes.append(
+            "slo.champion_max_age_days: no series on /metrics gives @champion's age "
+            "(mlgate_model_info names the version, not when it was trained)"
+        )
+    if slo.max_score_psi is not None:
+        notes.append(
+            "slo.max_score_psi: /metrics has the score histogram (mlgate_score) but not the "
+            "reference it is compared with, which is stored with the model version; the "
+            "monitoring flow measures prediction PSI (gates.drift)"
+        )
+    if slo.min_estimated_metric is not None:
+        notes.append("slo.min_estimated_metric: no estimated performance is exported")
+    return notes

@@ -1,0 +1,216 @@
+"""The rules generated from `slo:`: their shape, the config they come from, and every series
+they read held to what the service's `/metrics` really exports (promtool runs them in
+test_slo_rules_promtool.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from checks.slo_rules import NOT_EXPORTED, SloRulesError, build_slo_rules
+from models.config import ConfigError, SloConfig, load_config
+from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.fast
+
+BURN_ALERTS = {
+    "MlgateAvailabilityBudgetBurn",
+    "MlgateLatencyP95BudgetBurn",
+    "MlgateLatencyP99BudgetBurn",
+}
+LEADING_ALERTS = [
+    "MlgateBatcherShedding",
+    "MlgateBatcherSaturated",
+    "MlgateLoadNearCapacity",
+    "MlgateInferenceLogDropping",
+]
+
+
+def _rules(slo: SloConfig | None = None, **fields: Any) -> dict:
+    built = build_slo_rules(slo or SloConfig(**fields), "churn", 256, LATENCY_BUCKETS_S)
+    return yaml.safe_load(built.to_yaml())
+
+
+def _ratios(rules: dict) -> list[dict]:
+    return [r for r in rules["groups"][1]["rules"] if "record" in r]
+
+
+def _burns(rules: dict) -> list[dict]:
+    return [r for r in rules["groups"][1]["rules"] if "alert" in r]
+
+
+def _exposition() -> str:
+    metrics = ServiceMetrics("churn", "3", "stable", "CPUExecutionProvider", "0" * 64)
+    metrics.observe_request(200, 0.004, 1)
+    metrics.observe_batch(1)
+    metrics.log_written(1)
+    metrics.log_dropped(1)
+    return metrics.render()[0].decode()
+
+
+def test_every_series_the_rules_read_is_on_metrics():
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in _exposition().splitlines()
+        if line and not line.startswith("#")
+    }
+    rules = _rules(capacity_rps=100.0)
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    # Recorded series have a colon in their name; every other name must be exported.
+    read = {m for e in exprs for m in re.findall(r"(?<![\w:])(mlgate_\w+)(?=[{\[\s])", e)}
+    assert read == {
+        "mlgate_requests_total",
+        "mlgate_request_latency_seconds_bucket",
+        "mlgate_request_latency_seconds_count",
+        "mlgate_batch_rows_sum",
+        "mlgate_batch_rows_count",
+        "mlgate_inference_log_rows_total",
+    }
+    assert read <= exported, read - exported
+    labels = set(re.findall(r'(\w+)=~?"', "\n".join(exprs)))
+    assert labels == {"model_name", "status", "le", "outcome"}
+
+
+def test_leading_indicators_come_first_then_ratios_then_burn_rates():
+    rules = _rules(capacity_rps=100.0)
+    names = [g["name"] for g in rules["groups"]]
+    assert names == ["mlgate-churn-leading-indicators", "mlgate-churn-slo"]
+    leading, slo = (g["rules"] for g in rules["groups"])
+    assert [r["alert"] for r in leading] == LEADING_ALERTS
+    assert all(r["for"] == "10m" and r["labels"] == {"severity": "warning"} for r in leading)
+    # In one group the alerts read the ratios recorded in the same evaluation.
+    kinds = ["record" if "record" in r else "alert" for r in slo]
+    assert kinds == sorted(kinds, reverse=True) and len(set(kinds)) == 2
+    burns = _burns(rules)
+    assert {r["alert"] for r in burns} == BURN_ALERTS
+    for rule in leading + burns:
+        assert set(rule["annotations"]) == {"summary", "description", "runbook"}
+        assert "{{ $labels.model_name }}" in rule["annotations"]["summary"]
+
+
+def test_burn_rates_follow_the_workbook_defaults():
+    burns = {(r["alert"], r["labels"]["severity"]): r for r in _burns(_rules())}
+    assert set(burns) == {(a, s) for a in BURN_ALERTS for s in ("page", "ticket")}
+    page = burns["MlgateAvailabilityBudgetBurn", "page"]["expr"]
+    assert "model_name:mlgate_requests_5xx:ratio_rate1h > 0.0144" in page
+    assert "model_name:mlgate_requests_5xx:ratio_rate5m > 0.0144" in page
+    assert "model_name:mlgate_requests_5xx:ratio_rate6h > 0.006" in page
+    assert "model_name:mlgate_requests_5xx:ratio_rate30m > 0.006" in page
+    ticket = burns["MlgateAvailabilityBudgetBurn", "ticket"]["expr"]
+    assert "ratio_rate1d > 0.003" in ticket and "ratio_rate3d > 0.001" in ticket
+    # p99 within 200 ms: 1 % of requests may be slower; p95 within 50 ms: 5 %.
+    assert "ratio_rate1h > 0.144" in burns["MlgateLatencyP99BudgetBurn", "page"]["expr"]
+    assert "ratio_rate1h > 0.72" in burns["MlgateLatencyP95BudgetBurn", "page"]["expr"]
+    description = burns["MlgateAvailabilityBudgetBurn", "page"]["annotations"]["description"]
+    assert "99.9% of /predict answers not 5xx over 30 days" in description
+    assert "1h and 5m at 14.4x" in description
+
+
+def test_ratios_are_recorded_per_model_for_every_window():
+    recorded = {r["record"]: r["expr"] for r in _ratios(_rules())}
+    windows = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+    for bad in ("5xx", "over_p95_bound", "over_p99_bound"):
+        for w in windows:
+            assert f"model_name:mlgate_requests_{bad}:ratio_rate{w}" in recorded
+    assert len(recorded) == 3 * len(windows)
+    p99 = recorded["model_name:mlgate_requests_over_p99_bound:ratio_rate1h"]
+    assert 'mlgate_request_latency_seconds_bucket{model_name="churn",le="0.2"}[1h]' in p99
+    errors = recorded["model_name:mlgate_requests_5xx:ratio_rate5m"]
+    assert 'mlgate_requests_total{model_name="churn",status=~"5.."}[5m]' in errors
+
+
+def test_windows_factors_and_severities_come_from_config():
+    slo = SloConfig(
+        availability=0.99,
+        latency_p95_s=None,
+        burn_windows=(
+            SloConfig.BurnWindow(long="2h", short="10m", factor=10, severity="critical"),
+        ),
+    )
+    rules = _rules(slo)
+    assert {r["record"].rsplit("_", 1)[1] for r in _ratios(rules)} == {"rate10m", "rate2h"}
+    burns = _burns(rules)
+    assert [(r["alert"], r["labels"]["severity"]) for r in burns] == [
+        ("MlgateAvailabilityBudgetBurn", "critical"),
+        ("MlgateLatencyP99BudgetBurn", "critical"),
+    ]
+    assert "ratio_rate2h > 0.1\n" in burns[0]["expr"]
+
+
+def test_a_latency_bound_between_buckets_is_refused_naming_the_field():
+    with pytest.raises(SloRulesError, match=r"slo\.latency_p99_s 0\.3 .*0\.2, 0\.5"):
+        _rules(latency_p99_s=0.3)
+
+
+def test_a_whole_second_bound_matches_both_spellings_of_le():
+    recorded = _ratios(_rules(latency_p99_s=1.0))
+    assert any('le=~"1|1.0"' in r["expr"] for r in recorded)
+
+
+def test_capacity_alert_only_with_a_capacity_figure():
+    alerts = [r.get("alert") for g in _rules()["groups"] for r in g["rules"]]
+    assert "MlgateLoadNearCapacity" not in alerts
+    leading = _rules(capacity_rps=400.0, max_capacity_share=0.5)["groups"][0]["rules"]
+    capacity = next(r for r in leading if r["alert"] == "MlgateLoadNearCapacity")
+    assert capacity["expr"].strip().endswith("> 200")
+
+
+def test_objectives_without_a_series_are_named_not_invented():
+    built = build_slo_rules(
+        SloConfig(champion_max_age_days=14, max_score_psi=0.25, min_estimated_metric=0.7),
+        "churn",
+        256,
+        LATENCY_BUCKETS_S,
+    )
+    assert built.notes[: len(NOT_EXPORTED)] == NOT_EXPORTED
+    extra = "\n".join(built.notes[len(NOT_EXPORTED) :])
+    for field in ("champion_max_age_days", "max_score_psi", "min_estimated_metric"):
+        assert f"slo.{field}" in extra
+    text = built.to_yaml(header=("generated",))
+    assert text.startswith("# generated\n# not generated: batcher queue depth")
+    assert "psi" not in str(yaml.safe_load(text)).lower()
+
+
+def test_runbook_url_links_each_alert():
+    leading = _rules(runbook_url="https://wiki.example/mlgate")["groups"][0]["rules"]
+    assert leading[0]["annotations"]["runbook_url"] == (
+        "https://wiki.example/mlgate#mlgatebatchershedding"
+    )
+
+
+def test_slo_config_from_file_and_environment(tmp_path: Path, monkeypatch):
+    path = write_config(tmp_path, slo={"availability": 0.995, "capacity_rps": 600})
+    cfg = load_config(path)
+    assert cfg.slo.availability == 0.995 and cfg.slo.capacity_rps == 600
+    assert cfg.slo.burn_windows[0].factor == 14.4
+    monkeypatch.setenv("MLGATE_SLO__LATENCY_P99_S", "0.5")
+    assert load_config(path).slo.latency_p99_s == 0.5
+    with pytest.raises(Exception, match="frozen"):
+        cfg.slo.availability = 0.9
+
+
+@pytest.mark.parametrize(
+    ("slo", "message"),
+    [
+        ({"availability": 1.0}, r"slo\.availability"),
+        ({"availabilty": 0.99}, r"slo\.availabilty: unknown field"),
+        (
+            {"burn_windows": [{"long": "5m", "short": "1h", "factor": 2, "severity": "page"}]},
+            "short window 1h is not shorter than 5m",
+        ),
+        (
+            {"burn_windows": [{"long": "1 h", "short": "5m", "factor": 2, "severity": "page"}]},
+            r"slo\.burn_windows\.0\.long",
+        ),
+        ({"availability": 0.9}, "can never fire for availability 0.9"),
+        ({"window_days": 2}, "burn window 3d/6h is longer than window_days 2"),
+    ],
+)
+def test_bad_slo_config_is_refused_naming_the_field(tmp_path: Path, slo: dict, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, slo=slo))

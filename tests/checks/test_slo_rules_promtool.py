@@ -1,0 +1,311 @@
+"""The generated rules under Prometheus' own tools: `promtool check rules` on what `mlgate slo
+rules` writes, and `promtool test rules` feeding series that must fire each alert and series
+that must not.
+
+Each burn-rate window pair is tested alone (a rule file with that pair only): a constant
+share of bad requests 5 % above its threshold fires it, 5 % below does not. The default
+file then shows what the pairs do together: a fresh burst pages through the fast pair alone,
+and a page resolves once its short windows are clean while the ticket stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from checks.slo_rules import build_slo_rules
+from flows.cli import EXIT_USAGE, app
+from models.config import SloConfig, prom_duration_s
+from services.metrics import LATENCY_BUCKETS_S
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.integration
+
+# `make install` installs Prometheus (Debian's package, which brings promtool); without it
+# these tests error with the install command rather than skip, so that a machine without it
+# cannot pass them silently.
+PROMTOOL = shutil.which("promtool")
+if PROMTOOL is None:
+    raise RuntimeError(
+        "promtool is not installed; on Debian or Ubuntu: apt-get install -y prometheus"
+    )
+
+MODEL = "churn"
+INSTANCE = {"model_name": MODEL, "variant": "stable", "instance": "stable:3001"}
+REQUESTS_PER_MINUTE = 1000
+BUDGETS = {"availability": 0.001, "latency_p95": 0.05, "latency_p99": 0.01}
+ALERTS = {
+    "availability": "MlgateAvailabilityBudgetBurn",
+    "latency_p95": "MlgateLatencyP95BudgetBurn",
+    "latency_p99": "MlgateLatencyP99BudgetBurn",
+}
+# Every alert, including the load one, which needs a capacity figure.
+SLO = SloConfig(capacity_rps=100.0)
+
+
+def _promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def _series(name: str, values: str, **labels: str) -> dict[str, str]:
+    inner = ",".join(f'{k}="{v}"' for k, v in {**INSTANCE, **labels}.items())
+    return {"series": f"{name}{{{inner}}}", "values": values}
+
+
+def _counter(*phases: tuple[float, int]) -> str:
+    """A counter sampled every minute from 0: `per_minute` more in each of `minutes`."""
+    parts, value = ["0"], 0.0
+    for per_minute, minutes in phases:
+        parts.append(f"{value + per_minute:.10g}+{per_minute:.10g}x{minutes - 1}")
+        value += per_minute * minutes
+    return " ".join(parts)
+
+
+def _traffic(*phases: tuple[float, float, float, int]) -> list[dict[str, str]]:
+    """Requests and latencies in phases of (share answered 5xx, share slower than the p95
+    bound, share slower than the p99 bound, minutes)."""
+    n = REQUESTS_PER_MINUTE
+
+    def counter(share_of: Any) -> str:
+        return _counter(*((n * share_of(p), p[3]) for p in phases))
+
+    latency = "mlgate_request_latency_seconds"
+    return [
+        _series("mlgate_requests_total", counter(lambda p: 1 - p[0]), status="200"),
+        _series("mlgate_requests_total", counter(lambda p: p[0]), status="500"),
+        _series(f"{latency}_bucket", counter(lambda p: 1 - p[1]), le="0.05"),
+        _series(f"{latency}_bucket", counter(lambda p: 1 - p[2]), le="0.2"),
+        _series(f"{latency}_bucket", counter(lambda p: 1), le="+Inf"),
+        _series(f"{latency}_count", counter(lambda p: 1)),
+    ]
+
+
+def _burns(minute: int, firing: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """An alert test per burn-rate alert at `minute`: those in `firing` at its severities."""
+    return [
+        {
+            "eval_time": f"{minute}m",
+            "alertname": alert,
+            "exp_alerts": [
+                {"exp_labels": {"model_name": MODEL, "severity": s, "slo": slo}}
+                for s in firing.get(slo, [])
+            ],
+        }
+        for slo, alert in ALERTS.items()
+    ]
+
+
+def _leading(minute: int, alert: str, fires: bool) -> dict[str, Any]:
+    labels = {**INSTANCE, "severity": "warning"}
+    return {
+        "eval_time": f"{minute}m",
+        "alertname": alert,
+        "exp_alerts": [{"exp_labels": labels}] if fires else [],
+    }
+
+
+def _without_annotations(rules: dict[str, Any]) -> dict[str, Any]:
+    bare = copy.deepcopy(rules)
+    for group in bare["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    return bare
+
+
+def _run_tests(
+    tmp_path: Path,
+    files: dict[str, tuple[dict[str, Any], list[dict]]],
+    evaluation_interval: str = "1m",
+) -> None:
+    """`promtool test rules` on one test file per entry: its rules and its test groups."""
+    tests = []
+    for name, (rules, groups) in files.items():
+        (tmp_path / f"{name}.rules.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
+        test = tmp_path / f"{name}.test.yml"
+        test.write_text(
+            yaml.safe_dump(
+                {
+                    "rule_files": [f"{name}.rules.yml"],
+                    "evaluation_interval": evaluation_interval,
+                    "tests": [{"interval": "1m", **g} for g in groups],
+                },
+                sort_keys=False,
+            )
+        )
+        tests.append(test)
+    done = _promtool("test", "rules", *tests)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _rules(slo: SloConfig) -> dict[str, Any]:
+    return build_slo_rules(slo, MODEL, 256, LATENCY_BUCKETS_S).to_dict()
+
+
+def test_cli_writes_rules_promtool_accepts(tmp_path: Path):
+    config = write_config(tmp_path, slo={"capacity_rps": 300, "runbook_url": "https://wiki/x"})
+    out = tmp_path / "mlgate-rules.yml"
+    result = CliRunner().invoke(app, ["slo", "rules", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "not generated: batcher queue depth" in result.output
+    checked = _promtool("check", "rules", out)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 31 rules found" in checked.stdout
+    assert out.read_text().startswith("# Prometheus rules for model churn")
+
+    printed = CliRunner().invoke(app, ["slo", "rules", "--config", str(config)])
+    assert printed.exit_code == 0 and "groups:" in printed.output
+
+
+def test_cli_refuses_a_latency_bound_that_is_no_bucket(tmp_path: Path):
+    config = write_config(tmp_path, slo={"latency_p95_s": 0.03})
+    result = CliRunner().invoke(app, ["slo", "rules", "--config", str(config)])
+    assert result.exit_code == EXIT_USAGE
+    assert "slo.latency_p95_s 0.03 is not a bound" in result.output
+
+
+@pytest.mark.parametrize("pair", SloConfig().burn_windows, ids=lambda p: f"{p.long}-{p.short}")
+def test_each_burn_window_pair_fires_above_its_rate_and_not_below(
+    tmp_path: Path, pair: SloConfig.BurnWindow
+):
+    rules = _without_annotations(_rules(SloConfig(burn_windows=(pair,))))
+    minutes = prom_duration_s(pair.long) // 60 + 10
+
+    def shares(scale: float) -> tuple[float, float, float, int]:
+        s = {slo: scale * pair.factor * budget for slo, budget in BUDGETS.items()}
+        return (s["availability"], s["latency_p95"], s["latency_p99"], minutes)
+
+    every = {slo: [pair.severity] for slo in ALERTS}
+    groups = [
+        {"input_series": _traffic(shares(1.05)), "alert_rule_test": _burns(minutes, every)},
+        {"input_series": _traffic(shares(0.95)), "alert_rule_test": _burns(minutes, {})},
+    ]
+    # Burn-rate alerts have no `for`: evaluating every 10 minutes tests the same thresholds,
+    # and days of series in seconds.
+    _run_tests(tmp_path, {"pair": (rules, groups)}, evaluation_interval="10m")
+
+
+def test_default_burn_rates_together(tmp_path: Path):
+    rules = _without_annotations(_rules(SLO))
+    both = ["page", "ticket"]
+    groups = [
+        # The issue's example on a 99.9 % objective: 2 % errors for an hour pages (1 % is
+        # a 10x burn, under the fast pair's 14.4x; it pages through 6h/30m at 6x), and
+        # 0.05 % (half the budget's rate) fires nothing.
+        {
+            "input_series": _traffic((0.02, 0.0, 0.0, 70)),
+            "alert_rule_test": _burns(65, {"availability": both}),
+        },
+        {
+            "input_series": _traffic((0.0005, 0.0, 0.0, 70)),
+            "alert_rule_test": _burns(65, {}),
+        },
+        # Six clean hours, then an hour of 3 % errors and 20 % of requests over 200 ms: the
+        # 6h windows are still under 6x, so only the fast pair pages.
+        {
+            "input_series": _traffic((0.0, 0.0, 0.0, 360), (0.03, 0.2, 0.2, 60)),
+            "alert_rule_test": _burns(420, {"availability": both, "latency_p99": both}),
+        },
+        # The same hour at 1.3 % errors and 12 % slow: under 14.4x, so no page.
+        {
+            "input_series": _traffic((0.0, 0.0, 0.0, 360), (0.013, 0.12, 0.12, 60)),
+            "alert_rule_test": _burns(420, {"availability": ["ticket"], "latency_p99": ["ticket"]}),
+        },
+        # An hour at 2 % then clean: paging while it lasts; half an hour after it stopped
+        # the page's short windows (5m, 30m) are clean and it has resolved, while the
+        # ticket (short windows 2h and 6h) stays.
+        {
+            "input_series": _traffic((0.02, 0.0, 0.0, 60), (0.0, 0.0, 0.0, 60)),
+            "alert_rule_test": [
+                *_burns(60, {"availability": both}),
+                *_burns(91, {"availability": ["ticket"]}),
+            ],
+        },
+    ]
+    _run_tests(tmp_path, {"defaults": (rules, groups)})
+
+
+def test_leading_indicators_fire_and_stay_quiet(tmp_path: Path):
+    rules = _without_annotations(_rules(SLO))
+    minutes = 30
+    calm = [
+        _series("mlgate_requests_total", _counter((3000, minutes)), status="200"),
+        _series("mlgate_requests_total", _counter((0, minutes)), status="503"),
+        _series("mlgate_batch_rows_sum", _counter((600, minutes))),
+        _series("mlgate_batch_rows_count", _counter((60, minutes))),
+        _series("mlgate_inference_log_rows_total", _counter((3000, minutes)), outcome="written"),
+        _series("mlgate_inference_log_rows_total", _counter((0, minutes)), outcome="dropped"),
+    ]
+    stressed = [
+        # 90 requests/s against a capacity of 100 (warns above 80), a 0.5 % of them shed.
+        _series("mlgate_requests_total", _counter((5373, minutes)), status="200"),
+        _series("mlgate_requests_total", _counter((27, minutes)), status="503"),
+        # 200 rows per ONNX Runtime call against a batch of at most 256 (warns above 128).
+        _series("mlgate_batch_rows_sum", _counter((12000, minutes))),
+        _series("mlgate_batch_rows_count", _counter((60, minutes))),
+        _series("mlgate_inference_log_rows_total", _counter((5000, minutes)), outcome="written"),
+        _series("mlgate_inference_log_rows_total", _counter((5, minutes)), outcome="dropped"),
+    ]
+    blip = [
+        # One minute of 503s: its 5m rate lasts five minutes, under the 10 minutes it needs.
+        _series("mlgate_requests_total", _counter((3000, minutes)), status="200"),
+        _series("mlgate_requests_total", _counter((0, 15), (30, 1), (0, 14)), status="503"),
+    ]
+    leading = ["MlgateBatcherShedding", "MlgateBatcherSaturated", "MlgateLoadNearCapacity"]
+    leading.append("MlgateInferenceLogDropping")
+    groups = [
+        {"input_series": calm, "alert_rule_test": [_leading(25, a, False) for a in leading]},
+        {"input_series": stressed, "alert_rule_test": [_leading(25, a, True) for a in leading]},
+        # Not yet: the condition holds from the first minute but warns only after 10m.
+        {"input_series": stressed, "alert_rule_test": [_leading(8, a, False) for a in leading]},
+        {
+            "input_series": blip,
+            "alert_rule_test": [_leading(m, "MlgateBatcherShedding", False) for m in (18, 25)],
+        },
+    ]
+    _run_tests(tmp_path, {"leading": (rules, groups)})
+
+
+def test_annotations_render_with_the_alert_values(tmp_path: Path):
+    rules = _rules(SLO)
+    burns = [r for r in rules["groups"][1]["rules"] if r.get("alert") == ALERTS["availability"]]
+
+    def rendered(annotations: dict[str, str]) -> dict[str, str]:
+        return {
+            key: text.replace("{{ $labels.model_name }}", MODEL).replace(
+                "{{ $value | humanizePercentage }}", "2%"
+            )
+            for key, text in annotations.items()
+        }
+
+    expected = [
+        {
+            "exp_labels": {"model_name": MODEL, **r["labels"]},
+            "exp_annotations": rendered(r["annotations"]),
+        }
+        for r in burns
+    ]
+    assert [e["exp_labels"]["severity"] for e in expected] == ["page", "ticket"]
+    assert expected[0]["exp_annotations"]["description"].startswith(
+        "2% of /predict answers were 5xx"
+    )
+    test = {
+        "input_series": _traffic((0.02, 0.0, 0.0, 70)),
+        "alert_rule_test": [
+            {
+                "eval_time": "65m",
+                "alertname": "MlgateAvailabilityBudgetBurn",
+                "exp_alerts": expected,
+            }
+        ],
+    }
+    _run_tests(tmp_path, {"annotations": (rules, [test])})
