@@ -408,7 +408,17 @@ for command in (promote, rollback, history, score):
 
 
 def main() -> None:
-    app(prog_name="mlgate")
+    """`mlgate`: the app, with a registry that cannot be reached (locked, missing, down)
+    said in one line, whichever command met it, instead of a traceback."""
+    try:
+        app(prog_name="mlgate")
+    except Exception as err:
+        from flows.registry import RegistryError
+
+        if not isinstance(err, RegistryError):
+            raise
+        _fail(str(err))
+        raise SystemExit(EXIT_ERROR) from None
 
 
 if __name__ == "__main__":

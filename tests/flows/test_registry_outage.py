@@ -9,6 +9,7 @@ naming the tensor."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -169,3 +170,26 @@ def test_registration_refuses_external_data_naming_the_tensor(tmp_path: Path) ->
     assert "'coefficients.bin'" in message
     assert client.search_model_versions(f"name='{cfg.registry.model_name}'") == []
     assert client.get_experiment_by_name(cfg.registry.experiment) is None
+
+
+def test_a_cli_command_on_a_missing_registry_says_it_in_one_line(tmp_path: Path) -> None:
+    """`mlgate` (its entry point, `flows.cli:main`) turns the registry's error into one line
+    and exit status 1, whichever command met it."""
+    path = write_config(tmp_path)
+    cfg = load_config(path).registry
+    registry.connect(cfg).search_experiments()
+    (cfg.store_dir / "mlflow.db").rename(tmp_path / "moved-away.db")
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "history", cfg.model_name, "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "2000"},  # rich would wrap the line at 80
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: registry database"), lines
+    assert "is missing" in lines[0]
+    assert not (cfg.store_dir / "mlflow.db").exists()
