@@ -701,8 +701,13 @@ def move_alias(
         try:
             client.set_registered_model_alias(name, alias, to_version)
         except BaseException:
+            # The call may have failed after the server applied it (a timeout, an interrupt
+            # after the commit): the alias, not the exception, says whether it moved. When
+            # it cannot be asked, the intent stays RUNNING for the next mover to settle.
             with contextlib.suppress(Exception):
-                client.set_terminated(run_id, "FAILED")
+                holder = get_alias_version(client, name, alias)
+                moved = holder is not None and str(holder.version) == str(to_version)
+                client.set_terminated(run_id, "FINISHED" if moved else "FAILED")
             raise
         client.set_terminated(run_id, "FINISHED")
         client.set_model_version_tag(name, to_version, f"{ALIAS_TAG_PREFIX}{alias}.since", _now())

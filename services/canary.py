@@ -397,7 +397,8 @@ class Controller:
         """An abort that arrived while this controller waited for another host's: carried
         out here (nothing of this canary took traffic yet), as `abort_canary` would."""
         state = self.store.read()
-        assert state is not None
+        if state is None:
+            raise CanaryError(f"the canary's state {self.paths.state} vanished while waiting")
         if not state.terminal and state.abort_requested:
             with contextlib.suppress(_Decided):
                 raise self.decide_rollback(
@@ -493,7 +494,7 @@ class Controller:
 
     def walk(self, state: CanaryState) -> None:
         champion = self.registry.champion_version()
-        if champion == state.candidate_version and state.canary is None:
+        if champion == state.candidate_version and not (state.canary or state.stable):
             raise self.already_champion(state)
         if champion != state.stable_version:
             raise self.decide_rollback(

@@ -229,6 +229,17 @@ def instance_home(host: str, port: int) -> Path:
     """A BentoML home for the instance on host:port: one address has one running server at
     a time, so no two running servers share it."""
     tag = re.sub(r"[^\w.-]", "_", host)
-    home = Path(tempfile.gettempdir()) / f"mlgate-bentoml-{os.getuid()}" / f"{tag}-{port}"
-    home.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.gettempdir()) / f"mlgate-bentoml-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    # A predictable name in a shared /tmp: another user could have made it first.
+    info = root.lstat()
+    if root.is_symlink() or info.st_uid != os.getuid():
+        raise ServiceStartError(
+            f"{root} is not a directory of this user (owner {info.st_uid}): remove it, or "
+            "give the instance a BENTOML_HOME"
+        )
+    if info.st_mode & 0o077:
+        root.chmod(0o700)
+    home = root / f"{tag}-{port}"
+    home.mkdir(exist_ok=True)
     return home

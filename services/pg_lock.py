@@ -105,6 +105,10 @@ def connect(dsn: str, application_name: str) -> psycopg.Connection[Any]:
             keepalives_idle=10,
             keepalives_interval=5,
             keepalives_count=3,
+            # The same on the server's side: it is the server that must notice a vanished
+            # holder and drop its locks, not after the kernel's default two hours.
+            options="-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 "
+            "-c tcp_keepalives_count=3",
         )
     except psycopg.Error as err:
         raise PgLockUnreachable(

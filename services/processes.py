@@ -33,9 +33,12 @@ def die_with_parent_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | N
     prctl = _prctl
     if prctl is None:
         return None
+    parent = os.getpid()
 
     def preexec() -> None:
         prctl(_PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), sig)
 
     return preexec
 

@@ -46,6 +46,8 @@ def test_a_killed_monitor_command_leaves_no_prefect_server(tmp_path):
     try:
         server = _prefect_server_under(cli.pid, timeout_s=180)
     finally:
+        # Still running: a command that had ended would have stopped its server itself.
+        assert cli.poll() is None, "monitor ended before it could be killed"
         cli.kill()
         cli.wait(timeout=30)
     deadline = time.monotonic() + 30

@@ -4,12 +4,14 @@ registry (tests/services/conftest.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -54,14 +56,22 @@ def test_two_services_on_one_host_keep_their_own_metrics(registry: Registry, mon
     with start_service(registry.config_path, ref, port=free_port(), env=env) as first:
         first.wait_ready(timeout=START_TIMEOUT_S)
         _predict(first.url, registry, 7)
-        time.sleep(1.5)  # the service adds its counts to the shared values every second
-        assert _requests_answered(first.url) == 7
+        # The service adds its counts to the shared values every second.
+        assert _eventually(lambda: _requests_answered(first.url) == 7)
         with start_service(registry.config_path, ref, port=free_port(), env=env) as second:
             second.wait_ready(timeout=START_TIMEOUT_S)
             _predict(second.url, registry, 3)
-            time.sleep(1.5)
-            assert _requests_answered(second.url) == 3
+            assert _eventually(lambda: _requests_answered(second.url) == 3)
             assert _requests_answered(first.url) == 7
+
+
+def _eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _serve(registry: Registry, port: int) -> subprocess.Popen[bytes]:
@@ -101,9 +111,18 @@ def test_mlgate_serve_leaves_nothing_behind(registry: Registry, sig: signal.Sign
     port = free_port()
     proc = _serve(registry, port)
     servers = [p for p in process_tree(proc.pid) if p != proc.pid]
-    assert servers, "no BentoML process under mlgate serve"
-    os.kill(proc.pid, sig)
-    proc.wait(timeout=60)
-    assert _all_gone(servers, timeout_s=60) == []
+    try:
+        assert servers, "no BentoML process under mlgate serve"
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+        left = _all_gone(servers, timeout_s=60)
+    finally:  # whatever a failure left, so that the test leaks nothing
+        if proc.poll() is None:
+            proc.kill()
+        for pid in servers:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert left == []
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
