@@ -40,6 +40,8 @@ endif
 prometheus:
 ifeq ($(PROMTOOL),)
 	$(APT) update -qq && $(APT) install -y -qq --no-install-recommends prometheus >/dev/null
+	@# Only promtool is wanted: where systemd started the packaged server, stop it.
+	@-command -v systemctl >/dev/null 2>&1 && $(SUDO) systemctl disable --now prometheus >/dev/null 2>&1 || true
 endif
 
 $(STAMP): pyproject.toml uv.lock
