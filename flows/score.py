@@ -32,6 +32,7 @@ from checks.result import GateResult, GateStatus
 from flows.fan_out import run_tasks
 from models.batch import (
     BATCH_ROWS,
+    PARTITION_ROWS,
     BatchModel,
     BatchPlan,
     BatchTarget,
@@ -58,6 +59,8 @@ BATCH_KIND = "batch_score"  # the `kind` tag of a batch's run in the monitoring 
 
 @dataclass
 class ScoringOutcome:
+    """One scored batch: where it came from and went, its counts, time and gates."""
+
     model_name: str
     model_version: str
     input: str
@@ -106,6 +109,7 @@ def fetch_model(cfg: MlgateConfig, ref: ModelRef) -> BatchModel:
     from services.model_store import load_registered_model
 
     loaded = load_registered_model(cfg.registry.resolved_tracking_uri(), ref)
+    # The service refuses the same at start-up (services/service.py, which imports BentoML).
     dataset = cfg.dataset
     for kind, configured in (
         ("numeric", dataset.numeric_features),
@@ -120,8 +124,17 @@ def fetch_model(cfg: MlgateConfig, ref: ModelRef) -> BatchModel:
     return BatchModel(loaded.version, loaded.sha256, loaded.schema, loaded.content)
 
 
-def plan_input(cfg: MlgateConfig, source: Path, model: BatchModel) -> BatchPlan:
-    return plan_batch(source, model.schema, cfg.dataset.id_column, cfg.serving.max_category_chars)
+def plan_input(
+    cfg: MlgateConfig, source: Path, model: BatchModel, partition_rows: int
+) -> BatchPlan:
+    """The input's partitions, checked for the model's features (metadata only)."""
+    return plan_batch(
+        source,
+        model.schema,
+        cfg.dataset.id_column,
+        cfg.serving.max_category_chars,
+        partition_rows=partition_rows,
+    )
 
 
 @contextmanager
@@ -307,22 +320,25 @@ def score_flow(
     alias: str | None = None,
     progress: bool = False,
     batch_rows: int = BATCH_ROWS,
+    partition_rows: int = PARTITION_ROWS,
 ) -> ScoringOutcome:
     """Score `input_path` (CSV, Parquet, or a folder of Parquet parts) with a version (or
     an alias; default: what the service serves) into `output_path` (Parquet) and the rejects
-    file beside it; `progress` draws a bar on the terminal."""
+    file beside it; `progress` draws a bar on the terminal. Throughput is the rows over the
+    time from the first partition's start to the output in place."""
     cfg = load_config(config_path)
     source = Path(input_path)
     target = batch_target(Path(output_path), source)
     model = fetch(cfg, model_ref(cfg, version, alias))
-    work = plan(cfg, source, model)
+    work = plan(cfg, source, model, partition_rows)
+    # Read while the batch is scored: only the gates at the end need it.
+    reference = read_version_reference.submit(cfg, model.version)
     started = time.perf_counter()
     with staging_dir(target) as staging:
         parts = score_partitions(work, model, staging, cfg.dask, batch_rows, progress)
         join(parts, work.layout, target, staging)
     seconds = time.perf_counter() - started
     sample = join_samples(parts, work.layout).to_pandas()
-    reference = read_version_reference(cfg, model.version)
     outcome = ScoringOutcome(
         model_name=cfg.registry.model_name,
         model_version=model.version,
@@ -335,6 +351,6 @@ def score_flow(
         partitions=len(parts),
         seconds=seconds,
         sample_rows=len(sample),
-        gates=judge_sample(cfg, sample, reference),
+        gates=judge_sample(cfg, sample, reference.result()),
     )
     return finish_scoring(cfg, outcome)
