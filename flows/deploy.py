@@ -28,6 +28,8 @@ deploy:
 from __future__ import annotations
 
 import contextlib
+import shlex
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,6 +45,7 @@ from flows.deployments import (
     deployment_specs,
 )
 from models.config import MlgateConfig, OrchestrationConfig, env_override_name
+from services.stack import warm_socket_dir
 
 if TYPE_CHECKING:
     from prefect.events.schemas.automations import AutomationCore
@@ -130,13 +133,28 @@ def deploy_team(cfg: MlgateConfig, config_path: Path, *, schedules_active: bool 
                 description=spec.description,
                 tags=[*spec.tags, cfg.registry.model_name],
                 work_pool_name=orch.work_pool,
-                job_variables={"env": run_env(cfg)},
+                job_variables=job_variables(cfg),
             )
             ids[spec.name] = deployment.apply()
         automations = {
             a.name: str(_upsert_automation(client, a)) for a in crash_automations(cfg, config, ids)
         }
     return Deployed({name: str(i) for name, i in ids.items()}, automations)
+
+
+def job_variables(cfg: MlgateConfig) -> dict[str, Any]:
+    """What a deployment sets for its runs on the process work pool: their environment and,
+    when the stack starts the workers with warm processes, the command that forks a run from
+    its worker's warm process (flows/warm_client.py; it starts cold where there is none).
+    The command names this interpreter: the stack's workers run on it. Workers of your own
+    get Prefect's default command."""
+    variables: dict[str, Any] = {"env": run_env(cfg)}
+    if cfg.stack.prefect.start and cfg.stack.prefect.warm_start:
+        sockets = warm_socket_dir(cfg.stack, cfg.registry)
+        variables["command"] = shlex.join(
+            [sys.executable, "-m", "flows.warm_client", "--socket-dir", str(sockets)]
+        )
+    return variables
 
 
 def run_env(cfg: MlgateConfig) -> dict[str, str]:

@@ -388,6 +388,12 @@ class StackConfig(_Section):
         start: bool = True
         port: int = Field(default=4200, ge=1, le=65535)
         workers: int = Field(default=2, ge=0)
+        # Each worker beside a warm process that has imported mlgate's flows and forks their
+        # runs (flows/warm_start.py); false: a fresh `python -m prefect.engine` per run.
+        warm_start: bool = True
+        # Seconds between a worker's queries for runs to start (Prefect's default is 10: a
+        # run submitted on demand would wait 5 s on average before a worker takes it).
+        poll_s: float = Field(default=2.0, gt=0.0)
         # None: a database on the stack's PostgreSQL (`postgresql+asyncpg://...` otherwise).
         database_url: SecretStr | None = None
 

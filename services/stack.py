@@ -730,7 +730,37 @@ def _spawn_prefect_worker(lay: _Layout, index: int, auth: str) -> _Proc:
     # started here, the alias lock's DSN included (a secret, never put in a deployment).
     clients = client_settings(lay.stack, lay.registry, lay.orchestration, lay.dask)
     env = _prefect_env(lay, auth, clients)
+    env["PREFECT_WORKER_QUERY_SECONDS"] = str(lay.stack.prefect.poll_s)
     return _spawn(lay.dir, f"prefect-worker-{index}", argv, env, cwd=workdir)
+
+
+def warm_socket_dir(stack: StackConfig, registry: RegistryConfig) -> Path:
+    """Where the workers' warm processes listen (flows/warm_start.py), one socket each."""
+    return stack_dir(stack, registry) / "prefect" / "warm"
+
+
+def _spawn_warm_start(lay: _Layout, index: int, auth: str) -> _Proc:
+    """The warm process of worker `index`: its environment is the worker's, since its runs
+    are the worker's runs."""
+    directory = warm_socket_dir(lay.stack, lay.registry)
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    sock = directory / f"{_worker_name('prefect', index)}.sock"
+    argv = [sys.executable, "-m", "flows.warm_start", str(sock)]
+    clients = client_settings(lay.stack, lay.registry, lay.orchestration, lay.dask)
+    env = _prefect_env(lay, auth, clients)
+    workdir = lay.dir / "prefect" / f"worker-{index}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    return _spawn(lay.dir, f"prefect-warm-{index}", argv, env, cwd=workdir)
+
+
+def _warm_listening(lay: _Layout, index: int) -> bool:
+    directory = warm_socket_dir(lay.stack, lay.registry)
+    return (directory / f"{_worker_name('prefect', index)}.sock").exists()
+
+
+def _warm_check(lay: _Layout, index: int) -> Callable[[], str]:
+    return lambda: "" if _warm_listening(lay, index) else "not listening yet"
 
 
 def _prefect_workers_online(lay: _Layout, auth: str | None) -> set[str]:
@@ -880,6 +910,8 @@ def start_stack(
             # A worker creates the process work pool when it is missing (concurrent creators
             # are fine) and fills in its default job template.
             for i, name in enumerate(prefect_workers, start=1):
+                if stack.prefect.warm_start:
+                    ensure(f"prefect-warm-{i}", functools.partial(_spawn_warm_start, lay, i, auth))
                 ensure(name, functools.partial(_spawn_prefect_worker, lay, i, auth))
         if stack.mlflow.start:
             uri = f"http://{HOST}:{stack.mlflow.port}"
@@ -898,6 +930,14 @@ def start_stack(
                 f"{len(prefect_workers)} Prefect workers polling {orchestration.work_pool!r}",
                 lambda: set(prefect_workers.values()) <= _prefect_workers_online(lay, auth),
                 [procs[n] for n in prefect_workers],
+                deadline,
+            )
+        if stack.prefect.start and stack.prefect.warm_start:
+            warm = range(1, stack.prefect.workers + 1)
+            _wait_until(
+                f"{len(warm)} warm processes importing mlgate's flows",
+                lambda: all(_warm_listening(lay, i) for i in warm),
+                [procs[f"prefect-warm-{i}"] for i in warm],
                 deadline,
             )
     return stack_status(stack, registry, orchestration, dask)
@@ -968,6 +1008,8 @@ def stack_status(
             wname = _worker_name("prefect", i)
             absent = f"not ONLINE in work pool {orchestration.work_pool!r}"
             part(f"prefect-worker-{i}", wname, True, True, online.check_has(wname, absent))
+            if stack.prefect.warm_start:
+                part(f"prefect-warm-{i}", wname, True, True, _warm_check(lay, i))
 
     if stack.dask.start:
         address = f"tcp://{HOST}:{stack.dask.port}"
@@ -1043,5 +1085,13 @@ def stop_stack(stack: StackConfig, registry: RegistryConfig) -> list[str]:
 
 
 def _stop_rank(name: str) -> int:
-    order = ["prefect-worker", "dask-worker", "prefect", "mlflow", "dask-scheduler", "postgres"]
+    order = [
+        "prefect-worker",
+        "prefect-warm",
+        "dask-worker",
+        "prefect",
+        "mlflow",
+        "dask-scheduler",
+        "postgres",
+    ]
     return next(i for i, prefix in enumerate(order) if name.startswith(prefix))

@@ -47,7 +47,9 @@ def test_status_lists_every_part_up_on_loopback(team: Team):
         "mlflow",
         "prefect",
         "prefect-worker-1",
+        "prefect-warm-1",
         "prefect-worker-2",
+        "prefect-warm-2",
         "dask-scheduler",
         "dask-worker-1",
         "dask-worker-2",
@@ -61,7 +63,7 @@ def test_status_lists_every_part_up_on_loopback(team: Team):
     result = CliRunner().invoke(
         app, ["stack", "status", "--json", "--config", str(team.config_path)]
     )
-    assert [p["healthy"] for p in json.loads(result.output)] == [True] * 8
+    assert [p["healthy"] for p in json.loads(result.output)] == [True] * 10
 
 
 def test_a_dead_part_fails_status_and_up_restarts_only_it(team: Team):

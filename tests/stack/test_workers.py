@@ -251,6 +251,7 @@ def test_deploy_applies_the_deployments_and_the_crash_automations(workers: Worke
         assert training.work_pool_name == workers.cfg.orchestration.work_pool
         assert training.parameters == {"config_path": str(workers.config_path)}
         assert training.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+        assert "-m flows.warm_client --socket-dir" in training.job_variables["command"]
         assert training.pull_steps == [
             {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
         ]
@@ -280,6 +281,10 @@ def test_training_runs_on_a_worker_and_registers_a_version_with_its_evidence(
     assert done.work_pool_name == workers.cfg.orchestration.work_pool
     # The worker logged taking the run, under its name.
     assert worker in logs, logs[-2000:]
+    # Forked from the worker's warm process (flows/warm_start.py), not a fresh interpreter.
+    logs_dir = st.stack_dir(workers.cfg.stack, workers.cfg.registry) / "logs"
+    warm_logs = [log.read_text() for log in logs_dir.glob("prefect-warm-*.log")]
+    assert any(f"flow run {run_id} forked" in log for log in warm_logs), warm_logs
     print(
         f"training via {worker} (pid {worker_pid}), run pid {pid}: "
         f"{time.monotonic() - started:.0f} s"
