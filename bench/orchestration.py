@@ -291,7 +291,9 @@ def report(
             f"Median: in-process {base:.1f} s; through the server and a worker, warm "
             f"{warm_total:.1f} s (overhead {warm_total - base:.1f} s, **{warm_share:.0%}**), "
             f"cold {cold_total:.1f} s (overhead {cold_total - base:.1f} s, {cold_share:.0%}). "
-            f"The goal is ≤ {GOAL:.0%}: the warm path {verdict} it.",
+            f"The goal is ≤ {GOAL:.0%}: the warm path {verdict} it for this flow; its "
+            f"overhead is about fixed per run, so it holds for flows of "
+            f"{(warm_total - base) / GOAL:.0f} s or more on this host.",
             "",
             f"Where it goes: Prefect's scheduling, a worker taking the run and this client "
             f"seeing the end, is {scheduling:.1f} s (median, warm runs). Pending→Running, the "
@@ -315,7 +317,7 @@ def write_section(text: str) -> None:
         head, rest = existing.split(SECTION, 1)
         nxt = rest.find("\n## ")
         tail = rest[nxt + 1 :] if nxt >= 0 else ""
-        existing = head + text + ("\n" + tail if tail else "")
+        existing = head + text + ("\n\n" + tail if tail else "")
     else:
         existing = existing.rstrip("\n") + "\n\n" + text
     RESULTS.write_text(existing.rstrip("\n") + "\n")

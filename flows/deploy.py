@@ -9,7 +9,9 @@ workers need that file at that path too), the config's crons, and the team serve
 addresses as the deployer resolves them (`run_env`). Secrets never go into a deployment
 (the API shows job variables): the MLflow password, the lock DSN and Prefect's auth string
 reach a run through the config file or its worker's environment (`mlgate stack up` starts
-the workers with the caller's environment, MLGATE_ settings included).
+the workers with the caller's environment, MLGATE_ settings included). When the stack starts
+the workers with warm processes, the deployments' command forks each run from its worker's
+warm process (`job_variables`, flows/warm_start.py).
 
 A worker that dies takes its flow-run process with it and Prefect marks nothing (see
 `flows/reconcile.py` for the reasoning). The automations created here, replaced on every

@@ -58,11 +58,25 @@ PRELOAD = (
     "onnx",
     "onnxruntime",
     "evidently",
-    "matplotlib",
+    "matplotlib.pyplot",
     "mlflow.artifacts",
     "sklearn.calibration",
     "sklearn.metrics",
     "apprise",
+    # Imported by the libraries themselves on a run's first steps (found by diffing
+    # sys.modules around a first training run after the imports above).
+    "prefect.utilities.visualization",
+    "prefect.utilities.schema_tools",
+    "prefect.locking._filelock",
+    "prefect._vendor.croniter",
+    "mlflow.store.analytics",
+    "mlflow.tracing.otel",
+    "mlflow.utils.crypto",
+    "pyarrow.dataset",
+    "pyarrow.parquet",
+    "pyarrow.pandas_compat",
+    "narwhals",
+    "skl2onnx.algebra.onnx_operator_mixin",
 )
 # The client's message: a 4-byte big-endian length, then that many bytes of JSON.
 HEADER = struct.Struct(">I")
@@ -101,6 +115,10 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
     missing = []
     for name in modules:
         try:
+            if name == "matplotlib.pyplot":
+                # The backend the model report uses (flows/model_report.py), chosen before
+                # pyplot loads it; the run choosing it again is a no-op.
+                importlib.import_module("matplotlib").use("Agg")
             importlib.import_module(name)
         except Exception as err:
             missing.append(f"{name} ({type(err).__name__}: {err})")
