@@ -48,29 +48,41 @@ def connect(path: Path) -> socket.socket | None:
 def warm_start(sock: socket.socket, argv: list[str]) -> int | None:
     """Run in the warm process; returns the run's exit code, or None when it never started
     (then a cold start is still safe)."""
+    run: list[int] = []  # the run's pid, once the warm process has said it
+    pending: list[int] = []  # signals that came before that
+
+    def forward(signum: int, _frame: object = None) -> None:
+        if not run:
+            pending.append(signum)
+            return
+        # The run leads its own session once it has called setsid; until then, itself.
+        try:
+            os.killpg(run[0], signum)
+        except ProcessLookupError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(run[0], signum)
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
     body = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     socket.send_fds(sock, [HEADER.pack(len(body)) + body], [0, 1, 2])
     lines = sock.makefile("r", encoding="utf-8")
     first = lines.readline().strip()
     if not first.startswith("pid "):
+        if pending:
+            # Stopped before any run started: nothing to start cold either.
+            return 128 + pending[0]
         print(f"warm start refused ({first or 'no answer'}): starting cold", file=sys.stderr)
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
         return None
-    pid = int(first.split()[1])
-
-    def forward(signum: int, _frame: object) -> None:
-        # The run leads its own session once it has called setsid; until then, itself.
-        try:
-            os.killpg(pid, signum)
-        except ProcessLookupError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
+    run.append(int(first.split()[1]))
+    for signum in pending:
+        forward(signum)
     last = lines.readline().strip()
     if last.startswith("exit "):
         return int(last.split()[1])
-    print(f"the warm process went away during run pid {pid}", file=sys.stderr)
+    print(f"the warm process went away during run pid {run[0]}", file=sys.stderr)
     return 1
 
 

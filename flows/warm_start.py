@@ -18,6 +18,9 @@ directory, nor run a module as `__main__`). This server is that missing piece, k
   (cancellation), and a client that vanishes (its worker SIGKILLed) gets its child's whole
   session SIGKILLed: a run dies with its worker as a cold one does, so the heartbeat
   automation (flows/deploy.py) sees it stop.
+- A run forked here runs the mlgate code imported at start: once a file of mlgate's packages
+  changes (a `git pull` on the workers' checkout), new runs are sent back to start cold and
+  the process re-executes itself, with fresh imports, when its last run has ended.
 
 One loop, no threads, so that the process stays safe to fork: accept, read a client's
 message, fork, and every `_TICK_S` reap children and report their exit codes.
@@ -78,6 +81,9 @@ PRELOAD = (
     "narwhals",
     "skl2onnx.algebra.onnx_operator_mixin",
 )
+# mlgate's own packages: a change under them makes the imported copies stale.
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = tuple(REPO / package for package in ("flows", "models", "checks", "services"))
 # The client's message: a 4-byte big-endian length, then that many bytes of JSON.
 HEADER = struct.Struct(">I")
 # What a run executes: the module Prefect's cold command runs (`python -m prefect.engine`).
@@ -131,10 +137,33 @@ class _Run:
     conn: socket.socket
 
 
-def serve(path: Path, modules: tuple[str, ...] = PRELOAD, run_module: str = ENGINE) -> None:
+def source_fingerprint(roots: tuple[Path, ...]) -> tuple[tuple[str, int, int], ...]:
+    """Path, mtime and size of every Python file under `roots`: what a run would import."""
+    files = []
+    for root in roots:
+        for source in sorted(Path(root).rglob("*.py")):
+            with contextlib.suppress(OSError):
+                st = source.stat()
+                files.append((str(source), st.st_mtime_ns, st.st_size))
+    return tuple(files)
+
+
+def serve(
+    path: Path,
+    modules: tuple[str, ...] = PRELOAD,
+    run_module: str = ENGINE,
+    watch: tuple[Path, ...] = SOURCES,
+) -> bool:
     """Import `modules`, then fork runs of `run_module` (as `__main__`) for clients on `path`
-    until SIGTERM or SIGINT."""
+    until SIGTERM or SIGINT (returns False), or until a file under `watch` has changed since
+    the imports and no run is left (returns True: the caller starts afresh).
+
+    A run forked from here runs the code imported at start, not what a checkout updated
+    since (a cold run would import the new one). So each client's request first compares
+    `watch` with how it was: changed, the client is told to start cold, and this process
+    restarts as soon as its last run has ended."""
     missing = preload(modules)
+    fingerprint = source_fingerprint(watch)
     for line in missing:
         print(f"warm start: not preloaded: {line}", file=sys.stderr, flush=True)
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
@@ -166,11 +195,13 @@ def serve(path: Path, modules: tuple[str, ...] = PRELOAD, run_module: str = ENGI
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     runs: dict[int, _Run] = {}  # by child pid
+    stale = False
     try:
-        while not stopping:
+        while not stopping and not (stale and not runs):
             for key, _ in selector.select(_TICK_S):
                 if key.fileobj is listener:
-                    run = _accept(listener, selector, runs, run_module)
+                    stale = stale or source_fingerprint(watch) != fingerprint
+                    run = _accept(listener, selector, runs, run_module, stale)
                     if run is not None:
                         runs[run.pid] = run
                         selector.register(run.conn, selectors.EVENT_READ, run.pid)
@@ -184,6 +215,9 @@ def serve(path: Path, modules: tuple[str, ...] = PRELOAD, run_module: str = ENGI
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    if stale:
+        print("warm start: mlgate's code changed: restarting", file=sys.stderr, flush=True)
+    return stale
 
 
 def _accept(
@@ -191,6 +225,7 @@ def _accept(
     selector: selectors.BaseSelector,
     runs: dict[int, _Run],
     module: str,
+    stale: bool,
 ) -> _Run | None:
     try:
         conn, _ = listener.accept()
@@ -200,6 +235,8 @@ def _accept(
     fds: list[int] = []
     try:
         message, fds = _read_message(conn)
+        if stale:
+            raise WarmStartError("mlgate's code changed since this process imported it")
         pid = os.fork()
     except Exception as err:
         for fd in fds:
@@ -363,13 +400,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preload", help="comma-separated modules to import first (default: PRELOAD)"
     )
+    parser.add_argument(
+        "--watch",
+        type=Path,
+        action="append",
+        help="a directory whose Python files the runs import (default: mlgate's packages)",
+    )
     args = parser.parse_args(argv)
     modules = tuple(m for m in args.preload.split(",") if m) if args.preload else PRELOAD
+    watch = tuple(args.watch) if args.watch else SOURCES
     try:
-        serve(args.socket, modules, args.run_module)
+        restart = serve(args.socket, modules, args.run_module, watch)
     except WarmStartError as err:
         print(f"warm start: {err}", file=sys.stderr)
         return 1
+    if restart:
+        # Same pid (the stack's record of this process stays true), fresh imports.
+        own = sys.argv[1:] if argv is None else argv
+        os.execv(sys.executable, [sys.executable, "-m", "flows.warm_start", *own])
     return 0
 
 

@@ -38,6 +38,9 @@ def _wait(what: str, check, timeout: float = 60.0) -> None:
 def warm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     sockets = tmp_path / "sockets"
     sock = socket_path(sockets, WORKER)
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    (sources / "code.py").write_text("VERSION = 1\n")
     server = subprocess.Popen(
         [
             sys.executable,
@@ -48,6 +51,8 @@ def warm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
             "tests.flows.warm_target",
             "--preload",
             "decimal,tests.flows.warm_target",
+            "--watch",
+            str(sources),
         ],
         cwd=REPO,
         stderr=subprocess.PIPE,
@@ -155,3 +160,30 @@ def test_a_warm_process_refuses_to_fork_when_an_import_started_a_thread(tmp_path
     assert done.returncode == 1
     assert "started threads ['warm-thread-test']" in done.stderr
     assert not (tmp_path / "w.sock").exists()
+
+
+def test_changed_code_sends_runs_cold_and_the_warm_process_restarts_once_idle(warm, tmp_path: Path):
+    server, sockets = warm
+    sock = socket_path(sockets, WORKER)
+    busy = _client(sockets, tmp_path, "sleep")
+    assert busy.stdout is not None
+    json.loads(busy.stdout.readline())
+    (tmp_path / "sources" / "code.py").write_text("VERSION = 2\n")
+
+    # While a run is in flight: refused, so this one starts cold (Prefect's engine here).
+    cold = _client(sockets, tmp_path, "", "not-a-uuid")
+    _, err = cold.communicate(timeout=300)
+    assert "code changed since this process imported it" in err
+    assert cold.returncode == 1 and "Invalid flow run id" in err
+    assert pid_alive(server.pid) and sock.exists(), "no restart under a running run"
+
+    busy.send_signal(signal.SIGTERM)
+    busy.communicate(timeout=60)
+    assert busy.returncode == 7
+    # Idle now: the same process re-executes itself and listens again, warm.
+    _wait("the socket to go", lambda: not sock.exists(), timeout=30)
+    _wait("the socket again", sock.exists, timeout=120)
+    again = _client(sockets, tmp_path, "")
+    out, err = again.communicate(timeout=60)
+    assert again.returncode == 3, err
+    assert json.loads(out.splitlines()[0])["ppid"] == server.pid

@@ -285,6 +285,8 @@ def test_training_runs_on_a_worker_and_registers_a_version_with_its_evidence(
     logs_dir = st.stack_dir(workers.cfg.stack, workers.cfg.registry) / "logs"
     warm_logs = [log.read_text() for log in logs_dir.glob("prefect-warm-*.log")]
     assert any(f"flow run {run_id} forked" in log for log in warm_logs), warm_logs
+    # The forked run's own logs reached the server (shipped at its exit, as in a cold run).
+    assert "Finished in state Completed" in logs, logs[-2000:]
     print(
         f"training via {worker} (pid {worker_pid}), run pid {pid}: "
         f"{time.monotonic() - started:.0f} s"
