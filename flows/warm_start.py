@@ -20,7 +20,8 @@ directory, nor run a module as `__main__`). This server is that missing piece, k
   automation (flows/deploy.py) sees it stop.
 - A run forked here runs the mlgate code imported at start: once a file of mlgate's packages
   changes (a `git pull` on the workers' checkout), new runs are sent back to start cold and
-  the process re-executes itself, with fresh imports, when its last run has ended.
+  the process re-executes itself, with fresh imports, when its last run has ended (checked
+  at each request, and every `_IDLE_CHECK_S` while idle).
 
 One loop, no threads, so that the process stays safe to fork: accept, read a client's
 message, fork, and every `_TICK_S` reap children and report their exit codes.
@@ -41,6 +42,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -91,6 +93,7 @@ ENGINE = "prefect.engine"
 MAX_MESSAGE = 4 * 1024 * 1024
 STDIO_FDS = 3
 _TICK_S = 0.2
+_IDLE_CHECK_S = 5.0
 _READ_TIMEOUT_S = 10.0
 
 
@@ -162,8 +165,8 @@ def serve(
     since (a cold run would import the new one). So each client's request first compares
     `watch` with how it was: changed, the client is told to start cold, and this process
     restarts as soon as its last run has ended."""
+    fingerprint = source_fingerprint(watch)  # before the imports: a change during them counts
     missing = preload(modules)
-    fingerprint = source_fingerprint(watch)
     for line in missing:
         print(f"warm start: not preloaded: {line}", file=sys.stderr, flush=True)
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
@@ -196,8 +199,14 @@ def serve(
     selector.register(listener, selectors.EVENT_READ)
     runs: dict[int, _Run] = {}  # by child pid
     stale = False
+    checked = time.monotonic()
     try:
         while not stopping and not (stale and not runs):
+            if not runs and time.monotonic() - checked > _IDLE_CHECK_S:
+                # Idle: restart on a change now, so that the next run finds fresh imports.
+                stale = stale or source_fingerprint(watch) != fingerprint
+                checked = time.monotonic()
+                continue
             for key, _ in selector.select(_TICK_S):
                 if key.fileobj is listener:
                     stale = stale or source_fingerprint(watch) != fingerprint
@@ -215,6 +224,8 @@ def serve(
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    if stopping:
+        return False
     if stale:
         print("warm start: mlgate's code changed: restarting", file=sys.stderr, flush=True)
     return stale

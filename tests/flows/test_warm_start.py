@@ -187,3 +187,14 @@ def test_changed_code_sends_runs_cold_and_the_warm_process_restarts_once_idle(wa
     out, err = again.communicate(timeout=60)
     assert again.returncode == 3, err
     assert json.loads(out.splitlines()[0])["ppid"] == server.pid
+
+
+def test_an_idle_warm_process_restarts_on_changed_code_without_waiting_for_a_run(
+    warm, tmp_path: Path
+):
+    server, sockets = warm
+    sock = socket_path(sockets, WORKER)
+    (tmp_path / "sources" / "code.py").write_text("VERSION = 3\n")
+    _wait("the socket to go", lambda: not sock.exists(), timeout=30)
+    _wait("the socket again", sock.exists, timeout=120)
+    assert server.poll() is None, "re-executed in place, not exited"

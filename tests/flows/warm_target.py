@@ -9,8 +9,17 @@ import signal
 import sys
 import time
 
+
+def stop(signum: int, _frame: object) -> None:
+    print(f"got signal {signum}", flush=True)
+    sys.exit(7)
+
+
 if __name__ == "__main__":
     ask = os.environ.get("WARM_TARGET", "")
+    if ask == "sleep":
+        # Before the report: a test signals as soon as it has read it.
+        signal.signal(signal.SIGTERM, stop)
     report = {
         "pid": os.getpid(),
         "ppid": os.getppid(),
@@ -23,11 +32,5 @@ if __name__ == "__main__":
     }
     print(json.dumps(report), flush=True)
     if ask == "sleep":
-
-        def stop(signum: int, _frame: object) -> None:
-            print(f"got signal {signum}", flush=True)
-            sys.exit(7)
-
-        signal.signal(signal.SIGTERM, stop)
         time.sleep(120)
     sys.exit(3)
