@@ -8,6 +8,7 @@ service's `bentoml serve` child where it is (`services/bento_service.py`).
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -226,6 +227,24 @@ class ServingConfig(_Section):
     rate_limit_per_s: float = Field(default=100.0, gt=0.0)
     rate_limit_burst: int = Field(default=200, ge=1)
     request_timeout_s: float = Field(default=60.0, gt=0.0)
+    # Who may read /metrics, /model, /docs.json and the API page without a key: `local`
+    # (processes on this host's loopback that no proxy forwarded: the canary controller, a
+    # Prometheus beside the service), `key` (nobody), `public` (everyone).
+    internal_endpoints: Literal["local", "key", "public"] = "local"
+    # The Swagger UI page at `/`, from BentoML's own files and no third-party script; it reads
+    # /docs.json, so it works for whoever `internal_endpoints` lets read that. Off: a 404.
+    docs_page: bool = False
+    # Failed authentications (401/403) per client address: a burst, then this many a second;
+    # past that the address gets 429s. This host's own unproxied processes are not counted.
+    failed_auth_per_s: float = Field(default=0.2, gt=0.0)
+    failed_auth_burst: int = Field(default=20, ge=1)
+    # Peers whose X-Forwarded-For names the client (the canary's HAProxy runs on loopback).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # Slow clients: a request's headers must all arrive within header_timeout_s of its first
+    # byte (or of the connection's start); an idle keep-alive connection closes after
+    # keep_alive_s.
+    header_timeout_s: float = Field(default=10.0, gt=0.0)
+    keep_alive_s: int = Field(default=5, ge=1)
     access_log: bool = False
     trace_requests: bool = False
     inference_log_dir: Path | None = None
@@ -235,6 +254,19 @@ class ServingConfig(_Section):
     inference_log_max_queued_rows: int = Field(default=100_000, ge=1)
     inference_log_flush_rows: int = Field(default=20_000, ge=1)
     inference_log_flush_s: float = Field(default=5.0, gt=0.0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, proxies: tuple[str, ...]) -> tuple[str, ...]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_address(proxy)
+            except ValueError:
+                raise ValueError(
+                    f"{proxy!r} is not an IP address (a trusted proxy is named by the address "
+                    "it connects from)"
+                ) from None
+        return proxies
 
     @field_validator("inference_log_uri")
     @classmethod

@@ -5,7 +5,8 @@ ahead of the FastAPI app that documents it (services/service.py): FastAPI's per-
 dependency solving and Starlette's Request/Response objects cost a third of the single-row
 throughput on a 2-core host (1,750 against 2,600 requests/s, constant handler).
 
-A request, in order: API key and rate limit (401/403/429, before the body is read), its
+A request, in order: API key, its rate limit and its address's failed-authentication limit
+(401/403/429, before the body is read; services/auth.py), its
 Content-Type and Content-Encoding (415, before the body is read), body size (413 from
 Content-Length, or while reading), decoding and validation (400/413/422), then the adaptive
 batcher, scores checked, the response, metrics, and the inference log queue. Nothing a
@@ -29,7 +30,7 @@ import numpy as np
 import orjson
 
 from models.config import DatasetConfig, ServingConfig
-from services.auth import Authenticator
+from services.auth import Authenticator, client_address
 from services.batcher import AdaptiveBatcher, Overloaded
 from services.metrics import FLUSH_INTERVAL_S, ServiceMetrics
 from services.schema import RequestDecoder, RequestError, RowBlock
@@ -145,6 +146,7 @@ class ModelRuntime:
         self.providers = list(session.get_providers())
         self.schema = model.schema
         self.authenticator = authenticator
+        self.trusted_proxies = frozenset(serving.trusted_proxies)
         self.log_writer = log_writer
         self.metrics = metrics
         self.decoder = RequestDecoder(
@@ -233,9 +235,12 @@ class ModelRuntime:
         started = time.perf_counter()
         arrived = time.time()
         authorization = given_id = declared = content_type = content_encoding = None
+        forwarded_for = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
+            elif name == b"x-forwarded-for":
+                forwarded_for = value
             elif name == b"x-request-id":
                 given_id = value
             elif name == b"content-length":
@@ -249,7 +254,11 @@ class ModelRuntime:
         scores: np.ndarray | None = None
         extra: Sequence[tuple[bytes, bytes]] = ()
         try:
-            _, denial = self.authenticator.check(authorization)
+            peer = scope.get("client")
+            client, local = client_address(
+                peer[0] if peer else None, forwarded_for, self.trusted_proxies
+            )
+            _, denial = self.authenticator.check(authorization, None if local else client)
             if denial is not None:
                 status, body, extra = denial.status, _error(denial.message), denial.headers
             else:

@@ -165,6 +165,9 @@ def render_config(
             "    retries 2",
             "    option redispatch 1",
             "    option http-server-close",
+            # The instances count failed authentications per client address, and treat a
+            # request without this header from loopback as one of this host's own.
+            "    option forwardfor",
             "",
             f"frontend {FRONTEND}",
             f"    bind {host}:{public_port}",

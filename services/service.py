@@ -26,6 +26,9 @@ names the model and where it came from. A model that passed all of that is kept 
 last-known-good copy (`services.model_store`); when the registry cannot be reached at
 start-up, that copy is served instead, and `/readyz`, `/model` and the
 `mlgate_model_from_last_known_good` gauge say so.
+Exposure: `/metrics`, `/model`, `/docs.json` and the API page answer as
+`serving.internal_endpoints` says (`services.exposure`); connections slow to send their
+headers, or idle, are cut (`services.slow_clients`).
 Shutdown: SIGTERM makes the worker stop accepting, finish the requests in flight, answer
 what the batcher holds, and write the inference log's queue before it exits.
 
@@ -53,7 +56,9 @@ from models.config import DatasetConfig, MlgateConfig
 from models.model_ref import ModelRef
 from services.app import MetricsEndpoint, PredictEndpoint, freeze_heap
 from services.bentoml_fixes import cancel_timeout_timers
+from services.exposure import ExposureGuard
 from services.schema import ErrorBody, ModelInfo, PredictResponse, request_openapi_schema
+from services.slow_clients import cut_slow_clients
 
 # pandas, scikit-learn, pyarrow, onnxruntime and MLflow are imported where they are used, not
 # here: BentoML's arbiter process imports this module only to read the service definition,
@@ -222,6 +227,7 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
     retry_s = cfg.registry.unavailable_retry_s
     log_dir = cfg.inference_log_location()
 
+    cut_slow_clients(serving.header_timeout_s, serving.keep_alive_s)
     predict_endpoint = PredictEndpoint()
     metrics_endpoint = MetricsEndpoint()
     hot = BareRoutes(
@@ -319,6 +325,8 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 ),
                 rate_per_s=serving.rate_limit_per_s,
                 burst=serving.rate_limit_burst,
+                failed_auth_per_s=serving.failed_auth_per_s,
+                failed_auth_burst=serving.failed_auth_burst,
             )
             metrics = ServiceMetrics(
                 model.name,
@@ -424,4 +432,5 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
     # `bentoml.service` has made the class a `bentoml.Service`, which mypy cannot see.
     service: Any = MlgateService
     service.add_asgi_middleware(ReadinessAnswer, predict=predict_endpoint)
+    service.add_asgi_middleware(ExposureGuard, predict=predict_endpoint, serving=serving)
     return service

@@ -1,4 +1,5 @@
-"""API keys and the per-key token bucket, without a server."""
+"""API keys, the per-key token bucket and the failed-authentication limit per client
+address, without a server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from services.auth import (
     Authenticator,
     TokenBucket,
     check_api_key_name,
+    client_address,
     configured_api_keys,
     hash_api_key,
     merge_api_keys,
@@ -145,3 +147,70 @@ def test_configured_keys_merge_the_config_and_the_environment() -> None:
     assert configured_api_keys(ServingConfig(), None) == {}
     with pytest.raises(ValueError, match="MLGATE_API_KEYS"):
         configured_api_keys(ServingConfig(), "a-token")
+
+
+def test_failed_authentications_per_address_run_out_then_every_request_is_429() -> None:
+    clock = Clock()
+    good = ApiKey("good", hash_api_key("good-token"))
+    auth = Authenticator(
+        merge_api_keys([good]),
+        rate_per_s=1000.0,
+        burst=1000,
+        failed_auth_per_s=0.5,
+        failed_auth_burst=3,
+        clock=clock,
+    )
+    attacker, neighbour = "203.0.113.7", "198.51.100.2"
+    for _ in range(3):
+        assert auth.check(bearer("guess"), attacker)[1].status == 403  # type: ignore[union-attr]
+    # The burst is spent: 429 naming the address, for a good key too.
+    name, denial = auth.check(bearer("guess"), attacker)
+    assert name is None and denial is not None and denial.status == 429
+    assert attacker in denial.message and "failed authentications" in denial.message
+    assert dict(denial.headers)[b"retry-after"] == b"2"
+    assert auth.check(bearer("good-token"), attacker)[1].status == 429  # type: ignore[union-attr]
+    assert auth.check(None, attacker)[1].status == 429  # type: ignore[union-attr]
+    # Another address is not affected; this host's own processes (None) are never counted.
+    assert auth.check(bearer("good-token"), neighbour) == ("good", None)
+    for _ in range(10):
+        assert auth.check(bearer("guess"), None)[1].status == 403  # type: ignore[union-attr]
+    assert auth.check(bearer("good-token"), None) == ("good", None)
+    # One token comes back after 1/rate seconds: a success takes none; one more failure
+    # spends it, and the address is refused again.
+    clock.now += 2.0
+    assert auth.check(bearer("good-token"), attacker) == ("good", None)
+    assert auth.check(None, attacker)[1].status == 401  # type: ignore[union-attr]
+    assert auth.check(bearer("good-token"), attacker)[1].status == 429  # type: ignore[union-attr]
+
+
+def test_failed_authentication_memory_is_bounded_by_the_lru(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import services.auth as auth_module
+
+    monkeypatch.setattr(auth_module, "FAILED_AUTH_ADDRESSES", 100)
+    auth = make_auth(Clock(), ApiKey("a", hash_api_key("t")))
+    for i in range(5000):
+        auth.check(bearer("wrong"), f"10.0.{i // 256}.{i % 256}")
+    assert len(auth._failures) == 100
+
+
+def test_client_address_trusts_forwarded_for_only_from_a_trusted_proxy() -> None:
+    proxies = frozenset({"127.0.0.1"})
+    # Straight from a remote peer: its own address, whatever it claims.
+    assert client_address("203.0.113.7", b"10.9.9.9", proxies) == ("203.0.113.7", False)
+    # Through the trusted proxy: the last entry, the one the proxy appended.
+    assert client_address("127.0.0.1", b"1.2.3.4, 203.0.113.7", proxies) == (
+        "203.0.113.7",
+        False,
+    )
+    # This host's own process, unproxied: local.
+    assert client_address("127.0.0.1", None, proxies) == ("127.0.0.1", True)
+    assert client_address("::1", None, proxies) == ("::1", True)
+    assert client_address("203.0.113.7", None, proxies) == ("203.0.113.7", False)
+    assert client_address(None, None, proxies) == (None, False)
+
+
+def test_trusted_proxies_must_be_addresses() -> None:
+    with pytest.raises(ValueError, match="not an IP address"):
+        ServingConfig(trusted_proxies=("haproxy.local",))
