@@ -3,7 +3,10 @@
 Both models are scored on the same holdout. The challenger must clear a floor on the
 primary metric, and the lower bound of a paired bootstrap confidence interval of
 (challenger - champion) must clear minus the allowed regression. Slices and guard metrics
-(calibration, latency, size) add their own checks.
+(calibration, latency, size) add their own checks; a slice too small (or too one-sided) to
+judge is reported as inconclusive with its row count and does not block. With no champion
+yet, the first model is judged on the floor alone (plus any absolute bound configured:
+`slice_floor`, the guards), never on a slice nobody can judge.
 """
 
 from __future__ import annotations
@@ -101,14 +104,28 @@ def _regression_check(ci: BootstrapInterval, cfg: ChampionGateConfig) -> CheckRo
     )
 
 
+@dataclass(frozen=True)
+class SliceCheck:
+    """One slice's row of the table, and whether it takes part in the verdict. A slice
+    that cannot be judged (too few rows, or one class only: the metric is undefined) is
+    reported as inconclusive with its row count, and never blocks: nobody can act on it,
+    and the whole holdout, which holds its rows, is judged anyway."""
+
+    row: CheckRow
+    column: str
+    value: str
+    rows: int
+    not_judged: str | None = None
+
+
 def _slice_checks(
     y: np.ndarray,
     challenger: np.ndarray,
     champion: np.ndarray | None,
     slices: pd.DataFrame,
     cfg: ChampionGateConfig,
-) -> list[CheckRow]:
-    rows = []
+) -> list[SliceCheck]:
+    checks = []
     for col in slices.columns:
         values = slices[col].astype(str).to_numpy()
         for value in sorted(set(values)):
@@ -117,45 +134,62 @@ def _slice_checks(
             name = f"slice {col}={value} (n={n})"
             chal = metric_value(cfg.primary_metric, y[mask], challenger[mask])
             if n < cfg.min_slice_rows:
-                rows.append(
-                    CheckRow(
-                        name,
-                        GateStatus.INCONCLUSIVE,
-                        fmt_number(chal),
-                        f"n >= {cfg.min_slice_rows}",
-                        "slice too small to judge",
-                    )
+                row = CheckRow(
+                    name,
+                    GateStatus.INCONCLUSIVE,
+                    fmt_number(chal),
+                    f"n >= {cfg.min_slice_rows}",
+                    "slice too small to judge; reported, not blocking",
                 )
+                checks.append(SliceCheck(row, str(col), value, n, "too small"))
                 continue
             if not math.isfinite(chal):
-                rows.append(
-                    CheckRow(name, GateStatus.INCONCLUSIVE, "nan", "defined", "one class only")
-                )
-                continue
-            # Within a slice the slice column itself no longer separates the classes, so a
-            # slice is held to its own floor (if set) and to the champion on the same rows,
-            # never to the overall floor.
-            if cfg.slice_floor is not None and chal < cfg.slice_floor:
-                rows.append(
-                    CheckRow(name, GateStatus.FAIL, fmt_number(chal), f">= {cfg.slice_floor}")
-                )
-                continue
-            if champion is None:
-                bound = f">= {cfg.slice_floor}" if cfg.slice_floor is not None else "no floor"
-                rows.append(CheckRow(name, GateStatus.PASS, fmt_number(chal), bound, "no champion"))
-                continue
-            champ = metric_value(cfg.primary_metric, y[mask], champion[mask])
-            delta = chal - champ
-            status = GateStatus.PASS if delta >= -cfg.max_slice_regression else GateStatus.FAIL
-            rows.append(
-                CheckRow(
+                row = CheckRow(
                     name,
-                    status,
-                    f"{fmt_number(chal)} ({delta:+.4f} vs champion)",
-                    f"diff >= {-cfg.max_slice_regression:+.4f}",
+                    GateStatus.INCONCLUSIVE,
+                    "nan",
+                    "defined",
+                    "one class only; reported, not blocking",
+                )
+                checks.append(SliceCheck(row, str(col), value, n, "one class only"))
+                continue
+            checks.append(
+                SliceCheck(
+                    _judged_slice(y, challenger, champion, mask, name, chal, cfg),
+                    str(col),
+                    value,
+                    n,
                 )
             )
-    return rows
+    return checks
+
+
+def _judged_slice(
+    y: np.ndarray,
+    challenger: np.ndarray,
+    champion: np.ndarray | None,
+    mask: np.ndarray,
+    name: str,
+    chal: float,
+    cfg: ChampionGateConfig,
+) -> CheckRow:
+    # Within a slice the slice column itself no longer separates the classes, so a slice
+    # is held to its own floor (if set) and to the champion on the same rows, never to the
+    # overall floor.
+    if cfg.slice_floor is not None and chal < cfg.slice_floor:
+        return CheckRow(name, GateStatus.FAIL, fmt_number(chal), f">= {cfg.slice_floor}")
+    if champion is None:
+        bound = f">= {cfg.slice_floor}" if cfg.slice_floor is not None else "no floor"
+        return CheckRow(name, GateStatus.PASS, fmt_number(chal), bound, "no champion")
+    champ = metric_value(cfg.primary_metric, y[mask], champion[mask])
+    delta = chal - champ
+    status = GateStatus.PASS if delta >= -cfg.max_slice_regression else GateStatus.FAIL
+    return CheckRow(
+        name,
+        status,
+        f"{fmt_number(chal)} ({delta:+.4f} vs champion)",
+        f"diff >= {-cfg.max_slice_regression:+.4f}",
+    )
 
 
 def _guard_checks(
@@ -260,16 +294,24 @@ def _compare(
         }
         rows.append(_regression_check(ci, cfg))
 
-    if slices is not None and len(slices.columns):
-        rows += _slice_checks(
-            y, challenger.scores, champion.scores if champion else None, slices, cfg
-        )
+    slice_checks = (
+        _slice_checks(y, challenger.scores, champion.scores if champion else None, slices, cfg)
+        if slices is not None and len(slices.columns)
+        else []
+    )
+    not_judged = [s for s in slice_checks if s.not_judged is not None]
+    if not_judged:
+        evidence["slices_not_judged"] = [
+            {"column": s.column, "value": s.value, "rows": s.rows, "why": s.not_judged}
+            for s in not_judged
+        ]
     guard_rows, guard_metrics = _guard_checks(y, challenger, cfg)
-    rows += guard_rows
     metrics.update(guard_metrics)
 
-    status = worst_status([r.status for r in rows])
-    failed = [r for r in rows if r.status is not GateStatus.PASS]
+    judged = rows + [s.row for s in slice_checks if s.not_judged is None] + guard_rows
+    table = rows + [s.row for s in slice_checks] + guard_rows
+    status = worst_status([r.status for r in judged])
+    failed = [r for r in judged if r.status is not GateStatus.PASS]
     if champion_error is not None:
         head = f"champion exists but could not be scored ({champion_error})"
     elif champion is None:
@@ -280,5 +322,10 @@ def _compare(
         detail = "; ".join(f"{r.check}: {r.value} (needs {r.bound})" for r in failed)
         reason = f"{head}; {len(failed)} check(s) not passed: {detail}"
     else:
-        reason = f"{head}; all {len(rows)} checks passed"
-    return GateResult(NAME, status, reason, metrics, evidence, tuple(rows))
+        reason = f"{head}; all {len(judged)} checks passed"
+    if not_judged:
+        listed = ", ".join(
+            f"{s.row.check.removeprefix('slice ')} {s.not_judged}" for s in not_judged
+        )
+        reason += f"; {len(not_judged)} slice(s) reported, not judged: {listed}"
+    return GateResult(NAME, status, reason, metrics, evidence, tuple(table))

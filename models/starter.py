@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from models.config import ChampionGateConfig, TrainConfig
 from models.data import DataError
 
 _ID_NAME = re.compile(r"(^id$|_id$|^id_|^uuid$|^key$|customer.?id|account.?id)", re.IGNORECASE)
@@ -20,6 +21,7 @@ MAX_CATEGORIES = 200
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 FALLBACK_MODEL_NAME = "model"
+MAX_SLICE_CATEGORIES = 5
 
 
 def infer_model_name(data_path: Path | str, name: str | None = None) -> str:
@@ -70,6 +72,32 @@ def infer_positive_label(labels: pd.Series, positive: str | None) -> str | int |
     return str(labels.value_counts().idxmin())
 
 
+def propose_slice_columns(
+    df: pd.DataFrame,
+    categorical: list[str],
+    holdout_share: float,
+    min_slice_rows: int,
+    limit: int = 1,
+) -> list[str]:
+    """The first `limit` categorical columns with 2 to MAX_SLICE_CATEGORIES categories whose
+    every category, null included, is expected to bring at least `min_slice_rows` rows to a
+    holdout of `holdout_share`. A column with a rarer category is skipped, not grouped: the
+    champion gate judges one slice per value, so grouping would need a value-to-group map
+    in the config for the gate to read. The count is an expectation (the split is
+    stratified on the target, not on the column); a category that lands a few rows short is
+    reported by the gate as too small to judge, which does not block."""
+    proposed = []
+    for col in categorical:
+        # Grouped the way the champion gate groups a slice: by the value's text, so a null
+        # is a slice of its own ("nan").
+        counts = df[col].astype(str).value_counts()
+        if 2 <= len(counts) <= MAX_SLICE_CATEGORIES and (
+            counts.min() * holdout_share >= min_slice_rows
+        ):
+            proposed.append(col)
+    return proposed[:limit]
+
+
 def infer_dataset_config(
     df: pd.DataFrame, target: str, data_path: str, positive: str | None = None
 ) -> dict[str, Any]:
@@ -106,7 +134,10 @@ def infer_dataset_config(
                 categorical.append(name)
     if not numeric and not categorical:
         raise DataError("no usable feature columns found")
-    slices = [c for c in categorical if 2 <= df[c].nunique() <= 5][:1]
+    # The written config keeps the defaults of both, so they are the ones `train` uses.
+    slices = propose_slice_columns(
+        df, categorical, TrainConfig().test_size, ChampionGateConfig().min_slice_rows
+    )
     return {
         "dataset": {
             "path": data_path,

@@ -86,13 +86,64 @@ def test_champion_that_cannot_be_scored_is_not_treated_as_absent():
     assert r.status is GateStatus.FAIL and "artifact missing" in r.reason
 
 
-def test_small_slice_is_inconclusive():
+def test_first_model_is_not_blocked_by_slices_too_small_to_judge():
+    # Issue 15.2: `init` picked a marital-status slice with rare categories on a credit
+    # table; the slices too small to judge made the first model's gate inconclusive, and
+    # it was rejected although the first model is judged on the floor alone.
+    y, p = _data(n=1000)
+    marital = ["married"] * 600 + ["single"] * 330 + ["divorced"] * 40
+    marital += ["separated"] * 20 + ["widow"] * 10
+    slices = pd.DataFrame({"marital": marital})
+    r = compare_to_champion(y, _scored(p), None, CFG, holdout_hash="h", slices=slices)
+    assert r.status is GateStatus.PASS, r.reason
+    small = {c.check: c for c in r.checks if c.status is GateStatus.INCONCLUSIVE}
+    assert set(small) == {
+        "slice marital=divorced (n=40)",
+        "slice marital=separated (n=20)",
+        "slice marital=widow (n=10)",
+    }
+    assert all(c.bound == "n >= 100" and "not blocking" in c.detail for c in small.values())
+    assert "floor alone" in r.reason and "marital=widow (n=10)" in r.reason
+    assert r.evidence["slices_not_judged"] == [
+        {"column": "marital", "value": "divorced", "rows": 40, "why": "too small"},
+        {"column": "marital", "value": "separated", "rows": 20, "why": "too small"},
+        {"column": "marital", "value": "widow", "rows": 10, "why": "too small"},
+    ]
+
+
+def test_small_slice_does_not_block_a_challenger_either():
     y, p = _data(n=1000)
     slices = pd.DataFrame({"plan": ["big"] * 950 + ["tiny"] * 50})
-    r = compare_to_champion(y, _scored(p), None, CFG, holdout_hash="h", slices=slices)
+    r = compare_to_champion(y, _scored(p), _scored(p.copy()), CFG, holdout_hash="h", slices=slices)
     tiny = next(c for c in r.checks if "tiny" in c.check)
-    assert tiny.status is GateStatus.INCONCLUSIVE
-    assert r.status is GateStatus.INCONCLUSIVE
+    assert tiny.status is GateStatus.INCONCLUSIVE and tiny.check == "slice plan=tiny (n=50)"
+    assert r.status is GateStatus.PASS, r.reason
+
+
+def test_slice_with_one_class_is_reported_not_judged():
+    y, p = _data(n=1000)
+    plan = np.where(y == 1, "a", "b")
+    plan[:300] = "c"
+    slices = pd.DataFrame({"plan": plan})
+    r = compare_to_champion(y, _scored(p), _scored(p.copy()), CFG, holdout_hash="h", slices=slices)
+    assert r.status is GateStatus.PASS, r.reason
+    one_class = [c for c in r.checks if c.status is GateStatus.INCONCLUSIVE]
+    assert {c.check.split(" (")[0] for c in one_class} == {"slice plan=a", "slice plan=b"}
+    assert {s["why"] for s in r.evidence["slices_not_judged"]} == {"one class only"}
+
+
+def test_a_judged_slice_that_regresses_still_fails():
+    y, p = _data(n=2000)
+    plan = np.array(["a", "b"] * 1000)
+    worse = p.copy()
+    on_b = plan == "b"
+    worse[on_b] = np.random.default_rng(2).permutation(worse[on_b])
+    loose = CFG.model_copy(update={"floor": 0.5, "max_regression": 0.5})
+    slices = pd.DataFrame({"plan": plan})
+    r = compare_to_champion(y, _scored(worse), _scored(p), loose, holdout_hash="h", slices=slices)
+    row = next(c for c in r.checks if c.check.startswith("slice plan=b"))
+    assert row.status is GateStatus.FAIL
+    assert r.status is GateStatus.FAIL and "slice plan=b" in r.reason
 
 
 def test_guard_metrics_bound_size_and_latency():

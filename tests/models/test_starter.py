@@ -5,7 +5,7 @@ import pytest
 
 from models.config import config_from_dict
 from models.data import DataError
-from models.starter import infer_dataset_config, infer_model_name
+from models.starter import infer_dataset_config, infer_model_name, propose_slice_columns
 
 pytestmark = pytest.mark.fast
 
@@ -74,3 +74,38 @@ def test_model_name_option_wins_and_must_be_a_registry_name():
     for bad in ("credit risk", "", "..", "-x", "loans/v2"):
         with pytest.raises(DataError, match="--name"):
             infer_model_name("loans.csv", bad)
+
+
+def _credit(n: int = 2000) -> pd.DataFrame:
+    """A credit-like table: `marital` has three categories far too rare for a holdout slice,
+    `home` has a rare null group, `job` has enough rows in every category."""
+    marital = ["married"] * (n // 2) + ["single"] * (n // 2 - 150)
+    marital += ["divorced"] * 80 + ["separated"] * 40 + ["widow"] * 30
+    home = (["owner", "rent"] * n)[: n - 20] + [None] * 20
+    return pd.DataFrame(
+        {
+            "income": [float(i % 97) for i in range(n)],
+            "marital": marital,
+            "home": home,
+            "job": (["fixed", "freelance", "partime"] * n)[:n],
+            "status": (["good", "good", "bad"] * n)[:n],
+        }
+    )
+
+
+def test_slice_column_proposed_only_where_every_category_fills_a_holdout_slice():
+    df = _credit()
+    ds = infer_dataset_config(df, "status", "credit.csv")["dataset"]
+    assert ds["categorical_features"] == ["marital", "home", "job"]
+    # marital: 30 widows are ~8 holdout rows; home: 20 nulls are a slice of ~5 rows.
+    assert ds["slice_columns"] == ["job"]
+
+
+def test_slice_proposal_uses_the_holdout_share_and_the_gate_minimum():
+    df = _credit()
+    cats = ["marital", "home", "job"]
+    assert propose_slice_columns(df, cats, 0.25, 100, limit=3) == ["job"]
+    # 30 widows at a holdout of half the rows give 15 rows: enough for a minimum of 15.
+    assert propose_slice_columns(df, cats, 0.5, 15, limit=3) == ["marital", "job"]
+    assert propose_slice_columns(df, cats, 0.5, 10, limit=3) == cats
+    assert propose_slice_columns(df.head(300), cats, 0.25, 100) == []
