@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from checks.runbooks import ALERT_PAGES, runbook_link, runbook_page
 from models.config import SloConfig, prom_duration_s
 
 # The series services/metrics.py exports (prometheus-client adds `_total` to counters);
@@ -41,6 +42,7 @@ REQUESTS = "mlgate_requests_total"
 LATENCY = "mlgate_request_latency_seconds"
 BATCH_ROWS = "mlgate_batch_rows"
 LOG_ROWS = "mlgate_inference_log_rows_total"
+LAST_KNOWN_GOOD = "mlgate_model_from_last_known_good"
 
 SLO_BY = "model_name"
 INSTANCE_BY = "model_name, variant, instance"
@@ -93,6 +95,10 @@ _RUNBOOKS = {
         "The inference log cannot keep up or its store is unreachable "
         "(serving.inference_log_dir or inference_log_uri): the service log says why. "
         "Monitoring sees fewer rows until it recovers; predictions are unaffected."
+    ),
+    "MlgateServingLastKnownGood": (
+        "The instance could not reach the registry when it started and serves its "
+        "last-known-good copy: `mlgate stack status`; once the registry answers, restart it."
     ),
 }
 
@@ -258,9 +264,12 @@ def _burn_alert(
 
 
 def _runbook(slo: SloConfig, alert: str, key: str) -> dict[str, str]:
-    found = {"runbook": _RUNBOOKS[key]}
+    """The first steps in a sentence, the page in the repository (docs/runbooks/), and, when
+    `slo.runbook_url` says where the pages are published, the link to it."""
+    stem = ALERT_PAGES[alert]
+    found = {"runbook": _RUNBOOKS[key], "runbook_page": runbook_page(stem)}
     if slo.runbook_url:
-        found["runbook_url"] = f"{slo.runbook_url}#{alert.lower()}"
+        found["runbook_url"] = runbook_link(stem, slo.runbook_url)
     return found
 
 
@@ -325,6 +334,17 @@ def _leading_alerts(slo: SloConfig, model: str, max_batch_size: int) -> list[dic
                 f"{slo.capacity_rps:g}).",
             )
         )
+    rules.append(
+        _leading(
+            slo,
+            "MlgateServingLastKnownGood",
+            f"max by ({INSTANCE_BY}) ({LAST_KNOWN_GOOD}{{{model}}}) > 0\n",
+            f"{who}: serving the last-known-good copy, not the registry's",
+            "The instance started while the registry could not be reached and serves the "
+            "copy it kept (verified by sha256): promotions and rollbacks do not reach it "
+            "until it restarts with the registry back.",
+        )
+    )
     rules.append(
         _leading(
             slo,

@@ -26,11 +26,10 @@ from flows.cli_common import (
     ConfigOpt,
     JsonOpt,
     console,
-    err_console,
 )
 from flows.cli_common import exit_error as _fail
 from flows.cli_common import load_config_or_exit as _load
-from flows.cli_keys import keys_app, print_new_token
+from flows.cli_keys import keys_app, print_new_token, require_api_keys
 from flows.cli_registry import gates_app, history, models_app, promote, registry_call, rollback
 from flows.cli_score import score
 from flows.cli_slo import slo_app
@@ -184,7 +183,6 @@ def serve(
     """Serve @champion (or a version) over HTTP with BentoML and ONNX Runtime. Refuses to
     start without an API key (`mlgate keys create`) unless --insecure-no-auth is given."""
     from models.model_ref import ModelRef
-    from services.auth import API_KEYS_ENV, configured_api_keys
     from services.launcher import start_service
 
     cfg = _load(config)
@@ -199,31 +197,7 @@ def serve(
         raise _fail(str(err), EXIT_USAGE) from None
     port = port or cfg.serving.port
     address = f"http://{cfg.serving.host}:{port}"
-    try:
-        keys = configured_api_keys(cfg.serving, os.environ.get(API_KEYS_ENV))
-    except ValueError as err:
-        raise _fail(str(err), EXIT_USAGE) from None
-    if not keys and not insecure_no_auth:
-        raise _fail(
-            f"no API keys: {config} has none in serving.api_keys and {API_KEYS_ENV} is not "
-            f"set, so anyone who reaches {address} could use the model. Create one with "
-            f"`mlgate keys create NAME --config {config}` (it prints the token once and adds "
-            "its sha256 to the config), or pass --insecure-no-auth to serve without "
-            "authentication on a network you trust.",
-            EXIT_USAGE,
-        )
-    if not keys:
-        err_console.print(
-            f"[bold red]WARNING: --insecure-no-auth: authentication is OFF; every client that "
-            f"reaches {address} is served without an API key or a rate limit[/]",
-            highlight=False,
-        )
-    elif all(key.revoked for key in keys.values()):
-        err_console.print(
-            "[bold yellow]warning:[/] every API key is revoked: each request will be refused "
-            "(403); `mlgate keys create NAME` makes a new one",
-            highlight=False,
-        )
+    keys = require_api_keys(cfg, config, address, insecure_no_auth)
     # SIGTERM (a supervisor, `kill`) stops the service as Ctrl-C does; a SIGKILL of this
     # process reaches the server through `die_with_parent`.
     signal.signal(signal.SIGTERM, _interrupt)

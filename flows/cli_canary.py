@@ -219,8 +219,16 @@ def canary_start(
     detach: Annotated[
         bool, typer.Option("--detach", help="Run the controller in the background.")
     ] = False,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="Start even without API keys: anyone who reaches the port may use the models.",
+        ),
+    ] = False,
 ) -> None:
-    """Put VERSION on live traffic beside @champion and walk the steps.
+    """Put VERSION on live traffic beside @champion and walk the steps. Refuses to open the
+    public port without an API key (`mlgate keys create`) unless --insecure-no-auth is given.
 
     Exit 0 when it is promoted, 3 when it is rolled back. A newer candidate given while a
     canary runs replaces the older one, and the running controller restarts its analysis
@@ -229,9 +237,12 @@ def canary_start(
     import sys
 
     from flows.canary import begin_canary
+    from flows.cli_keys import require_api_keys
     from services.canary_state import canary_paths, controller_running
 
     cfg = load_config_or_exit(config)
+    public_port = port or cfg.canary.public_port or cfg.serving.port
+    require_api_keys(cfg, config, f"http://{cfg.serving.host}:{public_port}", insecure_no_auth)
     state = _canary_call(begin_canary, cfg, version, force=force, reason=reason, public_port=port)
     if state.candidate_version != version:
         console.print(

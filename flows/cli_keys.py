@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from flows.cli_common import EXIT_ERROR, EXIT_USAGE, ConfigOpt, JsonOpt, console
+from flows.cli_common import EXIT_ERROR, EXIT_USAGE, ConfigOpt, JsonOpt, console, err_console
 from flows.cli_common import exit_error as _fail
 from flows.cli_common import load_config_or_exit as _load
 
 if TYPE_CHECKING:
     from models.config import MlgateConfig
+    from services.auth import ApiKey
 
 keys_app = typer.Typer(
     help=(
@@ -34,6 +35,43 @@ keys_app = typer.Typer(
 )
 
 RESTART_NOTE = "a running `mlgate serve` reads its keys when it starts: restart it"
+
+
+def require_api_keys(
+    cfg: MlgateConfig, config: Path, address: str, insecure_no_auth: bool
+) -> dict[str, ApiKey]:
+    """The keys a service started now would hold. None at all: exit 2 naming the command that
+    makes one, unless the user passed --insecure-no-auth (then a red warning). Every key
+    revoked: a warning. Shared by `mlgate serve` and `mlgate canary start`, the two commands
+    that open a port to clients."""
+    from services.auth import API_KEYS_ENV, configured_api_keys
+
+    try:
+        keys = configured_api_keys(cfg.serving, os.environ.get(API_KEYS_ENV))
+    except ValueError as err:
+        raise _fail(str(err), EXIT_USAGE) from None
+    if not keys and not insecure_no_auth:
+        raise _fail(
+            f"no API keys: {config} has none in serving.api_keys and {API_KEYS_ENV} is not "
+            f"set, so anyone who reaches {address} could use the model. Create one with "
+            f"`mlgate keys create NAME --config {config}` (it prints the token once and adds "
+            "its sha256 to the config), or pass --insecure-no-auth to serve without "
+            "authentication on a network you trust.",
+            EXIT_USAGE,
+        )
+    if not keys:
+        err_console.print(
+            f"[bold red]WARNING: --insecure-no-auth: authentication is OFF; every client that "
+            f"reaches {address} is served without an API key or a rate limit[/]",
+            highlight=False,
+        )
+    elif all(key.revoked for key in keys.values()):
+        err_console.print(
+            "[bold yellow]warning:[/] every API key is revoked: each request will be refused "
+            "(403); `mlgate keys create NAME` makes a new one",
+            highlight=False,
+        )
+    return keys
 
 
 def print_new_token(name: str, token: str) -> None:

@@ -32,6 +32,7 @@ from checks.drift import check_drift, evidently_drift_report_html, window_traffi
 from checks.performance import NAME as ESTIMATE_GATE
 from checks.performance import check_estimated_performance
 from checks.result import GateResult, GateStatus
+from checks.runbooks import MONITORING_PAGES, runbook_link
 from checks.trigger import Alert, TriggerDecision, TriggerState, decide_retraining
 from flows import registry
 from flows.champion import ChampionState, read_champion
@@ -341,7 +342,8 @@ def raise_alerts(cfg: MlgateConfig, alerts: tuple[Alert, ...]) -> None:
     for alert in alerts:
         get_run_logger().warning("alert (%s): %s", alert.kind.value, alert.message)
         title = f"mlgate: {cfg.registry.model_name} monitoring alert: {alert.kind.value}"
-        registry.notify(cfg.registry, title, alert.message)
+        page = runbook_link(MONITORING_PAGES[alert.kind.value], cfg.slo.runbook_url)
+        registry.notify(cfg.registry, title, f"{alert.message}\nrunbook: {page}")
 
 
 def drift_report(

@@ -703,6 +703,8 @@ class Controller:
             "reason": reason,
             "verdict": verdict.value,
             "at": now_iso(),
+            # Wall-clock, so that a controller resuming a rollback measures the whole wait.
+            "at_epoch_s": time.time(),
             "result": result.to_dict(),
         }
         state.phase = Phase.ROLLING_BACK
@@ -727,7 +729,8 @@ class Controller:
                         self.ensure_stable(state)
                 self.set_weights(state, 100, 0)
             state.done.append("weight_zero")
-            self.save(state, "canary_weight_zero")
+            record_weight_zero_time(decision)
+            self.save(state, "canary_weight_zero", seconds=decision.get("weight_zero_s"))
         if "canary_stopped" not in state.done:
             self.retire_canary(state)
             state.done.append("canary_stopped")
@@ -855,6 +858,18 @@ class Controller:
         state.done = []
         state.phase = Phase.STARTING
         self.save(state, "superseded", old=old, new=new)
+
+
+def record_weight_zero_time(decision: dict[str, Any]) -> None:
+    """Rollback speed as a number: the seconds from the verdict to HAProxy holding the
+    canary at weight 0, in the decision and in its gate result's metrics (so in the
+    candidate's evidence and tags as `canary.weight_zero_s`)."""
+    decided = decision.get("at_epoch_s")
+    if not isinstance(decided, int | float):
+        return
+    seconds = round(max(0.0, time.time() - float(decided)), 4)
+    decision["weight_zero_s"] = seconds
+    decision["result"].setdefault("metrics", {})["weight_zero_s"] = seconds
 
 
 def _summary(state: CanaryState) -> GateResult:

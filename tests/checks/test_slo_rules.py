@@ -27,6 +27,7 @@ LEADING_ALERTS = [
     "MlgateBatcherShedding",
     "MlgateBatcherSaturated",
     "MlgateLoadNearCapacity",
+    "MlgateServingLastKnownGood",
     "MlgateInferenceLogDropping",
 ]
 
@@ -70,6 +71,7 @@ def test_every_series_the_rules_read_is_on_metrics():
         "mlgate_batch_rows_sum",
         "mlgate_batch_rows_count",
         "mlgate_inference_log_rows_total",
+        "mlgate_model_from_last_known_good",
     }
     assert read <= exported, read - exported
     labels = set(re.findall(r'(\w+)=~?"', "\n".join(exprs)))
@@ -89,7 +91,7 @@ def test_leading_indicators_come_first_then_ratios_then_burn_rates():
     burns = _burns(rules)
     assert {r["alert"] for r in burns} == BURN_ALERTS
     for rule in leading + burns:
-        assert set(rule["annotations"]) == {"summary", "description", "runbook"}
+        assert set(rule["annotations"]) == {"summary", "description", "runbook", "runbook_page"}
         assert "{{ $labels.model_name }}" in rule["annotations"]["summary"]
 
 
@@ -179,8 +181,9 @@ def test_objectives_without_a_series_are_named_not_invented():
 def test_runbook_url_links_each_alert():
     leading = _rules(runbook_url="https://wiki.example/mlgate")["groups"][0]["rules"]
     assert leading[0]["annotations"]["runbook_url"] == (
-        "https://wiki.example/mlgate#mlgatebatchershedding"
+        "https://wiki.example/mlgate/latency-spike.md"
     )
+    assert leading[0]["annotations"]["runbook_page"] == "docs/runbooks/latency-spike.md"
 
 
 def test_slo_config_from_file_and_environment(tmp_path: Path, monkeypatch):

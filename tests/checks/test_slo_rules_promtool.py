@@ -159,7 +159,7 @@ def test_cli_writes_rules_promtool_accepts(tmp_path: Path):
     assert "not generated: batcher queue depth" in result.output
     checked = _promtool("check", "rules", out)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 31 rules found" in checked.stdout
+    assert "SUCCESS: 32 rules found" in checked.stdout
     assert out.read_text().startswith("# Prometheus rules for model churn")
 
     printed = CliRunner().invoke(app, ["slo", "rules", "--config", str(config)])
@@ -273,6 +273,20 @@ def test_leading_indicators_fire_and_stay_quiet(tmp_path: Path):
         },
     ]
     _run_tests(tmp_path, {"leading": (rules, groups)})
+
+
+def test_serving_the_last_known_good_copy_warns_after_leading_for(tmp_path: Path):
+    rules = _without_annotations(_rules(SLO))
+    alert = "MlgateServingLastKnownGood"
+    registry_copy = [_series("mlgate_model_from_last_known_good", "0 0 0 0 0 1x25")]
+    from_registry = [_series("mlgate_model_from_last_known_good", "0x30")]
+    groups = [
+        {"input_series": registry_copy, "alert_rule_test": [_leading(25, alert, True)]},
+        # Switched over at minute 5: not yet ten minutes of it at minute 12.
+        {"input_series": registry_copy, "alert_rule_test": [_leading(12, alert, False)]},
+        {"input_series": from_registry, "alert_rule_test": [_leading(25, alert, False)]},
+    ]
+    _run_tests(tmp_path, {"last_known_good": (rules, groups)})
 
 
 def test_annotations_render_with_the_alert_values(tmp_path: Path):

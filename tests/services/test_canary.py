@@ -391,6 +391,8 @@ def test_bad_candidate_is_rolled_back_for_its_reason(
     decided = next(t for e, t in events if e == "rollback_decided")
     zero = next(t for e, t in events if e == "canary_weight_zero")
     assert zero - decided < CANARY["interval_s"]
+    # The same wait, measured by the controller and kept in the evidence (goal: under 1 s).
+    assert 0.0 <= state.decision["weight_zero_s"] < 1.0, state.decision
     assert order.index("canary_weight_zero") < order.index("rolled_back")
     assert state.canary is None
 
@@ -398,6 +400,7 @@ def test_bad_candidate_is_rolled_back_for_its_reason(
     assert tags["gate.canary"] == "fail"
     assert tags["canary.failed_guardrail"] == guardrail
     assert "canary.canary_requests" in tags
+    assert float(tags["canary.weight_zero_s"]) == state.decision["weight_zero_s"]
     # Whatever the canary did to its share, nobody else's request failed.
     assert load.outside_canary_failures() == 0, load.summary()
     bounds = world.cfg.canary
