@@ -37,6 +37,49 @@ def gate_detail_table(result: GateResult) -> Table:
     return table
 
 
+# A gate's evidence may list the rows that broke an expectation (the behaviour gate's
+# `failing_rows`): these columns, in this order, are what a reader needs of each.
+_FAILING_ROW_COLUMNS = (
+    "check",
+    "row",
+    "column",
+    "from",
+    "to",
+    "score",
+    "perturbed_score",
+    "change",
+)
+
+
+def _failing_rows(result: GateResult) -> list[dict[str, object]]:
+    rows = result.evidence.get("failing_rows")
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def _failing_rows_title(result: GateResult) -> str:
+    counts = {c.get("check"): c.get("failing_rows", 0) for c in result.evidence.get("checks", [])}
+    total = sum(n for n in counts.values() if isinstance(n, int))
+    shown = len(_failing_rows(result))
+    cap = result.evidence.get("failing_rows_cap")
+    return (
+        f"{result.name}: rows that broke an expectation "
+        f"({shown} shown of {total}; first {cap} per check)"
+    )
+
+
+def failing_rows_table(result: GateResult) -> Table:
+    table = Table(title=_failing_rows_title(result), title_justify="left", expand=False)
+    for col in _FAILING_ROW_COLUMNS:
+        table.add_column(col, overflow="fold", max_width=40 if col == "check" else 20)
+    for r in _failing_rows(result):
+        table.add_row(*(_cell(r.get(col)) for col in _FAILING_ROW_COLUMNS))
+    return table
+
+
+def _cell(v: object) -> str:
+    return "" if v is None else str(v)
+
+
 def gate_tables(results: list[GateResult], *, max_passed_rows: int | None = 20) -> Group:
     """The summary, then each gate's checks. A passed gate with more checks than
     `max_passed_rows` (the data gate's dozens) keeps to its summary line; a gate that did not
@@ -48,6 +91,8 @@ def gate_tables(results: list[GateResult], *, max_passed_rows: int | None = 20) 
         if r.passed and max_passed_rows is not None and len(r.checks) > max_passed_rows:
             continue
         parts.append(gate_detail_table(r))
+        if _failing_rows(r):
+            parts.append(failing_rows_table(r))
     return Group(*parts)
 
 
@@ -63,6 +108,13 @@ def gates_markdown(results: list[GateResult]) -> str:
         lines.append("| --- | --- | --- | --- |")
         for c in r.checks:
             lines.append(f"| {c.check} | {c.status.value} | {c.value} | {c.bound} |")
+        if _failing_rows(r):
+            lines += ["", f"### {_failing_rows_title(r)}", ""]
+            lines.append("| " + " | ".join(_FAILING_ROW_COLUMNS) + " |")
+            lines.append("|" + " --- |" * len(_FAILING_ROW_COLUMNS))
+            for row in _failing_rows(r):
+                cells = (_cell(row.get(col)).replace("|", "\\|") for col in _FAILING_ROW_COLUMNS)
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""`training_flow`: data gate, train, evaluate, ONNX + parity, champion gate, register.
+"""`training_flow`: data gate, train, evaluate, ONNX + parity, behaviour, champion gate, register.
 
 With `train.candidates`, the candidates are trained (on the Dask workers when a scheduler is
 configured) and one is chosen on a split of the training part before the model is trained
@@ -31,6 +31,7 @@ from flows.champion import read_champion, score_champion
 from flows.training_evidence import (
     TrainingEvidence,
     describe_run,
+    gate_behaviour,
     gate_training_data,
     gather_training_evidence,
     holdout_histograms,
@@ -59,6 +60,7 @@ export = _task(export_onnx, "export-onnx")
 score = _task(score_holdout, "score-holdout")
 run_parity_gate = _task(check_parity, "parity-gate")
 champion_on_holdout = _task(score_champion, "score-champion", retries=2, retry_delay_seconds=2)
+run_behaviour_gate = _task(gate_behaviour, "behaviour-gate")
 run_champion_gate = _task(compare_to_champion, "champion-gate")
 build_histograms = _task(holdout_histograms, "reference-histograms")
 gather_evidence = _task(gather_training_evidence, "gather-evidence")
@@ -115,6 +117,7 @@ def training_flow(
         return finish_training(client, cfg, config_path, stopped)
 
     champion = champion_on_holdout(cfg, champion, parts.holdout)
+    behaviour = run_behaviour_gate(onnx_model, holdout, champion, cfg.dataset, cfg.gates.behaviour)
     champion_gate = run_champion_gate(
         holdout.y,
         holdout.challenger,
@@ -125,7 +128,7 @@ def training_flow(
         champion_error=champion.error,
     )
     histograms = build_histograms(holdout, cfg.dataset, cfg.gates.drift.bins)
-    gates = [data_gate, parity, champion_gate]
+    gates = [data_gate, parity, behaviour, champion_gate]
     evidence = gather_evidence(
         cfg, facts, df, holdout, onnx_model, gates, docs, champion, histograms
     )
@@ -156,7 +159,7 @@ def finish_training(
             str(mv.version),
             judged_against=outcome.champion_before,
             to_champion=not canary_on,
-            reason=f"training run {run_id}: data, parity and champion gates passed",
+            reason=f"training run {run_id}: data, parity, behaviour and champion gates passed",
             actor=_actor(cfg),
         )
         if canary_on:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from checks.behaviour import check_behaviour
 from checks.champion import ScoredModel
 from checks.data_quality import DataProfile, check_data_quality, profile_reference
 from checks.drift import check_drift
@@ -30,7 +31,14 @@ from flows.champion import ChampionState
 from flows.gate_tables import gates_markdown
 from flows.model_report import report_sections, titled_report
 from models.candidates import Selection
-from models.config import DataGateConfig, DatasetConfig, DriftGateConfig, MlgateConfig, TrainConfig
+from models.config import (
+    BehaviourGateConfig,
+    DataGateConfig,
+    DatasetConfig,
+    DriftGateConfig,
+    MlgateConfig,
+    TrainConfig,
+)
 from models.data import Split, encode_target, hash_frame
 from models.metrics import evaluate
 from models.onnx_export import (
@@ -347,6 +355,29 @@ def score_holdout(
         slices=holdout[list(dataset.slice_columns)] if dataset.slice_columns else None,
         params={"estimator": model.estimator, **train.params},
         fit_seconds=model.fit_seconds,
+    )
+
+
+def gate_behaviour(
+    onnx_model: OnnxModel,
+    holdout: ScoredHoldout,
+    champion: ChampionState,
+    dataset: DatasetConfig,
+    cfg: BehaviourGateConfig,
+) -> GateResult:
+    """The behaviour gate on the served (ONNX) model: every perturbed holdout is scored by
+    the session and the function that scored the holdout for the other gates; slice gaps
+    are compared with the champion's scores of the same holdout."""
+    session = make_session(onnx_model.content)
+    return check_behaviour(
+        lambda frame: predict_proba_onnx(session, frame, dataset),
+        holdout.frame,
+        holdout.y,
+        cfg,
+        champion_scores=champion.scored.scores if champion.scored else None,
+        champion_version=champion.version,
+        champion_error=champion.error,
+        id_column=dataset.id_column,
     )
 
 

@@ -127,6 +127,95 @@ class ParityGateConfig(_Section):
     tolerance: float = Field(default=1e-4, gt=0.0)
 
 
+class BehaviourGateConfig(_Section):
+    """Behavioural checks run on the holdout for every challenger (`checks/behaviour.py`):
+    none declared, the gate passes saying so. A row's predicted label is its score at or
+    above `threshold`; the evidence keeps the first `max_failing_rows` rows of each check
+    that broke its expectation."""
+
+    class Invariance(_Section):
+        """Changing `column` must move no holdout row's score by more than `epsilon`: each
+        of `values` set on every row, or the column shuffled across rows (`perturbation`)."""
+
+        column: str = Field(min_length=1)
+        values: tuple[bool | int | float | str, ...] = ()
+        perturbation: Literal["shuffle"] | None = None
+        epsilon: float = Field(default=0.0, ge=0.0)
+
+        @model_validator(mode="after")
+        def _one_change(self) -> BehaviourGateConfig.Invariance:
+            if bool(self.values) == (self.perturbation is not None):
+                raise ValueError("give either values (a non-empty list) or perturbation: shuffle")
+            return self
+
+    class Directional(_Section):
+        """Adding `delta` to the numeric `column` of every holdout row may move its score
+        only in `direction`; a move the other way by more than `tolerance` breaks it."""
+
+        column: str = Field(min_length=1)
+        delta: float
+        direction: Literal["non_increasing", "non_decreasing"]
+        tolerance: float = Field(default=0.0, ge=0.0)
+
+        @field_validator("delta")
+        @classmethod
+        def _check_delta(cls, delta: float) -> float:
+            if delta == 0 or delta != delta or abs(delta) == float("inf"):
+                raise ValueError("delta must be a finite number other than 0")
+            return delta
+
+    class SliceGap(_Section):
+        """The largest gap in `metric` between the slices of `column` that hold at least
+        `min_rows` rows of the metric's denominator (positives for recall, negatives for
+        fpr) may widen against the champion's on the same holdout by at most
+        `max_widening`, and, when set, may not exceed `max_gap` (the only bound with no
+        champion yet)."""
+
+        column: str = Field(min_length=1)
+        metric: Literal["recall", "fpr"]
+        max_widening: float = Field(ge=0.0, le=1.0)
+        min_rows: int = Field(default=30, ge=1)
+        max_gap: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    max_failing_rows: int = Field(default=20, ge=0)
+    seed: int = 0
+    invariance: tuple[Invariance, ...] = ()
+    directional: tuple[Directional, ...] = ()
+    slice_gap: tuple[SliceGap, ...] = ()
+
+    def column_problems(self, dataset: DatasetConfig) -> list[str]:
+        """Checks whose column the dataset cannot give them, each naming its field."""
+        problems = []
+        known = set(dataset.features)
+        if dataset.id_column is not None:
+            known.add(dataset.id_column)
+        for i, inv in enumerate(self.invariance):
+            where = f"gates.behaviour.invariance[{i}]"
+            if inv.column not in known:
+                problems.append(f"{where}.column: {inv.column!r} is not a feature or the id column")
+            elif inv.column in dataset.numeric_features and any(
+                isinstance(v, bool | str) for v in inv.values
+            ):
+                problems.append(
+                    f"{where}.values: {inv.column!r} is numeric, values must be numbers"
+                )
+        for i, d in enumerate(self.directional):
+            if d.column not in dataset.numeric_features:
+                problems.append(
+                    f"gates.behaviour.directional[{i}].column: {d.column!r} is not a numeric "
+                    "feature (a directional check adds delta to a number)"
+                )
+        sliceable = set(dataset.features) | set(dataset.slice_columns)
+        for i, s in enumerate(self.slice_gap):
+            if s.column not in sliceable:
+                problems.append(
+                    f"gates.behaviour.slice_gap[{i}].column: {s.column!r} is not a feature; "
+                    "list another column in dataset.slice_columns to slice by it"
+                )
+        return problems
+
+
 class DriftGateConfig(_Section):
     """PSI bands: below `psi_warn` stable, up to `psi_alert` a warning, above it drift."""
 
@@ -147,6 +236,7 @@ class GatesConfig(_Section):
     drift: DriftGateConfig = DriftGateConfig()
     champion: ChampionGateConfig = ChampionGateConfig()
     parity: ParityGateConfig = ParityGateConfig()
+    behaviour: BehaviourGateConfig = BehaviourGateConfig()
 
 
 class RegistryConfig(_Section):
@@ -583,6 +673,13 @@ class MlgateConfig(BaseSettings):
                 f"serving.model {str(served)!r} names model {served.name!r}, but "
                 f"registry.model_name is {self.registry.model_name!r}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_behaviour_columns(self) -> MlgateConfig:
+        problems = self.gates.behaviour.column_problems(self.dataset)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def served_model(self) -> ModelRef:

@@ -87,7 +87,7 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
     # No champion yet: nothing to compare live, the first model is promoted on its gates.
     first = _train(config_path, monkeypatch, 60)
     assert first.accepted and first.champion_after == "1", first.reason
-    assert [g.name for g in first.gates] == ["data", "parity", "champion"]
+    assert [g.name for g in first.gates] == ["data", "parity", "behaviour", "champion"]
     assert not canary_paths(cfg).state.exists()
 
     status = runner.invoke(app, ["canary", "status", "--config", str(config_path), "--json"])
@@ -96,7 +96,13 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
     with Replayer(world["public"], world["bodies"], rate=RATE, wait_for_target=True) as clients:
         second = _train(config_path, monkeypatch, 70)
         assert second.accepted, second.reason
-        assert [g.name for g in second.gates] == ["data", "parity", "champion", "canary"]
+        assert [g.name for g in second.gates] == [
+            "data",
+            "parity",
+            "behaviour",
+            "champion",
+            "canary",
+        ]
         canary_gate = second.gates[-1]
         assert canary_gate.status is GateStatus.PASS, canary_gate.reason
         assert second.champion_after == second.version == "2"
@@ -164,7 +170,13 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
     )
     assert gates.exit_code == 0, gates.output
     shown_gates = json.loads(gates.stdout)
-    assert [g["name"] for g in shown_gates] == ["data", "parity", "champion", "canary"]
+    assert [g["name"] for g in shown_gates] == [
+        "data",
+        "parity",
+        "behaviour",
+        "champion",
+        "canary",
+    ]
     assert shown_gates[-1]["status"] == "fail" and "release freeze" in shown_gates[-1]["reason"]
     for version, message in (("2", "already holds @champion"), ("99", "has no version 99")):
         refused = runner.invoke(app, ["canary", "start", version, "--config", str(config_path)])

@@ -41,7 +41,7 @@ def first(seed: Seed):
 def test_first_run_registers_champion_on_floor_alone(seed: Seed):
     first, config_path = seed.outcome, seed.config_path
     assert first.accepted, first.reason
-    assert [g.name for g in first.gates] == ["data", "parity", "champion"]
+    assert [g.name for g in first.gates] == ["data", "parity", "behaviour", "champion"]
     assert all(g.status is GateStatus.PASS for g in first.gates)
     assert "no champion yet" in first.gates[-1].reason
     cfg = load_config(config_path)
@@ -51,6 +51,7 @@ def test_first_run_registers_champion_on_floor_alone(seed: Seed):
     assert str(registry.get_alias_version(client, "churn", "challenger").version) == "1"
     tags = mv.tags
     assert tags["gate.data"] == tags["gate.parity"] == tags["gate.champion"] == "pass"
+    assert tags["gate.behaviour"] == "pass"
     assert len(tags[registry.SHA_TAG]) == 64 and tags["data_hash"] == first.data_hash
     assert tags["git_commit"]
     assert tags["evidence.report"].endswith("evidence/model_report.html")
@@ -58,7 +59,7 @@ def test_first_run_registers_champion_on_floor_alone(seed: Seed):
     assert run.data.metrics["roc_auc"] > 0.8
     assert run.data.params["estimator"] == "gradient_boosting"
     evidence = registry.version_gate_results(client, mv)
-    assert [g.name for g in evidence] == ["data", "parity", "champion"]
+    assert [g.name for g in evidence] == ["data", "parity", "behaviour", "champion"]
     artifacts = {a.path for a in client.list_artifacts(mv.run_id, "evidence")}
     assert {"evidence/gates.json", "evidence/model_report.html", "evidence/data_docs"} <= artifacts
     report = Path(client.download_artifacts(mv.run_id, registry.REPORT_ARTIFACT))
@@ -174,7 +175,9 @@ def test_unreadable_champion_fails_the_gate_not_passes(config_path):
     champ = client.get_model_version_by_alias("churn", "champion")
     client.set_model_version_tag("churn", str(champ.version), registry.SHA_TAG, "f" * 64)
     out = training_flow(config_path=str(config_path))
-    assert not out.accepted and out.stopped_at == "champion"
+    # The bundled slice-gap checks compare with the champion too: both gates fail.
+    assert not out.accepted and out.stopped_at == "behaviour"
+    assert "could not be scored" in out.gates[-2].reason
     assert "could not be scored" in out.gates[-1].reason
     assert "sha256" in out.gates[-1].reason
 

@@ -297,11 +297,11 @@ def test_training_runs_on_a_worker_and_registers_a_version_with_its_evidence(
     assert mlrun is not None and mlrun.info.status == "FINISHED"
     version = mlrun.data.tags["model_version"]
     mv = client.get_model_version(MODEL, version)
-    for gate in ("data", "parity", "champion"):
+    for gate in ("data", "parity", "behaviour", "champion"):
         assert mv.tags[f"gate.{gate}"] == "pass", mv.tags
     assert len(mv.tags[SHA_TAG]) == 64
     evidence = registry.load_json_artifact(client, mlrun.info.run_id, EVIDENCE_ARTIFACT)
-    assert [g["name"] for g in evidence] == ["data", "parity", "champion"]
+    assert [g["name"] for g in evidence] == ["data", "parity", "behaviour", "champion"]
     assert aliases(client) == {CHAMPION_ALIAS: version, CHALLENGER_ALIAS: version}
     assert unrecorded_alias_moves(client, MODEL) == []
     (move,) = registry.alias_history(client, MODEL, CHAMPION_ALIAS)
