@@ -45,6 +45,7 @@ from models.registry_layout import (
     EVIDENCE_GATES_TAG,
     EVIDENCE_REPORT_TAG,
     GATE_TAG_PREFIX,
+    GPU_SHA_TAG,
     KIND_TAG,
     MADE_BY_TAG,
     MODEL_ARTIFACT_DIR,
@@ -445,7 +446,11 @@ def register_candidate(
     verdict, the facts and links to the evidence. The run is tagged with the version."""
     if evidence.candidate is None or not evidence.registrable:
         raise RegistryError(f"training run {run_id} holds no challenger to register")
-    check_registrable(evidence.candidate.onnx.content, f"the challenger of run {run_id}")
+    onnx_model = evidence.candidate.onnx
+    check_registrable(onnx_model.content, f"the challenger of run {run_id}")
+    if onnx_model.gpu_content is not None:
+        check_registrable(onnx_model.gpu_content, f"the GPU graph of run {run_id}")
+    gpu_tag = {GPU_SHA_TAG: onnx_model.gpu_sha256} if onnx_model.gpu_sha256 else {}
     artifact_uri = client.get_run(run_id).info.artifact_uri
     mv = register_version(
         client,
@@ -455,6 +460,7 @@ def register_candidate(
         tags={
             **gate_status_tags(list(evidence.gates)),
             **evidence.version_tags,
+            **gpu_tag,
             OUTCOME_TAG: "accepted" if evidence.accepted else "rejected",
             EVIDENCE_GATES_TAG: f"{artifact_uri}/{EVIDENCE_ARTIFACT}",
             EVIDENCE_REPORT_TAG: f"{artifact_uri}/{REPORT_ARTIFACT}",
@@ -560,7 +566,7 @@ def register_onnx_model(
         registry.model_name,
         run.info.run_id,
         onnx_model.sha256,
-        tags=tags,
+        tags={**({GPU_SHA_TAG: onnx_model.gpu_sha256} if onnx_model.gpu_sha256 else {}), **tags},
         description=description or run_name,
     )
 

@@ -121,7 +121,14 @@ def fetch_model(cfg: MlgateConfig, ref: ModelRef) -> BatchModel:
                 f"{sorted(loaded.schema[kind])}, but the config's dataset lists "
                 f"{sorted(configured)}; score it with its own config"
             )
-    return BatchModel(loaded.version, loaded.sha256, loaded.schema, loaded.content)
+    return BatchModel(
+        loaded.version,
+        loaded.sha256,
+        loaded.schema,
+        loaded.content,
+        gpu_content=loaded.gpu_content,
+        gpu_sha256=loaded.gpu_sha256,
+    )
 
 
 def plan_input(

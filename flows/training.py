@@ -41,7 +41,7 @@ from flows.training_evidence import (
 )
 from models.config import MlgateConfig, load_config
 from models.data import load_dataset, split_data
-from models.onnx_export import export_onnx
+from models.onnx_export import export_onnx, predict_proba_gpu_graph
 from models.train import train_model
 from services.canary_state import Phase
 
@@ -58,6 +58,7 @@ split = _task(split_data, "split")
 train = _task(train_model, "train")
 export = _task(export_onnx, "export-onnx")
 score = _task(score_holdout, "score-holdout")
+score_gpu_graph = _task(predict_proba_gpu_graph, "score-gpu-graph")
 run_parity_gate = _task(check_parity, "parity-gate")
 champion_on_holdout = _task(score_champion, "score-champion", retries=2, retry_delay_seconds=2)
 run_behaviour_gate = _task(gate_behaviour, "behaviour-gate")
@@ -111,7 +112,10 @@ def training_flow(
     model = train(parts.train, cfg.dataset, cfg.train)
     onnx_model = export(model.pipeline, cfg.dataset)
     holdout = score(model, onnx_model, parts, cfg.dataset, cfg.train)
-    parity = run_parity_gate(holdout.sklearn_scores, holdout.onnx_scores, cfg.gates.parity)
+    gpu_scores = score_gpu_graph(onnx_model, parts.holdout, cfg.dataset)
+    parity = run_parity_gate(
+        holdout.sklearn_scores, holdout.onnx_scores, cfg.gates.parity, gpu_scores
+    )
     if not parity.passed:
         stopped = stopped_evidence(facts, [data_gate, parity], docs, holdout)
         return finish_training(client, cfg, config_path, stopped)

@@ -44,8 +44,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from models.data import DataError
-from models.onnx_export import make_session, onnx_inputs_from_columns, score_onnx, sha256_bytes
+from models.onnx_export import onnx_inputs_from_columns, score_onnx, sha256_bytes
 from models.train import MISSING_CATEGORY
+from models.tree_graph import open_serving_session
 
 # Rows per ONNX Runtime call; large enough that the call's own cost vanishes, small enough
 # that a batch of wide rows stays a few tens of megabytes.
@@ -175,6 +176,9 @@ class BatchModel:
     sha256: str
     schema: dict[str, Any]
     content: bytes = field(repr=False)
+    # Tree ensembles: the GPU graph, scored with instead where CUDA is really active.
+    gpu_content: bytes | None = field(default=None, repr=False)
+    gpu_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,8 @@ class PartitionResult:
     output: str
     rejects: str
     sample: pa.Table = field(repr=False)
+    graph: str = "cpu"  # which graph scored it: "cpu", or "gpu" (CUDA active)
+    provider: str = "CPUExecutionProvider"
 
 
 def batch_target(output: Path, source: Path) -> BatchTarget:
@@ -650,16 +656,16 @@ def _handed_off(items: Iterator[T], consume: Callable[[T], None]) -> None:
 
 
 def _decoded(
-    batches: Iterator[Any], layout: BatchLayout, schema: dict[str, Any], first_row: int
+    batches: Iterator[Any],
+    layout: BatchLayout,
+    schema: dict[str, Any],
+    first_row: int,
+    encode: Callable[..., dict[str, np.ndarray]] = onnx_inputs_from_columns,
 ) -> Iterator[tuple[DecodedBatch, dict[str, np.ndarray] | None]]:
     for batch in batches:
         decoded = decode_batch(batch, layout, first_row)
         first_row += decoded.rows
-        feeds = (
-            onnx_inputs_from_columns(decoded.numeric, decoded.labels, schema)
-            if decoded.accepted
-            else None
-        )
+        feeds = encode(decoded.numeric, decoded.labels, schema) if decoded.accepted else None
         yield decoded, feeds
 
 
@@ -719,11 +725,20 @@ def score_partition(
             f"model version {model.version}: the ONNX bytes handed to partition "
             f"{partition.index} do not match their sha256 {model.sha256}; refusing to score"
         )
-    session = make_session(model.content)
+    if model.gpu_content is not None and sha256_bytes(model.gpu_content) != model.gpu_sha256:
+        raise ValueError(
+            f"model version {model.version}: the GPU graph handed to partition "
+            f"{partition.index} does not match its sha256 {model.gpu_sha256}; refusing to score"
+        )
+    session, gpu_encode, choice = open_serving_session(model.content, model.gpu_content)
     sample = GateSample(layout, partition.sample_rows, partition.index, partition.rows)
     started = time.perf_counter()
     decoded = _decoded(
-        read_batches(partition, layout, batch_rows), layout, model.schema, partition.first_row
+        read_batches(partition, layout, batch_rows),
+        layout,
+        model.schema,
+        partition.first_row,
+        gpu_encode or onnx_inputs_from_columns,
     )
     scored = (
         (batch, score_onnx(session, feeds) if feeds is not None else np.empty(0))
@@ -744,6 +759,8 @@ def score_partition(
         str(part.output),
         str(part.rejects),
         sample.table(),
+        graph=choice.graph,
+        provider=session.get_providers()[0],
     )
 
 

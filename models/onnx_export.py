@@ -2,7 +2,8 @@
 
 The ONNX graph takes one input per feature column, named after the column, shaped [N, 1]:
 float32 for numeric features, string for categorical ones. Output `probabilities` is [N, 2];
-column 1 is the positive class.
+column 1 is the positive class. A tree ensemble also gets its GPU graph
+(`models.tree_graph`), written beside it as `model_gpu.onnx`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sklearn.pipeline import Pipeline
 
 from models.config import DatasetConfig
 from models.train import MISSING_CATEGORY, prepare_columns, prepare_features
+from models.tree_graph import GPU_ONNX_FILENAME, export_tree_graph, tree_graph_supported
 
 PROBABILITIES = "probabilities"
 ONNX_FILENAME = "model.onnx"
@@ -32,6 +34,9 @@ class OnnxModel:
     content: bytes
     sha256: str
     providers: tuple[str, ...] = ()
+    # Tree ensembles only: the same model compiled to tensor ops for the CUDA provider.
+    gpu_content: bytes | None = None
+    gpu_sha256: str | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -152,7 +157,13 @@ def export_onnx(pipeline: Pipeline, dataset: DatasetConfig) -> OnnxModel:
         names = [o.name for o in onx.graph.output]
         raise RuntimeError(f"ONNX graph has no 'probabilities' output (outputs: {names})")
     content = onx.SerializeToString()
-    return OnnxModel(content=content, sha256=sha256_bytes(content))
+    gpu = export_tree_graph(pipeline) if tree_graph_supported(pipeline) else None
+    return OnnxModel(
+        content=content,
+        sha256=sha256_bytes(content),
+        gpu_content=gpu,
+        gpu_sha256=sha256_bytes(gpu) if gpu is not None else None,
+    )
 
 
 def input_schema(dataset: DatasetConfig) -> dict[str, Any]:
@@ -292,5 +303,25 @@ def latency_per_row_us(session: Any, df: pd.DataFrame, dataset: DatasetConfig) -
 def write_model_dir(model: OnnxModel, dataset: DatasetConfig, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ONNX_FILENAME).write_bytes(model.content)
+    if model.gpu_content is not None:
+        (out_dir / GPU_ONNX_FILENAME).write_bytes(model.gpu_content)
     (out_dir / SCHEMA_FILENAME).write_text(json.dumps(input_schema(dataset), indent=2))
     return out_dir
+
+
+def predict_proba_gpu_graph(
+    model: OnnxModel, df: pd.DataFrame, dataset: DatasetConfig
+) -> np.ndarray | None:
+    """The GPU graph's probabilities of the positive class (None for a model without one),
+    fed by the service's encoder; on CUDA where present, else on CPU, so its parity is
+    checked wherever training runs."""
+    if model.gpu_content is None:
+        return None
+    from models.tree_graph import make_encoder
+
+    X = prepare_features(df, dataset)
+    schema = input_schema(dataset)
+    numeric = X[schema["numeric"]].to_numpy(dtype=np.float64).T.reshape(len(schema["numeric"]), -1)
+    labels = [X[c].to_numpy(dtype=object) for c in schema["categorical"]]
+    session = make_session(model.gpu_content)
+    return score_onnx(session, make_encoder(model.gpu_content)(numeric, labels, schema))

@@ -17,6 +17,8 @@ CHALLENGER_ALIAS = "challenger"
 
 # Tags of a model version (and of its training run).
 SHA_TAG = "onnx_sha256"  # the sha256 of model/model.onnx; serving refuses other bytes
+# Tree ensembles: the sha256 of model/model_gpu.onnx, the GPU graph (`models.tree_graph`).
+GPU_SHA_TAG = "onnx_gpu_sha256"
 GATE_TAG_PREFIX = "gate."  # `gate.<name>` = pass | fail | inconclusive
 OUTCOME_TAG = "mlgate.outcome"  # accepted | rejected
 STOPPED_AT_TAG = "mlgate.stopped_at"  # the gate a rejected run stopped at

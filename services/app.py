@@ -137,6 +137,9 @@ class ModelRuntime:
         authenticator: Authenticator,
         log_writer: InferenceLogWriter | None,
         metrics: ServiceMetrics,
+        encode: Any = None,
+        graph: str = "cpu",
+        max_batch_rows: int | None = None,
     ) -> None:
         from models.onnx_export import onnx_inputs_from_columns, score_onnx
 
@@ -157,14 +160,17 @@ class ModelRuntime:
             serving.max_category_chars,
         )
         self.max_body_bytes = max_body_bytes(serving, len(dataset.features))
-        self._encode = onnx_inputs_from_columns
+        # The GPU graph has its own encoder (`models.tree_graph.make_encoder`).
+        self._encode = encode or onnx_inputs_from_columns
+        self.graph = graph
+        batch_rows = max_batch_rows or serving.max_batch_size
         self._score_onnx = score_onnx
         self.batcher: AdaptiveBatcher[RowBlock] = AdaptiveBatcher(
             self.score_rows,
             RowBlock.concat,
-            max_batch_rows=serving.max_batch_size,
+            max_batch_rows=batch_rows,
             # Enough for every connection a host serves to have a full request waiting.
-            max_queued_rows=max(64 * serving.max_rows_per_request, 4 * serving.max_batch_size),
+            max_queued_rows=max(64 * serving.max_rows_per_request, 4 * batch_rows),
             max_wait_s=serving.max_latency_ms / 1000.0,
             on_batch=self._on_batch,
         )

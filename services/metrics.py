@@ -125,6 +125,7 @@ class ServiceMetrics:
         sha256: str,
         *,
         from_last_known_good: bool = False,
+        graph: str = "cpu",
     ) -> None:
         self._registry = CollectorRegistry(auto_describe=True)
         names = ("model_name", "model_version", "variant")
@@ -172,12 +173,13 @@ class ServiceMetrics:
         )
         info = Gauge(
             "mlgate_model_info",
-            "The model this instance serves (value 1), with its sha256 and ONNX provider.",
-            (*names, "sha256", "provider"),
+            "The model this instance serves (value 1), with its sha256, ONNX provider and "
+            "graph (cpu, or a tree ensemble's gpu graph).",
+            (*names, "sha256", "provider", "graph"),
             registry=reg,
             multiprocess_mode="max",
         )
-        info.labels(*self._labels, sha256, provider).set(1)
+        info.labels(*self._labels, sha256, provider, graph).set(1)
         fallback = Gauge(
             LAST_KNOWN_GOOD_METRIC,
             "1 while the model is served from the last-known-good copy because the registry "

@@ -34,7 +34,8 @@ from models.onnx_export import (
     check_no_external_data,
     sha256_bytes,
 )
-from models.registry_layout import SHA_TAG
+from models.registry_layout import GPU_SHA_TAG, SHA_TAG
+from models.tree_graph import GPU_ONNX_FILENAME
 from services import registry_access
 from services.registry_access import (
     open_registry_client,
@@ -84,6 +85,10 @@ class LoadedModel:
     schema: dict[str, Any]
     # Set when the registry could not be reached and the last-known-good copy is served.
     last_known_good: LastKnownGood | None = None
+    # Tree ensembles: the GPU graph (`models.tree_graph`), verified against its own tag.
+    # A last-known-good copy keeps only the CPU graph, which serves anywhere.
+    gpu_content: bytes | None = field(default=None, repr=False)
+    gpu_sha256: str | None = None
 
     @property
     def ref(self) -> str:
@@ -166,6 +171,13 @@ def _fetch_registered_model(
             "replaced after registration, refusing to serve it"
         )
     _check_self_contained(content, f"{model_name} version {version}")
+    gpu_expected = (mv.tags or {}).get(GPU_SHA_TAG)
+    gpu_content, gpu_sha256 = None, None
+    if gpu_expected:
+        gpu_content = _read_gpu_graph(
+            mv.source, tracking_uri, gpu_expected, f"{model_name} version {version}"
+        )
+        gpu_sha256 = gpu_expected.strip().lower()
     return LoadedModel(
         name=model_name,
         version=str(version),
@@ -173,7 +185,37 @@ def _fetch_registered_model(
         sha256=actual,
         content=content,
         schema=_parse_schema(schema_text, model_name, str(version)),
+        gpu_content=gpu_content,
+        gpu_sha256=gpu_sha256,
     )
+
+
+def _read_gpu_graph(source: str, tracking_uri: str, expected: str, what: str) -> bytes:
+    """The GPU graph a version's tag vouches for, checked as the CPU graph is."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="mlgate-gpu-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/{GPU_ONNX_FILENAME}",
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+            )
+            content = Path(local).read_bytes()
+        except (OSError, MlflowException) as err:
+            raise ModelIntegrityError(
+                f"{what}: its {GPU_SHA_TAG} tag vouches for {GPU_ONNX_FILENAME}, which cannot "
+                f"be read: {err}"
+            ) from None
+    actual = sha256_bytes(content)
+    if actual != expected.strip().lower():
+        raise ModelIntegrityError(
+            f"{what}: sha256 of {GPU_ONNX_FILENAME} is {actual}, but its {GPU_SHA_TAG} tag "
+            f"says {expected}; refusing to serve it"
+        )
+    _check_self_contained(content, f"{what} ({GPU_ONNX_FILENAME})")
+    return content
 
 
 def _check_self_contained(content: bytes, what: str) -> None:

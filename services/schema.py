@@ -262,6 +262,8 @@ class ModelInfo(BaseModel):
     sha256: str
     variant: str
     providers: list[str]
+    # Which graph serves: "gpu" (a tree ensemble's tensor-op graph, only with CUDA active).
+    graph: Literal["cpu", "gpu"] = "cpu"
     numeric_features: list[str]
     categorical_features: list[str]
     # "last_known_good": the registry could not be reached at start-up (see last_known_good).

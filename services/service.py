@@ -280,7 +280,7 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
     @bentoml.asgi_app(hot, path="/", name="hot")
     class MlgateService:
         def __init__(self) -> None:
-            from models.onnx_export import make_session
+            from models.tree_graph import GPU_BATCH_ROWS, open_serving_session
             from services.auth import (
                 API_KEYS_ENV,
                 ApiKey,
@@ -313,7 +313,7 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 )
             check_model_matches_config(model, dataset)
             check_categories_fit(model.content, serving.max_category_chars)
-            session = make_session(model.content)
+            session, encode, graph = open_serving_session(model.content, model.gpu_content)
             providers = list(session.get_providers())
             authenticator = Authenticator(
                 merge_api_keys(
@@ -335,6 +335,7 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 providers[0],
                 model.sha256,
                 from_last_known_good=model.last_known_good is not None,
+                graph=graph.graph,
             )
             log_writer = InferenceLogWriter(
                 log_dir,
@@ -360,6 +361,12 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 authenticator=authenticator,
                 log_writer=log_writer,
                 metrics=metrics,
+                encode=encode,
+                graph=graph.graph,
+                # A GPU pays for itself on large calls: 16,384 rows, not the CPU's batch.
+                max_batch_rows=max(serving.max_batch_size, GPU_BATCH_ROWS)
+                if graph.graph == "gpu"
+                else None,
             )
             self.runtime.warm_up()
             if model.last_known_good is None:
@@ -377,18 +384,23 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
             predict_endpoint.runtime = self.runtime
             metrics_endpoint.metrics = metrics
             logger.info(
-                "serving %s (variant %s), sha256 %s, on ONNX Runtime %s; loaded and warmed "
-                "up in %.1f s",
+                "serving %s (variant %s), sha256 %s, %s graph on ONNX Runtime %s (%s); loaded "
+                "and warmed up in %.1f s",
                 model.ref,
                 variant,
                 model.sha256,
-                describe_providers(model.content, providers),
+                graph.graph.upper(),
+                describe_providers(
+                    (model.gpu_content if graph.graph == "gpu" else None) or model.content,
+                    providers,
+                ),
+                graph.reason,
                 time.perf_counter() - started,
             )
             logger.info("%s", authenticator.describe())
             logger.info(
                 "adaptive batching: up to %d rows per ONNX Runtime call; inference log in %s",
-                serving.max_batch_size,
+                self.runtime.batcher.max_batch_rows,
                 log_writer.location,
             )
 
@@ -424,6 +436,7 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 sha256=model.sha256,
                 variant=self.runtime.variant,
                 providers=self.runtime.providers,
+                graph="gpu" if self.runtime.graph == "gpu" else "cpu",
                 numeric_features=list(model.schema["numeric"]),
                 categorical_features=list(model.schema["categorical"]),
                 **describe_source(model),
