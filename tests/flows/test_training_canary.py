@@ -23,7 +23,7 @@ from bench.traffic import Replayer
 from checks.result import GateStatus
 from flows import registry
 from flows.canary import MlflowCanaryRegistry
-from flows.cli import EXIT_ERROR, app
+from flows.cli import EXIT_ERROR, EXIT_USAGE, app
 from flows.training import TrainingOutcome, training_flow
 from models.config import load_config
 from models.data import load_dataset, split_data
@@ -178,16 +178,22 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
         "canary",
     ]
     assert shown_gates[-1]["status"] == "fail" and "release freeze" in shown_gates[-1]["reason"]
+    # This config has no API keys: the public port is not opened without the opt-out.
+    keyless = runner.invoke(app, ["canary", "start", "3", "--config", str(config_path)])
+    assert keyless.exit_code == EXIT_USAGE and "no API keys" in keyless.output, keyless.output
+    assert "--insecure-no-auth" in keyless.output
+    open_port = ["--insecure-no-auth", "--config", str(config_path)]
     for version, message in (("2", "already holds @champion"), ("99", "has no version 99")):
-        refused = runner.invoke(app, ["canary", "start", version, "--config", str(config_path)])
+        refused = runner.invoke(app, ["canary", "start", version, *open_port])
         assert refused.exit_code == EXIT_ERROR and message in refused.output, refused.output
+        assert "authentication is OFF" in refused.output
     none = runner.invoke(
         app, ["canary", "abort", "--reason", "nothing", "--config", str(config_path)]
     )
     assert none.exit_code == EXIT_ERROR and "no canary under way" in none.output
 
     # As a person runs it: a detached controller, its status, an abort from the CLI.
-    started = runner.invoke(app, ["canary", "start", "3", "--detach", "--config", str(config_path)])
+    started = runner.invoke(app, ["canary", "start", "3", "--detach", *open_port])
     assert started.exit_code == 0 and "controller running in the background" in started.output
     deadline = time.monotonic() + 60
     while not controller_running(cfg) and time.monotonic() < deadline:
