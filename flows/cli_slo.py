@@ -1,14 +1,19 @@
-"""The `mlgate slo` commands: Prometheus rules generated from the config's `slo:` objectives.
+"""The `mlgate slo` commands: Prometheus rules generated from the config's `slo:` objectives,
+the Grafana dashboard, and a Prometheus that uses both.
 
 `rules` writes the rule file (`checks/slo_rules.py` builds it) for Prometheus'
 `rule_files`; it exits 2 when an objective cannot become a rule (a latency bound that is not
 a bucket bound), and lists on stderr what it could not generate for want of a series.
+`dashboard` writes the Grafana dashboard (`checks/dashboard.py`); `prometheus` runs
+Prometheus with the rules, scraping the service and a running canary's instances
+(`services/prometheus.py`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -20,6 +25,10 @@ from flows.cli_common import (
     exit_error,
     load_config_or_exit,
 )
+
+if TYPE_CHECKING:
+    from checks.slo_rules import RuleFile
+    from models.config import MlgateConfig
 
 slo_app = typer.Typer(
     help="Service level objectives: Prometheus recording and alerting rules from `slo:`.",
@@ -36,10 +45,25 @@ def rules(
 ) -> None:
     """Leading-indicator warnings, recorded ratios and burn-rate alerts for the objectives in
     `slo:`, as a Prometheus rule file."""
+    cfg = load_config_or_exit(config)
+    rule_file, text = _rules_text(cfg, config)
+    if out is None:
+        print(text, end="")
+        return
+    out.write_text(text)
+    console.print(
+        f"wrote [bold]{out}[/]: {len(rule_file.recorded_names())} recording rules, "
+        f"{len(rule_file.alert_names())} alerting rules "
+        f"({', '.join(dict.fromkeys(rule_file.alert_names()))})"
+    )
+
+
+def _rules_text(cfg: MlgateConfig, config: Path) -> tuple[RuleFile, str]:
+    """The rule file of `cfg.slo` and its YAML; exit 2 naming an objective that cannot be a
+    rule, and what could not be generated on stderr."""
     from checks.slo_rules import SloRulesError, build_slo_rules
     from services.metrics import LATENCY_BUCKETS_S
 
-    cfg = load_config_or_exit(config)
     try:
         rule_file = build_slo_rules(
             cfg.slo, cfg.registry.model_name, cfg.serving.max_batch_size, LATENCY_BUCKETS_S
@@ -54,12 +78,98 @@ def rules(
     )
     for note in rule_file.notes:
         err_console.print(f"not generated: {note}", highlight=False)
+    return rule_file, text
+
+
+@slo_app.command()
+def dashboard(
+    config: ConfigOpt = Path("mlgate.yaml"),
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write it here (default: stdout).")
+    ] = None,
+) -> None:
+    """A Grafana dashboard (JSON model) for the model: users, capacity and model rows, on
+    the series the service exports and the rules record."""
+    from checks.dashboard import build_dashboard
+
+    cfg = load_config_or_exit(config)
+    text = json.dumps(build_dashboard(cfg), indent=2) + "\n"
     if out is None:
         print(text, end="")
         return
     out.write_text(text)
-    console.print(
-        f"wrote [bold]{out}[/]: {len(rule_file.recorded_names())} recording rules, "
-        f"{len(rule_file.alert_names())} alerting rules "
-        f"({', '.join(dict.fromkeys(rule_file.alert_names()))})"
+    console.print(f"wrote [bold]{out}[/]: import it in Grafana, or provision it from the file")
+
+
+def scrape_targets(cfg: MlgateConfig) -> dict[str, str]:
+    """The instances to scrape: the service on `serving.port`, and a running canary's stable
+    and canary instances (not HAProxy's public port)."""
+    from services.canary_state import StateStore, canary_paths
+
+    host = "127.0.0.1" if cfg.serving.host in ("0.0.0.0", "::") else cfg.serving.host
+    targets = {"service": f"{host}:{cfg.serving.port}"}
+    state = StateStore(canary_paths(cfg)).read() if canary_paths(cfg).state.exists() else None
+    if state is not None:
+        for name, rec in (("stable", state.stable), ("canary", state.canary)):
+            if rec is not None:
+                targets[name] = f"127.0.0.1:{rec.port}"
+        if state.haproxy is not None and cfg.canary.public_port in (None, cfg.serving.port):
+            # serving.port is HAProxy's while the canary runs: its instances are scraped.
+            targets.pop("service")
+    return targets
+
+
+@slo_app.command()
+def prometheus(
+    config: ConfigOpt = Path("mlgate.yaml"),
+    port: Annotated[int, typer.Option("--port", help="Prometheus' port on 127.0.0.1.")] = 9090,
+    scrape_interval: Annotated[
+        float, typer.Option("--scrape-interval", help="Seconds between scrapes.")
+    ] = 15.0,
+    credentials_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--credentials-file",
+            help="A file holding an API key, for serving.internal_endpoints: key.",
+        ),
+    ] = None,
+) -> None:
+    """Run Prometheus (Debian's package) with `mlgate slo rules`, scraping the service and a
+    running canary's instances, until Ctrl-C. Its data stays under registry.store_dir."""
+    from services.prometheus import (
+        PrometheusError,
+        render_prometheus_config,
+        start_prometheus,
     )
+
+    cfg = load_config_or_exit(config)
+    _, text = _rules_text(cfg, config)
+    home = cfg.registry.store_dir / "prometheus"
+    home.mkdir(parents=True, exist_ok=True)
+    rules_path = home / "mlgate-rules.yml"
+    rules_path.write_text(text)
+    targets = scrape_targets(cfg)
+    config_path = home / "prometheus.yml"
+    config_path.write_text(
+        render_prometheus_config(
+            targets,
+            [rules_path],
+            scrape_interval_s=scrape_interval,
+            credentials_file=credentials_file,
+        )
+    )
+    process = start_prometheus(config_path, home / "data", port)
+    try:
+        process.wait_ready()
+        console.print(
+            f"Prometheus on {process.url} scraping "
+            + ", ".join(f"{k} {v}" for k, v in targets.items())
+            + f" every {scrape_interval:g} s (config {config_path}); Ctrl-C stops"
+        )
+        process.process.wait()
+    except PrometheusError as err:
+        raise exit_error(str(err)) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        process.stop()
