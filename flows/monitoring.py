@@ -57,6 +57,7 @@ from models.registry_layout import (
     EVIDENCE_DIR,
     MONITORING_ARTIFACT,
     SAMPLE_ARTIFACT,
+    SHADOW_VARIANT,
 )
 from services.inference_log import read_inference_log
 from services.model_store import load_registered_model
@@ -184,8 +185,12 @@ def read_window(cfg: MlgateConfig, since: datetime, until: datetime) -> pd.DataF
 
 
 def champion_traffic(window: pd.DataFrame, version: str) -> pd.DataFrame:
-    """The window's rows the champion scored."""
-    return window[window["model_version"].astype(str) == version] if len(window) else window
+    """The window's rows the champion scored (not a shadow's rows, even of the same version:
+    a shadow that was promoted scored its rows beside the champion of its day)."""
+    if not len(window):
+        return window
+    served = window["model_version"].astype(str) == version
+    return window[served & (window["variant"].astype(str) != SHADOW_VARIANT)]
 
 
 def gate_live_data(

@@ -231,12 +231,26 @@ class DriftGateConfig(_Section):
         return self
 
 
+class ShadowGateConfig(_Section):
+    """The shadow verdict (`checks/shadow.py`, `mlgate shadow report`): the champion gate's
+    metric, allowance and bootstrap (`gates.champion`) on live pairs that labels were fed
+    back for. Fewer than `min_pairs` pairs, or than `min_labelled` labelled ones:
+    inconclusive, never a pass. `max_p99_ratio`: the shadow's p99 scoring latency over the
+    champion's request p99 (None: reported, not judged)."""
+
+    min_pairs: int = Field(default=500, ge=1)
+    min_labelled: int = Field(default=200, ge=1)
+    max_p99_ratio: float | None = Field(default=None, gt=0.0)
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+
 class GatesConfig(_Section):
     data: DataGateConfig = DataGateConfig()
     drift: DriftGateConfig = DriftGateConfig()
     champion: ChampionGateConfig = ChampionGateConfig()
     parity: ParityGateConfig = ParityGateConfig()
     behaviour: BehaviourGateConfig = BehaviourGateConfig()
+    shadow: ShadowGateConfig = ShadowGateConfig()
 
 
 class RegistryConfig(_Section):
@@ -335,6 +349,10 @@ class ServingConfig(_Section):
     # keep_alive_s.
     header_timeout_s: float = Field(default=10.0, gt=0.0)
     keep_alive_s: int = Field(default=5, ge=1)
+    # Shadow deployments (`mlgate shadow start`): how often each worker asks the registry
+    # which version shadows, and the rows its queue holds before it drops (never waits).
+    shadow_poll_s: float = Field(default=5.0, gt=0.0)
+    shadow_queue_rows: int = Field(default=20_000, ge=1)
     access_log: bool = False
     trace_requests: bool = False
     inference_log_dir: Path | None = None

@@ -30,6 +30,14 @@ CANARY_GATE_TAG = f"{GATE_TAG_PREFIX}canary"
 CANARY_TAG_PREFIX = "canary."  # `canary.<number or fact>` of the latest canary
 CANARY_EVIDENCE_TAG = "evidence.canary"  # URI of the latest canary verdict's JSON
 CANARY_FORCED_TAG = f"{CANARY_TAG_PREFIX}forced_start"
+# Registered-model tags: the version that shadows the champion (`mlgate shadow start`), read
+# by every serving worker, and since when (ISO, UTC).
+SHADOW_TAG = "mlgate.shadow"
+SHADOW_SINCE_TAG = "mlgate.shadow.since"
+SHADOW_GATE_TAG = f"{GATE_TAG_PREFIX}shadow"
+SHADOW_TAG_PREFIX = "shadow."  # `shadow.<number>` of the latest shadow verdict
+SHADOW_EVIDENCE_DIR = "evidence/shadow"  # `v<version>-<verdict>.json`
+SHADOW_VARIANT = "shadow"  # the inference log's `variant` of the shadow's rows
 
 # An audit run: its tags, and the move with its evidence as JSON.
 KIND_TAG = "mlgate.kind"  # promote | rollback | delete | canary

@@ -38,6 +38,7 @@ from services.schema import RequestDecoder, RequestError, RowBlock
 if TYPE_CHECKING:
     from services.inference_log import InferenceLogWriter
     from services.model_store import LoadedModel
+    from services.shadow import ShadowScorer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -174,6 +175,8 @@ class ModelRuntime:
             max_wait_s=serving.max_latency_ms / 1000.0,
             on_batch=self._on_batch,
         )
+        # The version that shadows this one (services/shadow.py), swapped in by its watch.
+        self.shadow: ShadowScorer | None = None
         self.ready = False
         self._id_prefix = f"{secrets.token_hex(4)}-"
         self._ids = itertools.count(1)
@@ -304,6 +307,10 @@ class ModelRuntime:
             self.metrics.observe_scores(scores)
             if self.log_writer is not None:
                 self.log_writer.submit(arrived, request_id, latency_s * 1000.0, rows, scores)
+            shadow = self.shadow
+            if shadow is not None:
+                # After the answer was sent: the shadow never holds the champion's.
+                shadow.submit(arrived, request_id, rows)
 
     async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes | None:
         limit = self.max_body_bytes

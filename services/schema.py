@@ -269,6 +269,9 @@ class ModelInfo(BaseModel):
     # "last_known_good": the registry could not be reached at start-up (see last_known_good).
     source: Literal["registry", "last_known_good"] = "registry"
     last_known_good: LastKnownGoodInfo | None = None
+    # The version shadowing this worker's model (`mlgate shadow start`), with its row counts:
+    # version, scored_rows, dropped_rows, failed_rows, queued_rows.
+    shadow: dict[str, Any] | None = None
 
 
 def make_row_model(

@@ -58,6 +58,7 @@ from services.app import MetricsEndpoint, PredictEndpoint, freeze_heap
 from services.bentoml_fixes import cancel_timeout_timers
 from services.exposure import ExposureGuard
 from services.schema import ErrorBody, ModelInfo, PredictResponse, request_openapi_schema
+from services.shadow import ShadowScorer, ShadowWatch
 from services.slow_clients import cut_slow_clients
 
 # pandas, scikit-learn, pyarrow, onnxruntime and MLflow are imported where they are used, not
@@ -215,6 +216,61 @@ def _document_route(app: FastAPI, served_by: Any, **route: Any) -> APIRoute:
     # Were it ever reached (mounting order changed), the request still gets the real answer.
     added.app = served_by
     return added
+
+
+def shadow_watch(cfg: MlgateConfig, tracking_uri: str, runtime: Any, log_dir: Any) -> ShadowWatch:
+    """The watch that keeps `runtime.shadow` on the version the registry names
+    (services/shadow.py); started once the worker serves."""
+    from mlflow import MlflowClient
+
+    from models.onnx_export import make_session, onnx_inputs_from_columns, score_onnx
+    from models.registry_layout import SHADOW_TAG, SHADOW_VARIANT
+    from services.inference_log import InferenceLogWriter
+    from services.model_store import load_registered_model
+
+    served = runtime.model
+    serving = cfg.serving
+    clients: list[Any] = []
+
+    def read_tag() -> str | None:
+        if not clients:
+            clients.append(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        tags = clients[0].get_registered_model(served.name).tags
+        return tags.get(SHADOW_TAG) or None
+
+    def make_scorer(version: str) -> ShadowScorer:
+        if version == served.version:
+            raise ValueError(f"v{version} is the version this instance serves")
+        shadow = load_registered_model(tracking_uri, ModelRef(served.name, version=version))
+        for kind in ("numeric", "categorical"):
+            if list(shadow.schema[kind]) != list(served.schema[kind]):
+                raise ValueError(
+                    f"its {kind} features {shadow.schema[kind]} differ from the served "
+                    f"model's {served.schema[kind]}"
+                )
+        session = make_session(shadow.content, prefer_gpu=False)
+
+        def score(rows: Any) -> Any:
+            feeds = onnx_inputs_from_columns(rows.numeric, rows.labels, shadow.schema)
+            return score_onnx(session, feeds)
+
+        writer = InferenceLogWriter(
+            log_dir,
+            model_name=shadow.name,
+            model_version=shadow.version,
+            variant=SHADOW_VARIANT,
+            numeric=shadow.schema["numeric"],
+            categorical=shadow.schema["categorical"],
+            max_queued_rows=serving.inference_log_max_queued_rows,
+            flush_rows=serving.inference_log_flush_rows,
+            flush_s=serving.inference_log_flush_s,
+        )
+        return ShadowScorer(shadow, score, writer, serving.shadow_queue_rows)
+
+    def on_change(scorer: ShadowScorer | None) -> None:
+        runtime.shadow = scorer
+
+    return ShadowWatch(read_tag, make_scorer, on_change, serving.shadow_poll_s)
 
 
 def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
@@ -381,6 +437,11 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                         err,
                     )
             log_writer.start()
+            self.shadow_watch = (
+                None
+                if variant == "canary"
+                else shadow_watch(cfg, tracking_uri, self.runtime, log_dir)
+            )
             predict_endpoint.runtime = self.runtime
             metrics_endpoint.metrics = metrics
             logger.info(
@@ -408,6 +469,8 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
         async def freeze_startup_heap(self) -> None:
             frozen = freeze_heap()
             self.runtime.mark_ready()
+            if self.shadow_watch is not None:
+                self.shadow_watch.start()
             logger.info("ready; %d start-up objects frozen out of garbage collection", frozen)
 
         @bentoml.on_shutdown
@@ -415,6 +478,8 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
             # By now uvicorn has finished the requests in flight; answer what is queued and
             # write the inference log's last rows.
             await asyncio.wait_for(self.runtime.close(), timeout=60)
+            if self.shadow_watch is not None:
+                await asyncio.to_thread(self.shadow_watch.stop)
             writer = self.runtime.log_writer
             if writer is not None:
                 logger.info(
@@ -439,6 +504,7 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 graph="gpu" if self.runtime.graph == "gpu" else "cpu",
                 numeric_features=list(model.schema["numeric"]),
                 categorical_features=list(model.schema["categorical"]),
+                shadow=None if self.runtime.shadow is None else self.runtime.shadow.stats(),
                 **describe_source(model),
             )
 
