@@ -221,21 +221,29 @@ def _document_route(app: FastAPI, served_by: Any, **route: Any) -> APIRoute:
 def shadow_watch(cfg: MlgateConfig, tracking_uri: str, runtime: Any, log_dir: Any) -> ShadowWatch:
     """The watch that keeps `runtime.shadow` on the version the registry names
     (services/shadow.py); started once the worker serves."""
-    from mlflow import MlflowClient
-
     from models.onnx_export import make_session, onnx_inputs_from_columns, score_onnx
     from models.registry_layout import SHADOW_TAG, SHADOW_VARIANT
     from services.inference_log import InferenceLogWriter
     from services.model_store import load_registered_model
+    from services.registry_access import open_registry_client, sqlite_database
 
     served = runtime.model
     serving = cfg.serving
     clients: list[Any] = []
 
     def read_tag() -> str | None:
+        # A SQLite registry that went missing is never re-created by asking it (MLflow would
+        # make a new empty database as the client opens it).
+        database = sqlite_database(tracking_uri)
+        if database is not None and not database.exists():
+            raise FileNotFoundError(f"the registry database {database} is missing")
         if not clients:
-            clients.append(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
-        tags = clients[0].get_registered_model(served.name).tags
+            clients.append(open_registry_client(tracking_uri))
+        try:
+            tags = clients[0].get_registered_model(served.name).tags
+        except Exception:
+            clients.clear()
+            raise
         return tags.get(SHADOW_TAG) or None
 
     def make_scorer(version: str) -> ShadowScorer:
