@@ -365,7 +365,7 @@ def report(
         raise _fail(
             f"no training run {run_id!r} in {cfg.registry.resolved_tracking_uri()}"
         ) from None
-    gates = registry.run_gate_results(client, run_id)
+    gates = registry.report_gate_results(client, cfg.registry.model_name, run_id)
     text = training_report_markdown(
         model_name=cfg.registry.model_name,
         run_id=run_id,

@@ -55,6 +55,8 @@ from models.registry_layout import (
     RECOVERED_TAG,
     REPORT_ARTIFACT,
     SHA_TAG,
+    SHADOW_EVIDENCE_DIR,
+    SHADOW_EVIDENCE_TAG,
     STOPPED_AT_TAG,
 )
 from models.registry_layout import DATA_DOCS_ARTIFACT_DIR as DATA_DOCS_ARTIFACT_DIR
@@ -590,22 +592,37 @@ def gate_tags(mv: ModelVersion) -> dict[str, str]:
 
 
 def version_gate_results(client: MlflowClient, mv: ModelVersion) -> list[GateResult]:
-    """The offline gates from the training run's evidence, and the latest canary verdict
-    (tag `evidence.canary`), which a canary run by hand adds after training."""
+    """The offline gates from the training run's evidence, then the latest canary and shadow
+    verdicts (tags `evidence.canary`, `evidence.shadow`), which come after training."""
     if not mv.run_id:
         return []
     results = run_gate_results(client, mv.run_id)
-    uri = mv.tags.get(CANARY_EVIDENCE_TAG, "")
-    _, sep, rest = uri.partition(f"/{CANARY_EVIDENCE_DIR}/")
-    if sep:
+    for tag, directory, name in (
+        (SHADOW_EVIDENCE_TAG, SHADOW_EVIDENCE_DIR, "shadow"),
+        (CANARY_EVIDENCE_TAG, CANARY_EVIDENCE_DIR, "canary"),
+    ):
+        _, sep, rest = mv.tags.get(tag, "").partition(f"/{directory}/")
+        if not sep:
+            continue
         try:
-            canary = GateResult.from_dict(
-                load_json_artifact(client, mv.run_id, f"{CANARY_EVIDENCE_DIR}/{rest}")
+            later = GateResult.from_dict(
+                load_json_artifact(client, mv.run_id, f"{directory}/{rest}")
             )
         except (MlflowException, OSError, ValueError, KeyError):
-            return results
-        results = [r for r in results if r.name != "canary"] + [canary]
+            continue
+        results = [r for r in results if r.name != name] + [later]
     return results
+
+
+def report_gate_results(client: MlflowClient, name: str, run_id: str) -> list[GateResult]:
+    """A training run's gates for its report: its registered version's, with the canary and
+    shadow verdicts that came later; the run's own evidence when it registered none."""
+    versions: list[ModelVersion] = []
+    with contextlib.suppress(MlflowException):
+        versions = list(client.search_model_versions(f"name='{name}' and run_id='{run_id}'"))
+    if versions:
+        return version_gate_results(client, versions[0])
+    return run_gate_results(client, run_id)
 
 
 def run_gate_results(client: MlflowClient, run_id: str) -> list[GateResult]:

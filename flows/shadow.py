@@ -29,6 +29,7 @@ from models.registry_layout import (
     CHAMPION_ALIAS,
     SHA_TAG,
     SHADOW_EVIDENCE_DIR,
+    SHADOW_EVIDENCE_TAG,
     SHADOW_GATE_TAG,
     SHADOW_SINCE_TAG,
     SHADOW_TAG,
@@ -155,3 +156,7 @@ def record_verdict(client: MlflowClient, name: str, version: str, result: GateRe
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         path = f"{SHADOW_EVIDENCE_DIR}/v{version}-{stamp}-{result.status.value}.json"
         registry.log_json_artifact(client, mv.run_id, path, result.to_dict())
+        run = client.get_run(mv.run_id)
+        client.set_model_version_tag(
+            name, version, SHADOW_EVIDENCE_TAG, f"{run.info.artifact_uri}/{path}"
+        )

@@ -36,7 +36,8 @@ SHADOW_TAG = "mlgate.shadow"
 SHADOW_SINCE_TAG = "mlgate.shadow.since"
 SHADOW_GATE_TAG = f"{GATE_TAG_PREFIX}shadow"
 SHADOW_TAG_PREFIX = "shadow."  # `shadow.<number>` of the latest shadow verdict
-SHADOW_EVIDENCE_DIR = "evidence/shadow"  # `v<version>-<verdict>.json`
+SHADOW_EVIDENCE_DIR = "evidence/shadow"  # `v<version>-<time>-<verdict>.json`
+SHADOW_EVIDENCE_TAG = "evidence.shadow"  # URI of the latest shadow verdict's JSON
 SHADOW_VARIANT = "shadow"  # the inference log's `variant` of the shadow's rows
 
 # An audit run: its tags, and the move with its evidence as JSON.

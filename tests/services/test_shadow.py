@@ -5,6 +5,7 @@ registry, replayed holdout traffic, labels fed back, and the verdict recorded as
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,6 +197,14 @@ def test_shadow_scores_beside_the_champion_and_reaches_a_verdict_on_live_labels(
         assert registry_layer.missing_evidence(mv, ("shadow",)) == {}
     else:
         assert registry_layer.missing_evidence(mv, ("shadow",)) == {"shadow": "fail"}
+
+    # Its table in `mlgate gates show`, after the version's other evidence.
+    gates = CliRunner().invoke(
+        app,
+        ["gates", "show", name, shadow_version, "--json", "--config", str(registry.config_path)],
+    )
+    assert gates.exit_code == 0, gates.output
+    assert [g["name"] for g in json.loads(gates.stdout)][-1:] == ["shadow"]
 
     shown = CliRunner().invoke(
         app, ["shadow", "status", "--json", "--config", str(registry.config_path)]
