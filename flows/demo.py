@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
+from checks.result import GateResult
 from flows.gate_tables import gate_tables
 from flows.runtime import use_embedded_prefect
 from models.config import MlgateConfig, env_override_name, load_config
@@ -103,6 +104,8 @@ def _run_training(title: str, config: Path, env: dict[str, str] | None = None) -
 
 
 EPISODE_WINDOW_S = 8.0
+# Holdout rows replayed through the service while a retrained version shadows @champion.
+SHADOW_ROWS = 600
 
 
 def shifted_batch(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -139,7 +142,7 @@ def _drift_episode(
 ) -> list[MonitoringOutcome]:
     from flows.monitoring import monitoring_flow, trigger_state_path
 
-    console.print(Rule("4. drift episode: one stable window, then three shifted ones"))
+    console.print(Rule("5. drift episode: one stable window, then three shifted ones"))
     state = trigger_state_path(cfg)
     if state.exists():
         # Each demo run starts its own episode; the cooldown of an earlier run's retrain
@@ -237,6 +240,49 @@ def _register_bad_candidate(client: MlflowClient, cfg: MlgateConfig) -> str:
     return str(mv.version)
 
 
+def _shadow_episode(
+    service_url: str, cfg: MlgateConfig, version: str, headers: dict[str, str]
+) -> GateResult:
+    """A retrained version shadows the champion of the running service: holdout rows are
+    replayed as requests (each with its id), their labels fed back by id, and the verdict
+    recorded as `gate.shadow` (flows/shadow.py)."""
+    from flows import registry
+    from flows.shadow import shadow_report, start_shadow, stop_shadow
+
+    client = registry.connect(cfg.registry)
+    start_shadow(client, cfg.registry.model_name, version)
+    try:
+        deadline = time.monotonic() + 4 * cfg.serving.shadow_poll_s + 30
+        while (
+            httpx.get(f"{service_url}/model", headers=headers, timeout=10).json().get("shadow")
+            or {}
+        ).get("version") != version:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service never started shadowing v{version}")
+            time.sleep(0.3)
+        holdout = split_data(load_dataset(cfg.dataset), cfg.dataset, cfg.train).holdout
+        replay = holdout.head(SHADOW_ROWS)
+        features = list(cfg.dataset.features)
+        ids = [f"shadow-demo-{i}" for i in range(len(replay))]
+        with httpx.Client(base_url=service_url, headers=headers, timeout=30) as http:
+            for request_id, record in zip(ids, replay[features].to_dict("records"), strict=True):
+                row = {k: (None if v != v else v) for k, v in record.items()}
+                http.post("/predict", json={"rows": [row]}, headers={"X-Request-Id": request_id})
+            while (http.get("/model").json().get("shadow") or {}).get("scored_rows", 0) < len(ids):
+                if time.monotonic() > deadline + 60:
+                    break
+                time.sleep(0.3)
+        # The inference log's writers flush every serving.inference_log_flush_s.
+        time.sleep(cfg.serving.inference_log_flush_s + 1.0)
+        labels = cfg.registry.store_dir / "shadow_labels.csv"
+        pd.DataFrame(
+            {"request_id": ids, cfg.dataset.target: replay[cfg.dataset.target].to_numpy()}
+        ).to_csv(labels, index=False)
+        return shadow_report(cfg, client, labels_path=labels)
+    finally:
+        stop_shadow(client, cfg.registry.model_name)
+
+
 def _print_decision(state: CanaryState, *, summary: bool = True) -> None:
     """The verdict's guardrail table (on a promotion, the last step's: the summary lists
     every step), the decision with its numbers, and HAProxy's per-server counts per step."""
@@ -285,7 +331,7 @@ def _canary_episode(config: Path, cfg: MlgateConfig, headers: dict[str, str]) ->
     ):
         ccfg = load_config(config)
         healthy = _run_training(
-            f"5. canary, training flow with canary.enabled: a retrained candidate on live "
+            f"6. canary, training flow with canary.enabled: a retrained candidate on live "
             f"traffic (holdout replayed at {REPLAY_RATE:g} req/s through HAProxy on :{public})",
             config,
             {"MLGATE_CANARY__ENABLED": "true", **_healthy_params(client, ccfg)},
@@ -298,7 +344,7 @@ def _canary_episode(config: Path, cfg: MlgateConfig, headers: dict[str, str]) ->
             healthy_state = None
             console.print(f"no canary ran: {healthy.reason[:300]}")
 
-        console.print(Rule("6. canary of a candidate made bad on purpose (shuffled labels)"))
+        console.print(Rule("7. canary of a candidate made bad on purpose (shuffled labels)"))
         bad = _register_bad_candidate(client, ccfg)
         champion_before = MlflowCanaryRegistry(ccfg).champion_version()
         console.print(f"registered v{bad} without gate evidence; forcing it onto the canary")
@@ -394,6 +440,7 @@ def _run_demo(config: Path, headers: dict[str, str]) -> int:
         for batch in shifted_batches:
             time.sleep(EPISODE_WINDOW_S)
             window_ends.append(_send_batch(url, batch, features, headers))
+        shadow = _shadow_episode(svc.url, cfg, str(second.version), headers)
     scores = [p["score"] for p in body["predictions"]]
     worst = max(abs(a - b) for a, b in zip(scores, expected, strict=True))
     console.print(f"service ready in {started:.1f}s on {url}")
@@ -416,6 +463,8 @@ def _run_demo(config: Path, headers: dict[str, str]) -> int:
         f"a request without an API key got HTTP {anonymous.status_code}: {anonymous.text[:200]}"
     )
 
+    console.print(Rule(f"4. shadow: v{second.version} scores beside @champion, judged on labels"))
+    console.print(gate_tables([shadow]))
     episode = _drift_episode(config, cfg, window_ends, shifted_batches)
     canary = _canary_episode(config, cfg, headers)
 
@@ -465,6 +514,8 @@ def _run_demo(config: Path, headers: dict[str, str]) -> int:
         == "rolled_back"
         and canary.champion_after == canary.champion_before_bad,
         "no client request failed outside the canary's share": canary.outside_canary_failures == 0,
+        "the shadow reached a verdict on live labels": shadow.status.value in ("pass", "fail")
+        and shadow.metrics.get("labelled_pairs", 0) >= SHADOW_ROWS,
     }
     failed = [name for name, ok in checks.items() if not ok]
     if failed:
