@@ -66,6 +66,7 @@ from services.slow_clients import cut_slow_clients
 # and those imports would add seconds to every start.
 if TYPE_CHECKING:
     from services.app import ModelRuntime
+    from services.inference_log import InferenceLogWriter
     from services.model_store import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -218,12 +219,31 @@ def _document_route(app: FastAPI, served_by: Any, **route: Any) -> APIRoute:
     return added
 
 
+def inference_log_writer(
+    serving: Any, log_dir: Any, model: Any, variant: str, **callbacks: Any
+) -> InferenceLogWriter:
+    """The inference log writer of `model`'s rows as `variant`, sized by `serving`."""
+    from services.inference_log import InferenceLogWriter
+
+    return InferenceLogWriter(
+        log_dir,
+        model_name=model.name,
+        model_version=model.version,
+        variant=variant,
+        numeric=model.schema["numeric"],
+        categorical=model.schema["categorical"],
+        max_queued_rows=serving.inference_log_max_queued_rows,
+        flush_rows=serving.inference_log_flush_rows,
+        flush_s=serving.inference_log_flush_s,
+        **callbacks,
+    )
+
+
 def shadow_watch(cfg: MlgateConfig, tracking_uri: str, runtime: Any, log_dir: Any) -> ShadowWatch:
     """The watch that keeps `runtime.shadow` on the version the registry names
     (services/shadow.py); started once the worker serves."""
     from models.onnx_export import make_session, onnx_inputs_from_columns, score_onnx
     from models.registry_layout import SHADOW_TAG, SHADOW_VARIANT
-    from services.inference_log import InferenceLogWriter
     from services.model_store import load_registered_model
     from services.registry_access import open_registry_client, sqlite_database
 
@@ -262,17 +282,7 @@ def shadow_watch(cfg: MlgateConfig, tracking_uri: str, runtime: Any, log_dir: An
             feeds = onnx_inputs_from_columns(rows.numeric, rows.labels, shadow.schema)
             return score_onnx(session, feeds)
 
-        writer = InferenceLogWriter(
-            log_dir,
-            model_name=shadow.name,
-            model_version=shadow.version,
-            variant=SHADOW_VARIANT,
-            numeric=shadow.schema["numeric"],
-            categorical=shadow.schema["categorical"],
-            max_queued_rows=serving.inference_log_max_queued_rows,
-            flush_rows=serving.inference_log_flush_rows,
-            flush_s=serving.inference_log_flush_s,
-        )
+        writer = inference_log_writer(serving, log_dir, shadow, SHADOW_VARIANT)
         return ShadowScorer(shadow, score, writer, serving.shadow_queue_rows)
 
     def on_change(scorer: ShadowScorer | None) -> None:
@@ -352,7 +362,6 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 merge_api_keys,
                 parse_api_keys_env,
             )
-            from services.inference_log import InferenceLogWriter
             from services.metrics import ServiceMetrics
             from services.model_store import load_served_model, save_last_known_good
 
@@ -401,16 +410,11 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 from_last_known_good=model.last_known_good is not None,
                 graph=graph.graph,
             )
-            log_writer = InferenceLogWriter(
+            log_writer = inference_log_writer(
+                serving,
                 log_dir,
-                model_name=model.name,
-                model_version=model.version,
-                variant=variant,
-                numeric=model.schema["numeric"],
-                categorical=model.schema["categorical"],
-                max_queued_rows=serving.inference_log_max_queued_rows,
-                flush_rows=serving.inference_log_flush_rows,
-                flush_s=serving.inference_log_flush_s,
+                model,
+                variant,
                 on_written=metrics.log_written,
                 on_dropped=metrics.log_dropped,
             )
