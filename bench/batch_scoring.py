@@ -129,9 +129,12 @@ def main() -> None:
         config_path = write_config(root)
         from flows.runtime import use_configured_servers
 
-        use_configured_servers(load_config(config_path))
+        prefect_server = use_configured_servers(load_config(config_path))
         from flows.score import score_flow
         from flows.training import training_flow
+
+        if prefect_server is not None:
+            prefect_server.wait_ready()
 
         train_s, trained = timed(lambda: training_flow(config_path=str(config_path)))
         assert trained.accepted and trained.version == "1", trained.reason

@@ -26,6 +26,7 @@ from flows.cli_common import (
     ConfigOpt,
     JsonOpt,
     console,
+    wait_for_prefect_or_exit,
 )
 from flows.cli_common import exit_error as _fail
 from flows.cli_common import load_config_or_exit as _load
@@ -142,9 +143,11 @@ def train(
     from models.config import ConfigError
     from models.data import DataError
 
-    use_configured_servers(_load(config))
+    # The temporary Prefect server starts now and comes up while the flow is imported.
+    prefect_server = use_configured_servers(_load(config))
     from flows.training import training_flow
 
+    wait_for_prefect_or_exit(prefect_server)
     try:
         outcome = training_flow(config_path=str(config), data_path=str(data) if data else None)
     except (ConfigError, DataError) as err:
@@ -297,9 +300,10 @@ def monitor(
 
     end = _window_end(until) if until is not None else None
     hours = _window_hours(window) if window is not None else None
-    use_configured_servers(_load(config))
+    prefect_server = use_configured_servers(_load(config))
     from flows.monitoring import monitoring_flow
 
+    wait_for_prefect_or_exit(prefect_server)
     try:
         outcome = monitoring_flow(
             config_path=str(config), retrain=not no_retrain, now=end, window_hours=hours
@@ -332,7 +336,8 @@ def schedule(config: ConfigOpt = Path("mlgate.yaml")) -> None:
     from flows.runtime import use_configured_servers
 
     cfg = _load(config)
-    use_configured_servers(cfg)
+    # Prefect's runner starts and keeps its own temporary server while it serves.
+    use_configured_servers(cfg, start_now=False)
     from flows.schedule import serve_schedules
 
     console.print(

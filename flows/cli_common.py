@@ -38,3 +38,16 @@ def load_config_or_exit(config: Path) -> Any:
         return load_config(config)
     except ConfigError as err:
         raise exit_error(str(err), EXIT_USAGE) from None
+
+
+def wait_for_prefect_or_exit(server: Any) -> None:
+    """Wait for the temporary Prefect server `use_configured_servers` started (None: there
+    is none to wait for), or exit 1 saying why it is not there."""
+    if server is None:
+        return
+    from flows.prefect_server import PrefectServerError
+
+    try:
+        server.wait_ready()
+    except PrefectServerError as err:
+        raise exit_error(str(err)) from None

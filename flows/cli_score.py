@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import EXIT_USAGE, ConfigOpt, JsonOpt, console
+from flows.cli_common import EXIT_USAGE, ConfigOpt, JsonOpt, console, wait_for_prefect_or_exit
 from flows.cli_common import exit_error as _fail
 from flows.cli_common import load_config_or_exit as _load
 
@@ -63,8 +63,10 @@ def score(
             ModelRef(cfg.registry.model_name, alias=alias, version=version)
         except ValueError as err:  # both, or a malformed one: said before any flow starts
             raise _fail(str(err), EXIT_USAGE) from None
-    use_configured_servers(cfg)
+    prefect_server = use_configured_servers(cfg)
     from flows.score import score_flow
+
+    wait_for_prefect_or_exit(prefect_server)
 
     try:
         outcome = score_flow(

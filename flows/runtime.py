@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from flows.prefect_server import PrefectServer
     from models.config import MlgateConfig, OrchestrationConfig, RegistryConfig
 
 
@@ -87,10 +88,20 @@ def prefect_client_settings(orchestration: OrchestrationConfig) -> dict[str, str
     return settings
 
 
-def use_configured_servers(cfg: MlgateConfig) -> None:
+def use_configured_servers(cfg: MlgateConfig, *, start_now: bool = True) -> PrefectServer | None:
     """Team mode's servers where the config names them, else the embedded default: what a
-    command that runs a flow calls before it imports Prefect."""
+    command that runs a flow calls before it imports Prefect.
+
+    In the embedded default with `start_now`, the temporary Prefect server starts here, so
+    it starts while the command imports its flow; the command calls its `wait_ready`
+    before the flow. Without `start_now`, Prefect starts it itself on first use."""
     use_team_servers(cfg.registry, cfg.orchestration)
     use_embedded_prefect(cfg.registry.store_dir)
-    if not cfg.orchestration.api_url and not os.environ.get("PREFECT_API_URL"):
-        ephemeral_server_dies_with_this_process()
+    if cfg.orchestration.api_url or os.environ.get("PREFECT_API_URL"):
+        return None
+    if start_now:
+        from flows.prefect_server import start_prefect_server
+
+        return start_prefect_server()
+    ephemeral_server_dies_with_this_process()
+    return None

@@ -1,6 +1,6 @@
 """A CLI command killed with SIGKILL leaves no Prefect temporary server behind: the server
-Prefect starts for the command's flow gets SIGTERM when the command dies (PR_SET_PDEATHSIG,
-`flows.runtime.ephemeral_server_dies_with_this_process`). Real CLI process, real Prefect."""
+the command starts for its flow gets SIGTERM when the command dies (PR_SET_PDEATHSIG,
+`flows.prefect_server.start_prefect_server`). Real CLI process, real Prefect."""
 
 from __future__ import annotations
 
