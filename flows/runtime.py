@@ -4,6 +4,8 @@ servers and credentials from the config, applied before Prefect is imported."""
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,12 +96,16 @@ def use_configured_servers(cfg: MlgateConfig, *, start_now: bool = True) -> Pref
 
     In the embedded default with `start_now`, the temporary Prefect server starts here, so
     it starts while the command imports its flow; the command calls its `wait_ready`
-    before the flow. Without `start_now`, Prefect starts it itself on first use."""
+    before the flow. Without `start_now`, or once Prefect is imported, or off the main
+    thread, Prefect starts it itself on first use (dying with this process all the same)."""
     use_team_servers(cfg.registry, cfg.orchestration)
     use_embedded_prefect(cfg.registry.store_dir)
     if cfg.orchestration.api_url or os.environ.get("PREFECT_API_URL"):
         return None
-    if start_now:
+    # Early only where it can be: a process that has imported Prefect already (a test
+    # harness, a caller embedding the CLI) or a helper thread gets Prefect's own lazy start.
+    early = start_now and "prefect" not in sys.modules
+    if early and threading.current_thread() is threading.main_thread():
         from flows.prefect_server import start_prefect_server
 
         return start_prefect_server()
