@@ -27,7 +27,13 @@ Guardrails, in the order a failure is reported:
    bound fails only when it is also above what sampling noise gives two samples of one
    distribution once in a thousand windows (`psi_noise_bound`); in between, the step waits
    for more traffic.
-6. min_requests: each side needs `min_requests` requests in the window. Below that nothing
+6. cost_ratio: the canary's cost per 1,000 predictions over the stable's (`checks/cost.py`,
+   from each instance's CPU and GPU seconds and rows scored, priced by `cost:`). Always
+   reported; judged only when `max_cost_ratio` is set, once both sides have scored
+   `min_requests` rows: a model that doubles the bill is a bad deploy. Idle CPU counts, so
+   at a small step the canary's ratio reads high; an instance that exports no CPU seconds
+   fails the judged check (fail closed).
+7. min_requests: each side needs `min_requests` requests in the window. Below that nothing
    passes (inconclusive), so a step never passes on too little data. Failures need no
    minimum when the evidence is already there: an invalid output, unreadable metrics, an
    error count or a score shift that chance would give less than once in a thousand
@@ -44,9 +50,10 @@ from typing import Any
 
 import numpy as np
 
+from checks.cost import cost_per_1000, cost_ratio
 from checks.drift import SMOOTHING, psi
 from checks.result import CheckRow, GateResult, GateStatus, fmt_number, worst_status
-from models.config import CanaryConfig
+from models.config import CanaryConfig, CostConfig
 
 NAME = "canary"
 GUARDRAILS = (
@@ -55,6 +62,7 @@ GUARDRAILS = (
     "error_rate",
     "latency_p99",
     "score_psi",
+    "cost_ratio",
     "min_requests",
 )
 # Below this many expected canary observations per merged bucket, PSI measures sampling
@@ -185,7 +193,8 @@ class VariantWindow:
 
     `requests`, `server_errors`, `client_errors`, `connection_errors` and `response_errors`
     come from HAProxy (what clients saw); `latency` (seconds) and `scores` from the
-    instance's `/metrics`. `problem` says why the window cannot be trusted."""
+    instance's `/metrics`, and so do `cpu_seconds` and `gpu_seconds` (None: the instance
+    exports no such counter). `problem` says why the window cannot be trusted."""
 
     variant: str
     version: str | None
@@ -198,6 +207,19 @@ class VariantWindow:
     latency: Histogram | None = None
     scores: Histogram | None = None
     problem: str | None = None
+    cpu_seconds: float | None = None
+    gpu_seconds: float | None = None
+
+    @property
+    def rows(self) -> float:
+        """Rows scored: one score observed per row."""
+        return self.scores.count if self.scores is not None else 0.0
+
+    def cost_per_1000(self, cost: CostConfig) -> float:
+        """NaN when the instance exports no CPU seconds or scored no row."""
+        if self.cpu_seconds is None:
+            return math.nan
+        return cost_per_1000(self.cpu_seconds, self.gpu_seconds or 0.0, self.rows, cost)
 
     @property
     def errors(self) -> int:
@@ -222,6 +244,8 @@ class VariantWindow:
             "latency": self.latency.to_dict() if self.latency else None,
             "scores": self.scores.to_dict() if self.scores else None,
             "problem": self.problem,
+            "cpu_seconds": self.cpu_seconds,
+            "gpu_seconds": self.gpu_seconds,
         }
 
     @classmethod
@@ -238,7 +262,13 @@ class VariantWindow:
             latency=Histogram.from_dict(d["latency"]) if d.get("latency") else None,
             scores=Histogram.from_dict(d["scores"]) if d.get("scores") else None,
             problem=d.get("problem"),
+            cpu_seconds=_optional_float(d.get("cpu_seconds")),
+            gpu_seconds=_optional_float(d.get("gpu_seconds")),
         )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def invalid_scores(scores: Histogram | None) -> int:
@@ -313,10 +343,13 @@ def check_canary_step(
     cfg: CanaryConfig,
     *,
     step_percent: int,
+    cost: CostConfig | None = None,
 ) -> GateResult:
-    """Judge one window of one step. Never raises: an error inside is a failure."""
+    """Judge one window of one step, pricing each side's cost with `cost` (None: the default
+    prices; without GPUs the ratio does not depend on them). Never raises: an error inside is
+    a failure."""
     try:
-        return _check(stable, canary, cfg, step_percent)
+        return _check(stable, canary, cfg, step_percent, cost or CostConfig())
     except Exception as err:  # a gate fails closed
         return GateResult(
             name=NAME,
@@ -328,7 +361,11 @@ def check_canary_step(
 
 
 def _check(
-    stable: VariantWindow, canary: VariantWindow, cfg: CanaryConfig, step_percent: int
+    stable: VariantWindow,
+    canary: VariantWindow,
+    cfg: CanaryConfig,
+    step_percent: int,
+    cost: CostConfig,
 ) -> GateResult:
     evidence: dict[str, Any] = {
         "step_percent": step_percent,
@@ -341,6 +378,9 @@ def _check(
             "max_score_psi": cfg.max_score_psi,
             "max_invalid_outputs": cfg.max_invalid_outputs,
             "min_requests": cfg.min_requests,
+            "max_cost_ratio": cfg.max_cost_ratio,
+            "price_per_core_hour": cost.price_per_core_hour,
+            "price_per_gpu_hour": cost.price_per_gpu_hour,
         },
         "psi_smoothing": SMOOTHING,
     }
@@ -424,6 +464,7 @@ def _check(
 
     rows["latency_p99"] = _latency_row(stable, canary, cfg, enough, few, metrics)
     rows["score_psi"] = _psi_row(stable, canary, cfg, enough, few, metrics, evidence)
+    rows["cost_ratio"] = _cost_row(stable, canary, cfg, cost, enough, few, metrics)
     return _result(rows, metrics, evidence, canary, stable, few)
 
 
@@ -459,6 +500,42 @@ def _latency_row(
         return CheckRow(check, GateStatus.FAIL, value, bound, detail)
     detail = "within the slack" if ratio > cfg.max_p99_ratio else ""
     return CheckRow(check, GateStatus.PASS, value, bound, detail)
+
+
+def _cost_row(
+    stable: VariantWindow,
+    canary: VariantWindow,
+    cfg: CanaryConfig,
+    cost: CostConfig,
+    enough: bool,
+    few: str,
+    metrics: dict[str, float],
+) -> CheckRow:
+    check = "cost per 1,000 predictions, canary / stable"
+    c_cost, s_cost = canary.cost_per_1000(cost), stable.cost_per_1000(cost)
+    ratio = cost_ratio(c_cost, s_cost)
+    metrics.update(
+        {"cost_per_1000_canary": c_cost, "cost_per_1000_stable": s_cost, "cost_ratio": ratio}
+    )
+    value = f"{fmt_number(ratio, 3)}x ({fmt_number(c_cost, 4)} vs {fmt_number(s_cost, 4)})"
+    if cfg.max_cost_ratio is None:
+        return CheckRow(
+            check, GateStatus.PASS, value, "not judged", "canary.max_cost_ratio unset: reported"
+        )
+    bound = f"<= {cfg.max_cost_ratio:g}x"
+    missing = [w.variant for w in (stable, canary) if w.cpu_seconds is None]
+    if missing:
+        detail = f"{' and '.join(missing)} exports no CPU seconds (mlgate_cpu_seconds_total)"
+        return CheckRow(check, GateStatus.FAIL, "n/a", bound, detail)
+    fewest = min(stable.rows, canary.rows)
+    if not enough or fewest < cfg.min_requests:
+        detail = few or f"{fewest:,.0f} rows scored on one side, needs {cfg.min_requests:,}"
+        return CheckRow(check, GateStatus.INCONCLUSIVE, value, bound, detail)
+    if math.isnan(ratio):
+        return CheckRow(check, GateStatus.FAIL, value, bound, "cost undefined on this window")
+    if ratio > cfg.max_cost_ratio:
+        return CheckRow(check, GateStatus.FAIL, value, bound, "the canary costs more per row")
+    return CheckRow(check, GateStatus.PASS, value, bound, "")
 
 
 def _psi_row(
@@ -617,6 +694,13 @@ def summarize_steps(
         values = [r.metrics[key] for r in results if math.isfinite(r.metrics.get(key, math.nan))]
         if values:
             metrics[key] = float(pick(values))
+    # Cost at the last step that measured it: the fullest traffic, where an instance's idle
+    # CPU weighs least on its cost per row.
+    for r in reversed(results):
+        if math.isfinite(r.metrics.get("cost_ratio", math.nan)):
+            for key in ("cost_ratio", "cost_per_1000_canary", "cost_per_1000_stable"):
+                metrics[key] = float(r.metrics[key])
+            break
     rows = tuple(
         CheckRow(
             f"step {int(r.metrics.get('step_percent', 0))}%",

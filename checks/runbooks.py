@@ -20,6 +20,7 @@ ALERT_PAGES = {
     "MlgateLoadNearCapacity": "latency-spike",
     "MlgateInferenceLogDropping": "inference-log-drops",
     "MlgateServingLastKnownGood": "registry-down",
+    "MlgateCostOverBudget": "cost-over-budget",
 }
 
 # The monitoring flow's alert kinds (checks/trigger.AlertKind values) -> page stem.

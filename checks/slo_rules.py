@@ -15,6 +15,9 @@ Two groups, in the order an incident shows itself:
    The short window lets an alert resolve soon after the burn stops. One group, because
    Prometheus evaluates a group's rules in order but groups independently: the alerts read
    the ratios of the same evaluation, never a previous one gone stale.
+3. cost, when the `cost:` prices are given: the cost per 1,000 predictions of each model
+   version and variant over the last hour (`checks/cost.py`'s formula, in PromQL), and with
+   `cost.budget_per_1000` an alert when it stays above the budget for `slo.leading_for`.
 
 Objectives are per model (`model_name`), across versions and the canary's variants: users
 see one endpoint. A latency bound must be a bound of the latency histogram's buckets, so the
@@ -33,8 +36,9 @@ from typing import Any
 
 import yaml
 
+from checks.cost import PER, SECONDS_PER_HOUR
 from checks.runbooks import ALERT_PAGES, runbook_link, runbook_page
-from models.config import SloConfig, prom_duration_s
+from models.config import CostConfig, SloConfig, prom_duration_s
 
 # The series services/metrics.py exports (prometheus-client adds `_total` to counters);
 # tests/checks/test_slo_rules.py holds every name used here to a real exposition.
@@ -43,10 +47,16 @@ LATENCY = "mlgate_request_latency_seconds"
 BATCH_ROWS = "mlgate_batch_rows"
 LOG_ROWS = "mlgate_inference_log_rows_total"
 LAST_KNOWN_GOOD = "mlgate_model_from_last_known_good"
+CPU_SECONDS = "mlgate_cpu_seconds_total"
+GPU_SECONDS = "mlgate_gpu_seconds_total"
+SCORED_ROWS = "mlgate_score_count"
 
 SLO_BY = "model_name"
 INSTANCE_BY = "model_name, variant, instance"
 LEADING_RANGE = "5m"
+COST_BY = "model_name, model_version, variant"
+COST_RANGE = "1h"
+COST_PER_1000 = f"model_version_variant:mlgate_cost_per_1000:rate{COST_RANGE}"
 
 # Indicators asked for that services/metrics.py does not export, and what stands in for them.
 NOT_EXPORTED = (
@@ -100,6 +110,12 @@ _RUNBOOKS = {
         "The instance could not reach the registry when it started and serves its "
         "last-known-good copy: `mlgate stack status`; once the registry answers, restart it."
     ),
+    "MlgateCostOverBudget": (
+        "A version or variant costs more per prediction than cost.budget_per_1000: a new "
+        "version (`mlgate models show NAME@champion`) that is heavier, idle instances or "
+        "workers, or GPUs held for little traffic. A promotion to blame: `mlgate rollback "
+        "NAME --reason ...`."
+    ),
 }
 
 
@@ -146,12 +162,16 @@ _RulesDumper.add_representer(str, _str_representer)
 
 
 def build_slo_rules(
-    slo: SloConfig, model_name: str, max_batch_size: int, latency_buckets: Sequence[float]
+    slo: SloConfig,
+    model_name: str,
+    max_batch_size: int,
+    latency_buckets: Sequence[float],
+    cost: CostConfig | None = None,
 ) -> RuleFile:
     """The rule file for `slo` on the series of `model_name` (`registry.model_name`), so that
     the files of several models load side by side. `max_batch_size` is
     `serving.max_batch_size`; `latency_buckets` the upper bounds of the service's latency
-    histogram."""
+    histogram; `cost` the `cost:` section (None: no cost rules)."""
     model = f'model_name="{model_name}"'
     objectives = slo.objectives()
     matchers = {
@@ -175,13 +195,18 @@ def build_slo_rules(
         for name, (good, bound) in objectives.items()
         for severity in dict.fromkeys(pair.severity for pair in slo.burn_windows)
     ]
-    groups = (
+    groups: tuple[dict[str, Any], ...] = (
         {
             "name": f"mlgate-{model_name}-leading-indicators",
             "rules": _leading_alerts(slo, model, max_batch_size),
         },
         {"name": f"mlgate-{model_name}-slo", "rules": [*recording, *burn_alerts]},
     )
+    if cost is not None:
+        groups = (
+            *groups,
+            {"name": f"mlgate-{model_name}-cost", "rules": _cost_rules(slo, cost, model)},
+        )
     return RuleFile(groups=groups, notes=(*NOT_EXPORTED, *_objectives_without_series(slo)))
 
 
@@ -355,6 +380,48 @@ def _leading_alerts(slo: SloConfig, model: str, max_batch_size: int) -> list[dic
             f"{r} (warns above {_percent(slo.max_log_drop_share)}): drift monitoring and "
             "retraining see fewer rows than were scored.",
         )
+    )
+    return rules
+
+
+def cost_per_1000_expr(cost: CostConfig, model: str) -> str:
+    """`checks.cost.cost_per_1000` over the last `COST_RANGE`, per version and variant: the
+    rates of the counters stand for their increases (the window's length cancels). An
+    instance that scored no row has no value rather than an infinite one."""
+    r = COST_RANGE
+    cpu_price = _num(cost.price_per_core_hour * PER / SECONDS_PER_HOUR)
+    gpu_price = _num(cost.price_per_gpu_hour * PER / SECONDS_PER_HOUR)
+    cpu = f"sum by ({COST_BY}) (rate({CPU_SECONDS}{{{model}}}[{r}]))"
+    gpu = f"sum by ({COST_BY}) (rate({GPU_SECONDS}{{{model}}}[{r}]))"
+    rows = f"sum by ({COST_BY}) (rate({SCORED_ROWS}{{{model}}}[{r}]))"
+    return f"(\n  {cpu} * {cpu_price}\n  +\n  {gpu} * {gpu_price}\n)\n/\n({rows} > 0)\n"
+
+
+def _cost_rules(slo: SloConfig, cost: CostConfig, model: str) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = [
+        {"record": COST_PER_1000, "expr": cost_per_1000_expr(cost, model)}
+    ]
+    if cost.budget_per_1000 is None:
+        return rules
+    budget = _num(cost.budget_per_1000)
+    who = "{{ $labels.model_name }} v{{ $labels.model_version }} ({{ $labels.variant }})"
+    rules.append(
+        {
+            "alert": "MlgateCostOverBudget",
+            "expr": f"{COST_PER_1000} > {budget}\n",
+            "for": slo.leading_for,
+            "labels": {"severity": "ticket"},
+            "annotations": {
+                "summary": f"{who}: cost per 1,000 predictions is over budget",
+                "description": (
+                    f"1,000 predictions cost {{{{ $value | humanize }}}} over the last "
+                    f"{COST_RANGE} (budget: {budget}, cost.budget_per_1000), at "
+                    f"{_num(cost.price_per_core_hour)} per core-hour and "
+                    f"{_num(cost.price_per_gpu_hour)} per GPU-hour."
+                ),
+                **_runbook(slo, "MlgateCostOverBudget", "MlgateCostOverBudget"),
+            },
+        }
     )
     return rules
 

@@ -446,6 +446,9 @@ class CanaryConfig(_Section):
     max_score_psi: float = Field(default=0.25, gt=0.0)
     psi_bins: int = Field(default=10, ge=2)
     max_invalid_outputs: int = Field(default=0, ge=0)
+    # The canary's cost per 1,000 predictions over the stable's (`cost:` prices; None: the
+    # ratio is reported, not judged).
+    max_cost_ratio: float | None = Field(default=None, gt=0.0)
     public_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_timeout_s: float = Field(default=2.0, gt=0.0)
     start_timeout_s: float = Field(default=300.0, gt=0.0)
@@ -461,6 +464,17 @@ class CanaryConfig(_Section):
         if self.max_wait_s < self.interval_s:
             raise ValueError(f"max_wait_s {self.max_wait_s} is below interval_s {self.interval_s}")
         return self
+
+
+class CostConfig(_Section):
+    """What serving costs: the price of one CPU core for an hour and of one GPU for an hour,
+    applied to the CPU seconds the service's workers spend and the wall seconds of the GPUs it
+    holds (`checks/cost.py`). `budget_per_1000` is the cost per 1,000 predictions above which
+    `mlgate slo rules` alerts (None: no budget alert)."""
+
+    price_per_core_hour: float = Field(default=0.05, ge=0.0)
+    price_per_gpu_hour: float = Field(default=3.0, ge=0.0)
+    budget_per_1000: float | None = Field(default=None, gt=0.0)
 
 
 class OrchestrationConfig(_Section):
@@ -682,6 +696,7 @@ class MlgateConfig(BaseSettings):
     dask: DaskConfig = DaskConfig()
     stack: StackConfig = StackConfig()
     slo: SloConfig = SloConfig()
+    cost: CostConfig = CostConfig()
 
     @model_validator(mode="after")
     def _check_served_model(self) -> MlgateConfig:

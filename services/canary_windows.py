@@ -2,9 +2,10 @@
 `/metrics`, snapshot by snapshot, turned into the windows the guardrails judge.
 
 A `Snapshot` is one read of both (HAProxy's cumulative counters, each instance's latency
-and score histograms); `window_between` is what one side did between two snapshots, as a
-`checks.canary.VariantWindow`, or a window whose `problem` says why its numbers cannot be
-trusted (unreadable, an instance or HAProxy that restarted, another version served).
+and score histograms and its CPU and GPU seconds); `window_between` is what one side did
+between two snapshots, as a `checks.canary.VariantWindow`, or a window whose `problem` says
+why its numbers cannot be trusted (unreadable, an instance or HAProxy that restarted,
+another version served).
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from checks.canary import Histogram, VariantWindow
 from services import haproxy
 from services.canary_state import InstanceRecord
 from services.haproxy import ServerStats
-from services.metrics import LATENCY_METRIC, SCORE_METRIC
+from services.metrics import (
+    CPU_SECONDS_METRIC,
+    GPU_SECONDS_METRIC,
+    LATENCY_METRIC,
+    SCORE_METRIC,
+)
 
 
 @dataclass(frozen=True)
@@ -30,16 +36,25 @@ class InstanceMetrics:
     versions: frozenset[str]
     latency: Histogram | None
     scores: Histogram | None
+    # None: the instance exports no such counter (one started before they existed).
+    cpu_seconds: float | None = None
+    gpu_seconds: float | None = None
 
 
 def parse_metrics(text: str) -> InstanceMetrics:
-    """The latency and score histograms of an instance's `/metrics`, summed over label sets
-    (one per model version and variant), and the model versions they name."""
+    """The latency and score histograms and the CPU and GPU seconds of an instance's
+    `/metrics`, summed over label sets (one per model version and variant), and the model
+    versions they name."""
     buckets: dict[str, dict[float, float]] = {LATENCY_METRIC: {}, SCORE_METRIC: {}}
     sums: dict[str, float] = {LATENCY_METRIC: 0.0, SCORE_METRIC: 0.0}
+    counters: dict[str, float] = {}
     seen: set[str] = set()
     versions: set[str] = set()
     for family in text_string_to_metric_families(text):
+        if family.name in (CPU_SECONDS_METRIC, GPU_SECONDS_METRIC):
+            total = [s.value for s in family.samples if s.name == f"{family.name}_total"]
+            counters[family.name] = float(sum(total))
+            continue
         if family.name not in buckets:
             continue
         seen.add(family.name)
@@ -57,7 +72,13 @@ def parse_metrics(text: str) -> InstanceMetrics:
             return None
         return Histogram.from_cumulative(sorted(buckets[name].items()), sums[name])
 
-    return InstanceMetrics(frozenset(versions), histogram(LATENCY_METRIC), histogram(SCORE_METRIC))
+    return InstanceMetrics(
+        frozenset(versions),
+        histogram(LATENCY_METRIC),
+        histogram(SCORE_METRIC),
+        counters.get(CPU_SECONDS_METRIC),
+        counters.get(GPU_SECONDS_METRIC),
+    )
 
 
 def read_metrics(url: str, timeout: float) -> InstanceMetrics | str:
@@ -135,6 +156,10 @@ def window_between(
         scores = m1.scores.minus(m0.scores)
     except ValueError as err:
         return broken(f"instance metrics: {err} (the instance restarted during the window)")
+    cpu = _increase(m0.cpu_seconds, m1.cpu_seconds)
+    gpu = _increase(m0.gpu_seconds, m1.gpu_seconds)
+    if (cpu is not None and cpu < 0) or (gpu is not None and gpu < 0):
+        return broken("instance metrics: CPU or GPU seconds went down (the instance restarted)")
     return VariantWindow(
         variant=variant,
         version=version,
@@ -146,7 +171,13 @@ def window_between(
         response_errors=counts["response_errors"],
         latency=latency,
         scores=scores,
+        cpu_seconds=cpu,
+        gpu_seconds=gpu,
     )
+
+
+def _increase(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
 
 
 def haproxy_counts(before: Snapshot, after: Snapshot) -> dict[str, dict[str, int]]:

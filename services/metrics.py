@@ -11,6 +11,11 @@ check, about a microsecond each and seven of them per request (py-spy: 8% of the
 loop at 32 connections). So the request path counts in plain Python and `flush()` adds the
 counts to prometheus-client's values: every second, and before `/metrics` answers. A scrape
 of another worker may therefore lag this one by up to a second.
+
+Each flush also adds the CPU seconds the worker spent since the last one (`process_time`:
+all its threads) and, when it holds GPUs, the wall seconds times their number: with the rows
+scored (the score histogram's count) they give the cost per 1,000 predictions
+(`checks/cost.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from __future__ import annotations
 import bisect
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +62,10 @@ FLUSH_INTERVAL_S = 1.0
 LATENCY_METRIC = "mlgate_request_latency_seconds"
 SCORE_METRIC = "mlgate_score"
 LAST_KNOWN_GOOD_METRIC = "mlgate_model_from_last_known_good"
+# The counters the cost per 1,000 predictions is computed from (prometheus-client adds
+# `_total` to a counter's name when it exposes it).
+CPU_SECONDS_METRIC = "mlgate_cpu_seconds"
+GPU_SECONDS_METRIC = "mlgate_gpu_seconds"
 
 
 def multiprocess_dir() -> str | None:
@@ -110,8 +120,10 @@ class _LocalHistogram:
 
 class ServiceMetrics:
     """Requests by status and model version, latency, rows per request and per ONNX Runtime
-    call (the batch size), scores, the inference log's written and dropped rows, and whether
-    the model came from the last-known-good copy rather than the registry.
+    call (the batch size), scores, the inference log's written and dropped rows, whether
+    the model came from the last-known-good copy rather than the registry, and the CPU and
+    GPU seconds spent. `gpus` is this worker's share of the GPUs the service holds (the
+    service's `serving.gpus` over its workers): held GPUs are paid for whether busy or not.
 
     `observe_*` and `flush` are called from the worker's event loop only; the inference
     log's counters, which its writer thread updates, go to prometheus-client directly."""
@@ -126,6 +138,9 @@ class ServiceMetrics:
         *,
         from_last_known_good: bool = False,
         graph: str = "cpu",
+        gpus: float = 0.0,
+        cpu_clock: Callable[[], float] = time.process_time,
+        wall_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = CollectorRegistry(auto_describe=True)
         names = ("model_name", "model_version", "variant")
@@ -189,6 +204,25 @@ class ServiceMetrics:
             multiprocess_mode="max",
         )
         fallback.labels(*self._labels).set(1 if from_last_known_good else 0)
+        # Both exported from the start, the GPU's at zero without GPUs, so that the cost
+        # recording rule finds both series for every instance.
+        self._cpu_seconds = Counter(
+            CPU_SECONDS_METRIC,
+            "CPU seconds the service's workers spent (all threads, idle time included).",
+            names,
+            registry=reg,
+        ).labels(*self._labels)
+        self._gpu_seconds = Counter(
+            GPU_SECONDS_METRIC,
+            "GPU seconds the service held: wall seconds times the GPUs it holds.",
+            names,
+            registry=reg,
+        ).labels(*self._labels)
+        self._gpus = float(gpus)
+        self._cpu_clock = cpu_clock
+        self._wall_clock = wall_clock
+        self._cpu_mark = cpu_clock()
+        self._wall_mark = wall_clock()
         self._latency = _LocalHistogram(latency.labels(*self._labels), LATENCY_BUCKETS_S)
         self._rows = _LocalHistogram(rows.labels(*self._labels), ROW_BUCKETS)
         self._batch = _LocalHistogram(batch.labels(*self._labels), ROW_BUCKETS)
@@ -238,6 +272,16 @@ class ServiceMetrics:
                 self._status_child(status).inc(n)
             for histogram in (self._latency, self._rows, self._batch, self._scores):
                 histogram.flush()
+            self._flush_seconds()
+
+    def _flush_seconds(self) -> None:
+        cpu, wall = self._cpu_clock(), self._wall_clock()
+        cpu_spent, self._cpu_mark = cpu - self._cpu_mark, cpu
+        wall_spent, self._wall_mark = wall - self._wall_mark, wall
+        if cpu_spent > 0:
+            self._cpu_seconds.inc(cpu_spent)
+        if self._gpus > 0 and wall_spent > 0:
+            self._gpu_seconds.inc(wall_spent * self._gpus)
 
     def render(self) -> tuple[bytes, str]:
         self.flush()

@@ -21,9 +21,10 @@ from checks.canary import (
     score_psi,
     summarize_steps,
 )
+from checks.cost import cost_per_1000
 from checks.drift import psi
-from checks.result import GateResult, GateStatus
-from models.config import CanaryConfig, ConfigError, config_from_dict
+from checks.result import CheckRow, GateResult, GateStatus
+from models.config import CanaryConfig, ConfigError, CostConfig, config_from_dict
 from services.metrics import LATENCY_BUCKETS_S, SCORE_BUCKETS
 
 pytestmark = pytest.mark.fast
@@ -402,3 +403,84 @@ def test_the_summary_keeps_the_worst_numbers_of_every_step() -> None:
     assert summary.evidence["results"] == [s.result.to_dict() for s in done]
     empty = summarize_steps([], candidate_version="2", stable_version="1", steps=[5])
     assert empty.status is GateStatus.FAIL
+
+
+# --- cost -----------------------------------------------------------------------------------
+
+
+def costed(w: VariantWindow, cpu_ms_per_row: float, gpu_s: float = 0.0) -> VariantWindow:
+    """`w` with the CPU seconds of `cpu_ms_per_row` per row scored, and `gpu_s` GPU seconds."""
+    return replace(w, cpu_seconds=w.rows * cpu_ms_per_row / 1000.0, gpu_seconds=gpu_s)
+
+
+def cost_row(result: GateResult) -> CheckRow:
+    return result.checks[GUARDRAILS.index("cost_ratio")]
+
+
+def test_cost_ratio_is_reported_but_not_judged_unless_configured() -> None:
+    stable = costed(window("stable", n=2000, seed=1), 1.0)
+    canary = costed(window("canary", n=2000, seed=2), 3.0)
+    result = check_canary_step(stable, canary, CFG, step_percent=50)
+    assert result.status is GateStatus.PASS, result.reason
+    assert result.metrics["cost_ratio"] == pytest.approx(3.0)
+    # 1 ms of CPU per row at the default 0.05 per core-hour.
+    assert result.metrics["cost_per_1000_stable"] == pytest.approx(0.05 / 3600)
+    assert result.metrics["cost_per_1000_canary"] == pytest.approx(3 * 0.05 / 3600)
+    assert cost_row(result).bound == "not judged"
+
+
+def test_a_canary_that_costs_too_much_per_row_fails() -> None:
+    cfg = CanaryConfig(min_requests=100, max_cost_ratio=1.5)
+    stable = costed(window("stable", n=2000, seed=1), 1.0)
+    dearer = costed(window("canary", n=2000, seed=2), 2.0)
+    result = check_canary_step(stable, dearer, cfg, step_percent=50)
+    assert result.status is GateStatus.FAIL
+    assert result.evidence["failed_guardrail"] == "cost_ratio"
+    assert "cost_ratio" in result.reason
+    cheaper = costed(window("canary", n=2000, seed=2), 1.2)
+    assert check_canary_step(stable, cheaper, cfg, step_percent=50).status is GateStatus.PASS
+
+
+def test_gpu_seconds_are_priced_by_the_cost_config() -> None:
+    cfg = CanaryConfig(min_requests=100, max_cost_ratio=1.5)
+    stable = costed(window("stable", n=2000, seed=1), 1.0)
+    # Half the CPU per row, but a GPU held for the whole 10 s window.
+    gpu = costed(window("canary", n=2000, seed=2), 0.5, gpu_s=10.0)
+    free_gpu = CostConfig(price_per_core_hour=0.05, price_per_gpu_hour=0.0)
+    dear_gpu = CostConfig(price_per_core_hour=0.05, price_per_gpu_hour=3.0)
+    assert check_canary_step(stable, gpu, cfg, step_percent=50, cost=free_gpu).passed
+    result = check_canary_step(stable, gpu, cfg, step_percent=50, cost=dear_gpu)
+    assert result.evidence["failed_guardrail"] == "cost_ratio"
+    want = cost_per_1000(1.0, 10.0, 2000, dear_gpu) / cost_per_1000(2.0, 0.0, 2000, dear_gpu)
+    assert result.metrics["cost_ratio"] == pytest.approx(want)
+
+
+def test_cost_waits_for_min_requests_and_fails_closed_without_cpu_seconds() -> None:
+    cfg = CanaryConfig(min_requests=100, max_cost_ratio=1.5)
+    stable = costed(window("stable", n=2000, seed=1), 1.0)
+    few = costed(window("canary", n=50, seed=2), 5.0)
+    result = check_canary_step(stable, few, cfg, step_percent=5)
+    assert result.status is GateStatus.INCONCLUSIVE
+    assert cost_row(result).status is GateStatus.INCONCLUSIVE
+    # A stable started before the counters existed: never a pass, said plainly.
+    old = window("stable", n=2000, seed=1)
+    result = check_canary_step(old, costed(window("canary", seed=2), 1.0), cfg, step_percent=5)
+    assert result.evidence["failed_guardrail"] == "cost_ratio"
+    assert "stable exports no CPU seconds" in cost_row(result).detail
+    assert math.isnan(result.metrics["cost_ratio"])
+
+
+def test_cost_survives_json_and_reaches_the_summary() -> None:
+    w = costed(window("canary", n=300), 1.0, gpu_s=2.0)
+    assert VariantWindow.from_dict(w.to_dict()) == w
+    legacy = {k: v for k, v in w.to_dict().items() if k not in ("cpu_seconds", "gpu_seconds")}
+    assert VariantWindow.from_dict(legacy).cpu_seconds is None
+    done = [
+        passed_step(5, cost_ratio=2.5, cost_per_1000_canary=5.0, cost_per_1000_stable=2.0),
+        passed_step(50, cost_ratio=1.1, cost_per_1000_canary=2.2, cost_per_1000_stable=2.0),
+        passed_step(100),
+    ]
+    summary = summarize_steps(done, candidate_version="2", stable_version="1", steps=[5, 50, 100])
+    assert summary.metrics["cost_ratio"] == 1.1
+    assert summary.metrics["cost_per_1000_canary"] == 2.2
+    assert summary.metrics["cost_per_1000_stable"] == 2.0

@@ -18,7 +18,7 @@ from checks.runbooks import ALERT_PAGES, MONITORING_PAGES, RUNBOOK_DIR, runbook_
 from checks.slo_rules import build_slo_rules
 from checks.trigger import AlertKind
 from flows.cli import app
-from models.config import SloConfig
+from models.config import CostConfig, SloConfig
 from services.metrics import LATENCY_BUCKETS_S
 
 pytestmark = pytest.mark.fast
@@ -29,8 +29,14 @@ SECTIONS = ("## Signal", "## First safe action", "## Confirm recovery")
 
 
 def generated_alerts() -> list[dict]:
-    # capacity_rps set: every alert the generator can write.
-    built = build_slo_rules(SloConfig(capacity_rps=100.0), "churn", 256, LATENCY_BUCKETS_S)
+    # capacity_rps and a cost budget set: every alert the generator can write.
+    built = build_slo_rules(
+        SloConfig(capacity_rps=100.0),
+        "churn",
+        256,
+        LATENCY_BUCKETS_S,
+        CostConfig(budget_per_1000=0.01),
+    )
     rules = yaml.safe_load(built.to_yaml())
     return [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
 

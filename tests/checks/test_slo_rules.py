@@ -8,11 +8,19 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
-from checks.slo_rules import NOT_EXPORTED, SloRulesError, build_slo_rules
-from models.config import ConfigError, SloConfig, load_config
+from checks.cost import cost_per_1000
+from checks.slo_rules import (
+    COST_PER_1000,
+    NOT_EXPORTED,
+    SloRulesError,
+    build_slo_rules,
+    cost_per_1000_expr,
+)
+from models.config import ConfigError, CostConfig, SloConfig, load_config
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from tests.conftest import write_config
 
@@ -217,3 +225,49 @@ def test_slo_config_from_file_and_environment(tmp_path: Path, monkeypatch):
 def test_bad_slo_config_is_refused_naming_the_field(tmp_path: Path, slo: dict, message: str):
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(tmp_path, slo=slo))
+
+
+def _cost_group(cost: CostConfig) -> list[dict]:
+    built = build_slo_rules(SloConfig(), "churn", 256, LATENCY_BUCKETS_S, cost)
+    groups = yaml.safe_load(built.to_yaml())["groups"]
+    assert [g["name"] for g in groups][-1] == "mlgate-churn-cost"
+    return groups[-1]["rules"]
+
+
+def test_cost_rules_only_with_prices_and_the_alert_only_with_a_budget():
+    assert len(_rules()["groups"]) == 2
+    rules = _cost_group(CostConfig())
+    assert [r.get("record") for r in rules] == [COST_PER_1000]
+    record, alert = _cost_group(CostConfig(budget_per_1000=0.002))
+    assert record["record"] == COST_PER_1000 == "model_version_variant:mlgate_cost_per_1000:rate1h"
+    assert alert["alert"] == "MlgateCostOverBudget"
+    assert alert["expr"].strip() == f"{COST_PER_1000} > 0.002"
+    assert alert["for"] == "10m" and alert["labels"] == {"severity": "ticket"}
+    assert alert["annotations"]["runbook_page"] == "docs/runbooks/cost-over-budget.md"
+    assert "{{ $labels.model_version }}" in alert["annotations"]["summary"]
+
+
+def test_cost_rule_reads_exported_series_per_version_and_variant():
+    metrics = ServiceMetrics("churn", "3", "stable", "CPUExecutionProvider", "0" * 64)
+    metrics.observe_scores(np.array([0.5]))
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in metrics.render()[0].decode().splitlines()
+        if line and not line.startswith("#")
+    }
+    (record,) = _cost_group(CostConfig())
+    read = set(re.findall(r"(?<![\w:])(mlgate_\w+)(?=[{\[\s])", record["expr"]))
+    assert read == {"mlgate_cpu_seconds_total", "mlgate_gpu_seconds_total", "mlgate_score_count"}
+    assert read <= exported, read - exported
+    assert record["expr"].count("sum by (model_name, model_version, variant)") == 3
+
+
+def test_cost_rule_prices_are_the_cost_function_s():
+    """The constants in the expression are checks.cost.cost_per_1000 of one CPU second and
+    one GPU second over one row: the rule and the canary price alike."""
+    cost = CostConfig(price_per_core_hour=0.072, price_per_gpu_hour=2.5)
+    expr = cost_per_1000_expr(cost, 'model_name="churn"')
+    cpu_price = cost_per_1000(1.0, 0.0, 1, cost)
+    gpu_price = cost_per_1000(0.0, 1.0, 1, cost)
+    assert f"[1h])) * {cpu_price:.12g}" in expr
+    assert f"[1h])) * {gpu_price:.12g}" in expr

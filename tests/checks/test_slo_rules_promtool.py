@@ -20,9 +20,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from checks.slo_rules import build_slo_rules
+from checks.cost import cost_per_1000
+from checks.slo_rules import COST_PER_1000, build_slo_rules
 from flows.cli import EXIT_USAGE, app
-from models.config import SloConfig, prom_duration_s
+from models.config import CostConfig, SloConfig, prom_duration_s
 from services.metrics import LATENCY_BUCKETS_S
 from tests.conftest import write_config
 
@@ -323,3 +324,65 @@ def test_annotations_render_with_the_alert_values(tmp_path: Path):
         ],
     }
     _run_tests(tmp_path, {"annotations": (rules, [test])})
+
+
+def test_cost_per_1000_is_the_cost_function_s_and_alerts_over_budget(tmp_path: Path):
+    """Per version and variant: a GPU canary over the budget fires, the CPU-only stable below
+    it stays quiet, and an idle instance (CPU spent, no rows) has no cost rather than an
+    infinite one. The recorded value is `checks.cost.cost_per_1000` of the same counts."""
+    cost = CostConfig(price_per_core_hour=0.036, price_per_gpu_hour=3.6, budget_per_1000=0.002)
+    rules = build_slo_rules(SLO, MODEL, 256, LATENCY_BUCKETS_S, cost).to_dict()
+    minutes = 40
+
+    def side(variant: str, version: str, cpu: float, gpu: float, rows: float) -> list[dict]:
+        labels = {"variant": variant, "model_version": version, "instance": f"{variant}:1"}
+        return [
+            _series("mlgate_cpu_seconds_total", _counter((cpu, minutes)), **labels),
+            _series("mlgate_gpu_seconds_total", _counter((gpu, minutes)), **labels),
+            _series("mlgate_score_count", _counter((rows, minutes)), **labels),
+        ]
+
+    # Per minute: one core busy and 6,000 rows; the canary also holds one GPU.
+    series = [
+        *side("stable", "3", 60.0, 0.0, 6000.0),
+        *side("canary", "4", 60.0, 60.0, 6000.0),
+        *side("idle", "4", 30.0, 0.0, 0.0),
+    ]
+
+    def _rounded(value: float) -> float:
+        # promtool compares samples exactly; the two sums round differently in the last bit.
+        return float(f"{value:.12g}")
+
+    def labels(variant: str, version: str) -> str:
+        return f'model_name="{MODEL}",model_version="{version}",variant="{variant}"'
+
+    def alert(minute: int, firing: bool) -> dict[str, Any]:
+        exp = {"model_name": MODEL, "model_version": "4", "variant": "canary"}
+        return {
+            "eval_time": f"{minute}m",
+            "alertname": "MlgateCostOverBudget",
+            "exp_alerts": [{"exp_labels": {**exp, "severity": "ticket"}}] if firing else [],
+        }
+
+    group = {
+        "input_series": series,
+        "promql_expr_test": [
+            {
+                "expr": COST_PER_1000,
+                "eval_time": "30m",
+                "exp_samples": [
+                    {
+                        "labels": f"{COST_PER_1000}{{{labels('canary', '4')}}}",
+                        "value": _rounded(cost_per_1000(60.0, 60.0, 6000.0, cost)),
+                    },
+                    {
+                        "labels": f"{COST_PER_1000}{{{labels('stable', '3')}}}",
+                        "value": _rounded(cost_per_1000(60.0, 0.0, 6000.0, cost)),
+                    },
+                ],
+            }
+        ],
+        # Over budget from the first minutes, but a ticket only after slo.leading_for.
+        "alert_rule_test": [alert(5, False), alert(30, True)],
+    }
+    _run_tests(tmp_path, {"cost": (_without_annotations(rules), [group])})

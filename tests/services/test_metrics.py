@@ -93,3 +93,28 @@ def test_invalid_scores_land_where_the_canary_counts_them() -> None:
     # 0. (With a negative bucket prometheus-client exports no `_sum`, so the NaN sum is not
     # there to count.)
     assert invalid_scores(scores) == 4
+
+
+def test_cpu_and_gpu_seconds_are_added_at_each_flush() -> None:
+    """CPU seconds from the worker's clock since the last flush; GPU seconds as wall seconds
+    times the GPUs held, exported at zero without GPUs so every instance has both series."""
+    cpu, wall = iter([10.0, 10.25, 10.75]), iter([100.0, 101.0, 103.0])
+    metrics = ServiceMetrics(
+        "churn",
+        "3",
+        "stable",
+        "CUDAExecutionProvider",
+        "ab" * 32,
+        gpus=0.5,
+        cpu_clock=lambda: next(cpu),
+        wall_clock=lambda: next(wall),
+    )
+    metrics.flush()
+    text = metrics.render()[0].decode()
+    assert value(text, "mlgate_cpu_seconds_total") == pytest.approx(0.75)
+    assert value(text, "mlgate_gpu_seconds_total") == pytest.approx(1.5)
+
+    plain = ServiceMetrics("churn", "3", "stable", "CPUExecutionProvider", "ab" * 32)
+    text = plain.render()[0].decode()
+    assert value(text, "mlgate_gpu_seconds_total") == 0
+    assert value(text, "mlgate_cpu_seconds_total") >= 0
