@@ -6,7 +6,9 @@
   rows per request, inference-log rows written and dropped;
 - model: what serves (`mlgate_model_info`: version, graph, provider), the score
   distribution by version and variant (quantiles and mean of `mlgate_score`), and the
-  instances serving a last-known-good copy.
+  instances serving a last-known-good copy;
+- money: cost per 1,000 predictions (CPU and GPU seconds at the `cost:` prices, the same
+  formula as `checks/cost.py`) against `cost.budget_per_1000`, and spend per hour.
 
 Every panel reads only series that `services/metrics.py` exports or that `mlgate slo rules`
 records; tests/checks/test_dashboard.py checks the structure against what Grafana requires
@@ -187,7 +189,41 @@ def dashboard_panels(cfg: MlgateConfig) -> list[tuple[str, list[Panel]]]:
             kind="stat",
         ),
     ]
-    return [("Users", users), ("Capacity", capacity), ("Model", model)]
+    price = cfg.cost
+    spend = (
+        f"(sum by ({by}) (rate(mlgate_cpu_seconds_total{{{m}}}[{r}])) * "
+        f"{price.price_per_core_hour:g}\n+ sum by ({by}) "
+        f"(rate(mlgate_gpu_seconds_total{{{m}}}[{r}])) * {price.price_per_gpu_hour:g}) / 3600"
+    )
+    budget_line = (
+        ((f"vector({price.budget_per_1000:g})", "cost.budget_per_1000"),)
+        if price.budget_per_1000 is not None
+        else ()
+    )
+    money = [
+        Panel(
+            "Cost per 1,000 predictions",
+            (
+                (
+                    f"{spend}\n/ sum by ({by}) (rate(mlgate_score_count{{{m}}}[{r}])) * 1000",
+                    "{{model_version}} {{variant}}",
+                ),
+                *budget_line,
+            ),
+            unit="currencyUSD",
+            description=(
+                "CPU seconds the service spent (idle included) at cost.price_per_core_hour, "
+                "plus held GPU seconds at cost.price_per_gpu_hour, per 1,000 rows scored: "
+                "checks/cost.py's formula."
+            ),
+        ),
+        Panel(
+            "Spend per hour",
+            ((f"{spend} * 3600", "{{model_version}} {{variant}}"),),
+            unit="currencyUSD",
+        ),
+    ]
+    return [("Users", users), ("Capacity", capacity), ("Model", model), ("Money", money)]
 
 
 def build_dashboard(cfg: MlgateConfig) -> dict[str, Any]:

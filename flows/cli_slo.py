@@ -66,7 +66,11 @@ def _rules_text(cfg: MlgateConfig, config: Path) -> tuple[RuleFile, str]:
 
     try:
         rule_file = build_slo_rules(
-            cfg.slo, cfg.registry.model_name, cfg.serving.max_batch_size, LATENCY_BUCKETS_S
+            cfg.slo,
+            cfg.registry.model_name,
+            cfg.serving.max_batch_size,
+            LATENCY_BUCKETS_S,
+            cost=cfg.cost,
         )
     except SloRulesError as err:
         raise exit_error(str(err), EXIT_USAGE) from None

@@ -538,7 +538,9 @@ class Controller:
                 )
                 if percent == 100 and stable_w.problem is None and state.baseline:
                     stable_w = VariantWindow.from_dict(state.baseline["window"])
-                result = check_canary_step(stable_w, canary_w, cfg, step_percent=percent)
+                result = check_canary_step(
+                    stable_w, canary_w, cfg, step_percent=percent, cost=self.cfg.cost
+                )
                 state.current["ticks"] += 1
                 state.current["last_result"] = result.to_dict()
                 self.save(state)

@@ -409,6 +409,7 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 model.sha256,
                 from_last_known_good=model.last_known_good is not None,
                 graph=graph.graph,
+                gpus=serving.gpus / serving.workers,
             )
             log_writer = inference_log_writer(
                 serving,

@@ -31,6 +31,8 @@ EXPORTED = {
     "mlgate_inference_log_rows_total",
     "mlgate_model_info",
     "mlgate_model_from_last_known_good",
+    "mlgate_cpu_seconds_total",
+    "mlgate_gpu_seconds_total",
 }
 
 
@@ -63,7 +65,7 @@ def test_the_json_model_has_what_grafana_requires() -> None:
 def test_one_row_per_plane_in_order() -> None:
     board = build_dashboard(load_config(BUNDLED_CONFIG))
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
-    assert rows == ["Users", "Capacity", "Model"]
+    assert rows == ["Users", "Capacity", "Model", "Money"]
 
 
 def test_every_series_read_is_exported_and_the_model_is_the_configs(tmp_path: Path) -> None:

@@ -160,7 +160,8 @@ def test_cli_writes_rules_promtool_accepts(tmp_path: Path):
     assert "not generated: batcher queue depth" in result.output
     checked = _promtool("check", "rules", out)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 32 rules found" in checked.stdout
+    # 32, and the cost per 1,000 recording rule (no budget set: no cost alert).
+    assert "SUCCESS: 33 rules found" in checked.stdout
     assert out.read_text().startswith("# Prometheus rules for model churn")
 
     printed = CliRunner().invoke(app, ["slo", "rules", "--config", str(config)])
