@@ -43,13 +43,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
+from bench.results import RESULTS, write_section  # noqa: E402
 from models.batch import BATCH_ROWS, GATE_SAMPLE_ROWS  # noqa: E402
 from models.config import load_config  # noqa: E402
 
 ROWS = 1_000_000
 ROUNDS = 3
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Batch scoring (1M rows, Parquet to Parquet)"
 COMMAND = ".venv/bin/python bench/batch_scoring.py"
 GOAL = 0.70
@@ -188,7 +187,7 @@ def main() -> None:
     )
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"written to {RESULTS.relative_to(REPO)}")
 
 
@@ -275,19 +274,6 @@ def report(
         f"round: {', '.join(f'{k} {v}' for k, v in gates.items())}.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, leaving the others as they are."""
-    existing = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if SECTION in existing:
-        head, rest = existing.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1 :] if nxt >= 0 else ""
-        existing = head + text + ("\n" + tail if tail else "")
-    else:
-        existing = existing.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(existing.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
+from bench.results import RESULTS, write_section  # noqa: E402
 from models.config import config_from_dict  # noqa: E402
 from services import stack as st  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Candidates: sequential vs Dask"
 COMMAND = ".venv/bin/python bench/candidates.py"
 ROUNDS = 2
@@ -210,19 +209,6 @@ def report(results: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Append this benchmark's section to RESULTS.md, or replace it when a run left one."""
-    existing = RESULTS.read_text() if RESULTS.is_file() else ""
-    if SECTION not in existing:
-        with RESULTS.open("a") as f:
-            f.write(("\n" if existing.endswith("\n") else "\n\n") + text)
-        return
-    head, rest = existing.split(SECTION, 1)
-    nxt = rest.find("\n## ")
-    tail = rest[nxt + 1 :] if nxt >= 0 else ""
-    RESULTS.write_text((head + text + ("\n" + tail if tail else "")).rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -252,7 +238,7 @@ def main() -> None:
     text = report(results, facts)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"written to {RESULTS.relative_to(REPO)}")
 
 

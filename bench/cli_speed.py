@@ -46,8 +46,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.results import write_section  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## CLI speed (fresh processes)"
 COMMAND = ".venv/bin/python bench/cli_speed.py"
 TRAIN_ROWS = 5000
@@ -232,7 +232,7 @@ def run(root: Path, rounds: int) -> None:
         time.perf_counter() - started,
     )
     print(text)
-    write_section(text)
+    write_section(SECTION, text)
 
 
 def report(
@@ -303,19 +303,6 @@ def report(
         f"{recorded['train']} of {timed_runs['train']}.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, leaving the others as they are."""
-    existing = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if SECTION in existing:
-        head, rest = existing.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1 :] if nxt >= 0 else ""
-        existing = head + text + ("\n" + tail if tail else "")
-    else:
-        existing = existing.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(existing.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

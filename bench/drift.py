@@ -24,7 +24,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
+from bench.results import RESULTS, write_section  # noqa: E402
 from checks.drift import check_drift  # noqa: E402
 from checks.result import GateResult  # noqa: E402
 from models.config import DatasetConfig, DriftGateConfig, load_config  # noqa: E402
@@ -32,7 +32,6 @@ from models.reference import SCORE_COLUMN, compute_reference_histograms  # noqa:
 
 ROWS = 1_000_000
 REPEATS = 3
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Drift (PSI)"
 COMMAND = ".venv/bin/python bench/drift.py"
 
@@ -99,19 +98,6 @@ def evidently_preset_psi(
     }
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, leaving the others as they are."""
-    existing = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if SECTION in existing:
-        head, rest = existing.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1 :] if nxt >= 0 else ""
-        existing = head + text + ("\n" + tail if tail else "")
-    else:
-        existing = existing.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(existing.rstrip("\n") + "\n")
-
-
 def main() -> None:
     cfg = load_config(REPO / "mlgate.yaml")
     dataset = cfg.dataset
@@ -159,7 +145,7 @@ def main() -> None:
         import_s,
     )
     print(text)
-    write_section(text)
+    write_section(SECTION, text)
     print(f"written to {RESULTS.relative_to(REPO)}")
 
 

@@ -39,13 +39,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
+from bench.results import RESULTS, write_section  # noqa: E402
 from flows.deploy import deploy_team, team_prefect  # noqa: E402
 from flows.deployments import TRAINING_DEPLOYMENT  # noqa: E402
 from models.config import MlgateConfig, config_from_dict  # noqa: E402
 from services import stack as st  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Orchestration (Prefect server + worker)"
 COMMAND = ".venv/bin/python bench/orchestration.py --runs 3"
 MODEL = "churn-bench"
@@ -222,7 +221,7 @@ def main() -> None:
                 f"cold {cold_runs[-1]}, cold import {imports[-1]:.1f} s"
             )
         loads.append(os.getloadavg()[0])
-        write_section(report(inproc, warm_runs, cold_runs, imports, loads, args.runs))
+        write_section(SECTION, report(inproc, warm_runs, cold_runs, imports, loads, args.runs))
         print(f"written to {RESULTS.relative_to(REPO)}")
     finally:
         if own_stack:
@@ -308,19 +307,6 @@ def report(
             "shares this host, so single runs vary.",
         ]
     )
-
-
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, leaving the others as they are."""
-    existing = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if SECTION in existing:
-        head, rest = existing.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1 :] if nxt >= 0 else ""
-        existing = head + text + ("\n\n" + tail if tail else "")
-    else:
-        existing = existing.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(existing.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
+from bench.results import RESULTS, write_section  # noqa: E402
 from models.config import (  # noqa: E402
     DaskConfig,
     OrchestrationConfig,
@@ -72,7 +72,6 @@ LABELS = {
     "sqlite": "SQLite + file lock",
     "pg-server": "tracking server on PostgreSQL + advisory lock",
 }
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Registry writes (8 writer processes)"
 COMMAND = ".venv/bin/python bench/registry_writes.py"
 CONNECT = "connect"
@@ -633,19 +632,6 @@ def report(cells: dict[tuple[str, str], Cell], facts: dict[str, Any], rounds: in
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Append this benchmark's section to RESULTS.md, or replace it when a run left one."""
-    existing = RESULTS.read_text() if RESULTS.is_file() else ""
-    if SECTION not in existing:
-        with RESULTS.open("a") as f:
-            f.write(("\n" if existing.endswith("\n") else "\n\n") + text)
-        return
-    head, rest = existing.split(SECTION, 1)
-    nxt = rest.find("\n## ")
-    tail = rest[nxt + 1 :] if nxt >= 0 else ""
-    RESULTS.write_text((head + text + ("\n" + tail if tail else "")).rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -673,7 +659,7 @@ def main() -> None:
     text = report(cells, facts, args.rounds)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"written to {RESULTS.relative_to(REPO)}")
 
 

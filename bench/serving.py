@@ -47,7 +47,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
+from bench.results import RESULTS, write_section  # noqa: E402
 from models.config import CONFIG_PATH_ENV, env_override_name, load_config  # noqa: E402
 from models.data import load_dataset, split_data  # noqa: E402
 from models.model_ref import ModelRef  # noqa: E402
@@ -65,7 +65,6 @@ from models.train import train_model  # noqa: E402
 from services.auth import API_KEYS_ENV, hash_api_key  # noqa: E402
 
 BENCH = REPO / "bench"
-RESULTS = BENCH / "RESULTS.md"
 WRK_SCRIPT = BENCH / "wrk_post.lua"
 # The servers other than ours, as `module:object` under bench/apps/.
 FLOOR_APP = "bench.apps.floor_app:app"
@@ -551,19 +550,6 @@ def goals(
     return out
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the Serving section of RESULTS.md; other sections stay as they are."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = current.find(f"\n{SECTION}\n")
-    if start == -1:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + 1)
-        after = current[end + 1 :] if end != -1 else ""
-        updated = current[: start + 1] + text.rstrip("\n") + "\n" + ("\n" + after if after else "")
-    RESULTS.write_text(updated.rstrip("\n") + "\n")
-
-
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -764,7 +750,7 @@ def run(args: argparse.Namespace, work: Path, started: float) -> int:
     lines = render(results, rounds, compute, verdicts, profile, prep["estimator"], elapsed, args)
     print("\n" + "\n".join(lines))
     if not args.no_write:
-        write_section("\n".join(lines) + "\n")
+        write_section(SECTION, "\n".join(lines) + "\n")
         print(f"\nwritten to {RESULTS.relative_to(REPO)} ({SECTION})")
     return 0
 
