@@ -8,8 +8,10 @@ throughput on a 2-core host (1,750 against 2,600 requests/s, constant handler).
 A request, in order: API key, its rate limit and its address's failed-authentication limit
 (401/403/429, before the body is read; services/auth.py), its
 Content-Type and Content-Encoding (415, before the body is read), body size (413 from
-Content-Length, or while reading), decoding and validation (400/413/422), then the adaptive
-batcher, scores checked, the response, metrics, and the inference log queue. Nothing a
+Content-Length, or while reading), decoding and validation (400/413/422; the Content-Type
+picks the decoder: JSON rows, `{"columns": ...}` JSON or an Arrow IPC stream,
+services/schema.py), then the adaptive batcher, scores checked, the response (JSON, or an Arrow IPC stream when
+Accept names it), metrics, and the inference log queue. Nothing a
 client sends can raise out of the endpoint: an unexpected error is a 500 naming the request
 id, and the worker goes on.
 """
@@ -33,7 +35,14 @@ from models.config import DatasetConfig, ServingConfig
 from services.auth import Authenticator, client_address
 from services.batcher import AdaptiveBatcher, Overloaded
 from services.metrics import FLUSH_INTERVAL_S, ServiceMetrics
-from services.schema import RequestDecoder, RequestError, RowBlock
+from services.schema import (
+    ARROW_STREAM,
+    COLUMNS_JSON,
+    ColumnarDecoder,
+    RequestDecoder,
+    RequestError,
+    RowBlock,
+)
 
 if TYPE_CHECKING:
     from services.inference_log import InferenceLogWriter
@@ -53,6 +62,7 @@ _MAX_BODY_BYTES_PER_FEATURE = 256
 _MIN_BODY_BYTES = 64 * 1024
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
 _JSON = (b"content-type", b"application/json")
+_ARROW = (b"content-type", ARROW_STREAM.encode())
 _JSON_SUFFIX = re.compile(r"^application/[a-z0-9.+-]+\+json$")
 _UTF8 = ("utf-8", "utf8")
 _SHOWN_HEADER_CHARS = 80
@@ -69,10 +79,12 @@ def max_body_bytes(serving: ServingConfig, n_features: int) -> int:
     )
 
 
-def check_body_headers(content_type: bytes | None, content_encoding: bytes | None) -> None:
-    """A 415 (`RequestError`) naming the header unless the body is JSON the decoder reads:
-    `application/json` or an `application/...+json` type, with no charset or UTF-8, and not
-    compressed. No Content-Type at all is taken as JSON (the body decides).
+def check_body_headers(content_type: bytes | None, content_encoding: bytes | None) -> str:
+    """Which decoder reads the body: `ARROW_STREAM` (an Arrow IPC stream), `COLUMNS_JSON`
+    (`{"columns": {...}}`) or "rows" (JSON rows: `application/json` or any other
+    `application/...+json` type). A 415 (`RequestError`) naming the header for any other
+    type, a charset other than UTF-8 or a compressed body. No Content-Type at all is taken
+    as JSON rows (the body decides).
 
     A compressed body is refused, not inflated: inflating it safely means a streaming
     decompressor held to the body size bound, for a saving a request of 1,000 rows (under
@@ -92,15 +104,18 @@ def check_body_headers(content_type: bytes | None, content_encoding: bytes | Non
                 headers=((b"accept-encoding", b"identity"),),
             )
     if content_type is None:
-        return
+        return "rows"
     media, *params = content_type.decode("latin-1").split(";")
     media = media.strip().lower()
+    if media == ARROW_STREAM:
+        return ARROW_STREAM
     if media != "application/json" and not _JSON_SUFFIX.match(media):
         raise RequestError(
             415,
             {
                 "error": (
-                    f"Content-Type {_shown(media)} is not JSON; send the body as application/json"
+                    f"Content-Type {_shown(media)} is not JSON; send the body as "
+                    f"application/json or as {ARROW_STREAM}"
                 )
             },
         )
@@ -117,6 +132,7 @@ def check_body_headers(content_type: bytes | None, content_encoding: bytes | Non
                     )
                 },
             )
+    return COLUMNS_JSON if media == COLUMNS_JSON else "rows"
 
 
 def _shown(value: str) -> str:
@@ -160,6 +176,12 @@ class ModelRuntime:
             serving.max_rows_per_request,
             serving.max_category_chars,
         )
+        self.columnar = ColumnarDecoder(
+            model.schema["numeric"],
+            model.schema["categorical"],
+            serving.max_rows_per_request,
+            serving.max_category_chars,
+        )
         self.max_body_bytes = max_body_bytes(serving, len(dataset.features))
         # The GPU graph has its own encoder (`models.tree_graph.make_encoder`).
         self._encode = encode or onnx_inputs_from_columns
@@ -178,6 +200,9 @@ class ModelRuntime:
         # The version that shadows this one (services/shadow.py), swapped in by its watch.
         self.shadow: ShadowScorer | None = None
         self.ready = False
+        # Requests inside `handle_predict`: a runtime swapped out (services/alias_watch.py)
+        # is closed only once they are answered.
+        self.in_flight = 0
         self._id_prefix = f"{secrets.token_hex(4)}-"
         self._ids = itertools.count(1)
         self._response_prefix = (
@@ -243,7 +268,7 @@ class ModelRuntime:
     async def handle_predict(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         arrived = time.time()
-        authorization = given_id = declared = content_type = content_encoding = None
+        authorization = given_id = declared = content_type = content_encoding = accept = None
         forwarded_for = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -258,10 +283,13 @@ class ModelRuntime:
                 content_type = value
             elif name == b"content-encoding":
                 content_encoding = value
+            elif name == b"accept":
+                accept = value
         request_id = self._request_id(given_id)
         rows: RowBlock | None = None
         scores: np.ndarray | None = None
         extra: Sequence[tuple[bytes, bytes]] = ()
+        kind = _JSON
         try:
             peer = scope.get("client")
             client, local = client_address(
@@ -271,13 +299,22 @@ class ModelRuntime:
             if denial is not None:
                 status, body, extra = denial.status, _error(denial.message), denial.headers
             else:
-                check_body_headers(content_type, content_encoding)
+                body_type = check_body_headers(content_type, content_encoding)
                 raw = await self._read_body(receive, declared)
                 if raw is None:
                     return  # the client went away; nobody to answer
-                rows = self.decoder.decode(raw)
+                if body_type == ARROW_STREAM:
+                    rows = self.columnar.decode_arrow(raw)
+                elif body_type == COLUMNS_JSON:
+                    rows = self.columnar.decode_json(raw)
+                else:
+                    rows = self.decoder.decode(raw)
                 scores = await self.batcher.score(rows)
-                status, body = self._scores_response(scores)
+                if accept is not None and wants_arrow(accept):
+                    status, body = self._arrow_response(scores)
+                    kind = _ARROW
+                else:
+                    status, body = self._scores_response(scores)
         except RequestError as err:
             status, body, extra = err.status, orjson.dumps(err.payload), err.headers
         except Overloaded as err:
@@ -293,7 +330,7 @@ class ModelRuntime:
                 "type": "http.response.start",
                 "status": status,
                 "headers": [
-                    _JSON,
+                    kind if status == 200 else _JSON,
                     (b"content-length", b"%d" % len(body)),
                     (b"x-request-id", request_id.encode("ascii")),
                     *extra,
@@ -365,6 +402,44 @@ class ModelRuntime:
         predictions = orjson.dumps([{"score": s, "label": 1 if s > 0.5 else 0} for s in values])
         return 200, self._response_prefix + predictions + b"}"
 
+    def _arrow_response(self, scores: np.ndarray) -> tuple[int, bytes]:
+        """An Arrow IPC stream of one record batch, columns `score` (float64) and `label`
+        (int8), the model's name and version in the schema's metadata; the same refusal
+        of scores that are not probabilities as the JSON answer."""
+        import pyarrow as pa
+
+        if not bool(np.all((scores >= 0.0) & (scores <= 1.0))):
+            self._scores_response(scores)  # raises the 422 naming the rows
+        batch = pa.record_batch(
+            [pa.array(scores, type=pa.float64()), pa.array((scores > 0.5).astype(np.int8))],
+            names=["score", "label"],
+        )
+        schema = batch.schema.with_metadata(
+            {"model_name": self.model.name, "model_version": str(self.model.version)}
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_batch(batch)
+        return 200, sink.getvalue().to_pybytes()
+
+
+def wants_arrow(accept: bytes) -> bool:
+    """Whether an Accept header asks for an Arrow IPC stream (named, with a non-zero q);
+    anything else, `*/*` included, gets JSON."""
+    for item in accept.decode("latin-1").split(","):
+        media, *params = item.split(";")
+        if media.strip().lower() != ARROW_STREAM:
+            continue
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    return float(value) > 0.0
+                except ValueError:
+                    return False
+        return True
+    return False
+
 
 def _error(message: str) -> bytes:
     return orjson.dumps({"error": message})
@@ -393,7 +468,11 @@ class PredictEndpoint:
             )
             await send({"type": "http.response.body", "body": body})
             return
-        await runtime.handle_predict(scope, receive, send)
+        runtime.in_flight += 1
+        try:
+            await runtime.handle_predict(scope, receive, send)
+        finally:
+            runtime.in_flight -= 1
 
 
 class MetricsEndpoint:

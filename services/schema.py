@@ -508,3 +508,240 @@ class RequestDecoder:
         if repeated is not None:
             return _repeated_key_error(repeated)
         return _msgspec_error(err)
+
+
+# Media types of the columnar bodies (README "Bulk requests"); JSON rows are the default.
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+COLUMNS_JSON = "application/vnd.mlgate.columns+json"
+
+
+def _columnar_error(loc: list[str | int], message: str, kind: str) -> RequestError:
+    field = ".".join(str(p) for p in loc)
+    return RequestError(
+        422,
+        {
+            "error": f"invalid request: {field}: {message}" if field else message,
+            "error_count": 1,
+            "detail": [{"loc": loc, "msg": message, "type": kind}],
+        },
+    )
+
+
+class ColumnarDecoder:
+    """Columnar bodies of `/predict` to a `RowBlock` built by column, or a `RequestError`:
+    an Arrow IPC stream (one or more record batches) or `{"columns": {feature: [values]}}`.
+
+    The same rules as JSON rows, checked over whole arrays rather than row by row (that is
+    the speed of the columnar path): every feature, no other column; numbers for numeric
+    features (Arrow: integer or floating types; JSON: numbers, not strings or booleans),
+    strings for categorical ones; null for a missing value; NaN, infinities and numbers
+    beyond float32 range refused; labels of at most `max_category_chars` characters; between
+    one and `max_rows` rows. An error names the column and, for a value, its row
+    (`columns.tenure.3`). The block holds the same float64 and object arrays the row path
+    builds, so the encoder and the scores are the same."""
+
+    def __init__(
+        self,
+        numeric: Sequence[str],
+        categorical: Sequence[str],
+        max_rows: int,
+        max_category_chars: int = DEFAULT_MAX_CATEGORY_CHARS,
+    ) -> None:
+        self.numeric = tuple(numeric)
+        self.categorical = tuple(categorical)
+        self.order = (*self.numeric, *self.categorical)
+        self.max_rows = max_rows
+        self.max_category_chars = max_category_chars
+        names = [f"f{i}" for i in range(len(self.order))]
+        number = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+        label = Annotated[str, msgspec.Meta(max_length=max_category_chars)]
+        types: list[Any] = [list[number | None]] * len(self.numeric) + [list[label | None]] * len(
+            self.categorical
+        )
+        columns = msgspec.defstruct(
+            "Columns",
+            list(zip(names, types, strict=True)),
+            forbid_unknown_fields=True,
+            rename=dict(zip(names, self.order, strict=True)),
+        )
+        request = msgspec.defstruct(
+            "ColumnarRequest", [("columns", columns)], forbid_unknown_fields=True
+        )
+        self._json = msgspec.json.Decoder(request)
+
+    # --- columnar JSON ---------------------------------------------------------------------
+
+    def decode_json(self, body: bytes) -> RowBlock:
+        try:
+            request = self._json.decode(body)
+        except (msgspec.MsgspecError, UnicodeDecodeError) as err:
+            raise self._explain_json(body, err) from None
+        # The feature keys, `columns` and the request's: as many colons unless a string
+        # holds one or a key repeats (see the module docstring).
+        if body.count(b":") != len(self.order) + 1:
+            repeated = _repeated_column(body)
+            if repeated is not None:
+                raise _repeated_key_error(repeated)
+        values = msgspec.structs.astuple(operator.attrgetter("columns")(request))
+        self._check_lengths([len(v) for v in values])
+        k = len(self.numeric)
+        numeric = np.array(values[:k], dtype=np.float64).reshape(k, len(values[0]))
+        pairs = [_labels_of(np.array(v, dtype=object)) for v in values[k:]]
+        return RowBlock.from_columns(
+            numeric, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        )
+
+    def _explain_json(self, body: bytes, err: Exception) -> RequestError:
+        not_utf8 = _utf8_error(body)
+        if not_utf8 is not None:
+            return not_utf8
+        if not isinstance(err, msgspec.ValidationError):
+            return RequestError(400, {"error": f"request body is not valid JSON: {err}"})
+        text = str(err)
+        match = _MSGSPEC_PATH.search(text)
+        loc: list[str | int] = []
+        if match:
+            for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", match.group("path")):
+                loc.append(part[0] if part[0] else int(part[1]))
+        message = text[: match.start()] if match else text
+        return _columnar_error(loc, message, "invalid")
+
+    def _check_lengths(self, lengths: Sequence[int]) -> None:
+        n = lengths[0] if lengths else 0
+        for name, length in zip(self.order, lengths, strict=True):
+            if length != n:
+                raise _columnar_error(
+                    ["columns", name],
+                    f"{length} values where {self.order[0]} has {n}; every column needs one "
+                    "value per row",
+                    "length_mismatch",
+                )
+        if n == 0:
+            raise _columnar_error(["columns"], "no rows: send at least one", "too_short")
+        if n > self.max_rows:
+            raise RequestError(
+                413, {"error": f"{n} rows in one request, at most {self.max_rows} allowed"}
+            )
+
+    # --- Arrow IPC stream ------------------------------------------------------------------
+
+    def decode_arrow(self, body: bytes) -> RowBlock:
+        import pyarrow as pa
+
+        try:
+            table = pa.ipc.open_stream(body).read_all()
+        except (pa.ArrowException, ValueError, OSError) as err:
+            raise RequestError(
+                400, {"error": f"request body is not an Arrow IPC stream: {err}"}
+            ) from None
+        names = table.column_names
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise _columnar_error(["columns", name], "column given twice", "duplicate_key")
+            seen.add(name)
+            if name not in self.order:
+                raise _columnar_error(
+                    ["columns", name],
+                    f"unknown column; the model's features are {', '.join(self.order)}",
+                    "extra_forbidden",
+                )
+        for name in self.order:
+            if name not in seen:
+                raise _columnar_error(["columns", name], "column missing", "missing")
+        self._check_lengths([table.num_rows] * len(self.order))
+        numeric = np.empty((len(self.numeric), table.num_rows), dtype=np.float64)
+        for i, name in enumerate(self.numeric):
+            numeric[i] = self._arrow_numbers(name, table.column(name))
+        pairs = [self._arrow_labels(name, table.column(name)) for name in self.categorical]
+        return RowBlock.from_columns(
+            numeric, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        )
+
+    def _arrow_numbers(self, name: str, column: Any) -> np.ndarray:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        kind = column.type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            raise _columnar_error(
+                ["columns", name],
+                f"Arrow type {kind} refused; a numeric feature takes integer or floating "
+                "values (null for missing)",
+                "float_type",
+            )
+        values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        # NaN (or infinity) where Arrow holds a value: null is the missing value, NaN is not.
+        valid = (
+            np.ones(len(values), dtype=bool)
+            if column.null_count == 0
+            else pc.is_valid(column).to_numpy(zero_copy_only=False)
+        )
+        bad = valid & ~(np.abs(values) <= FLOAT32_MAX)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise _columnar_error(
+                ["columns", name, row],
+                f"{values[row]!r} refused: NaN, infinity or beyond float32 range (send null "
+                "for a missing value)",
+                "finite_number",
+            )
+        return values
+
+    def _arrow_labels(self, name: str, column: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        kind = column.type
+        if pa.types.is_dictionary(kind):
+            column = column.cast(kind.value_type)
+            kind = column.type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise _columnar_error(
+                ["columns", name],
+                f"Arrow type {kind} refused; a categorical feature takes string values "
+                "(null for missing)",
+                "string_type",
+            )
+        lengths = pc.utf8_length(column).to_numpy(zero_copy_only=False)
+        too_long = np.nan_to_num(lengths, nan=0) > self.max_category_chars
+        if too_long.any():
+            row = int(np.argmax(too_long))
+            raise _columnar_error(
+                ["columns", name, row],
+                f"String should have at most {self.max_category_chars} characters",
+                "string_too_long",
+            )
+        return _labels_of(column.to_numpy(zero_copy_only=False).astype(object, copy=False))
+
+
+def _labels_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """An object array of strings and None to the model's labels and the nulls mask."""
+    mask = values == None  # noqa: E711 (element-wise on an object array)
+    if not mask.any():
+        return values, None
+    from models.train import MISSING_CATEGORY
+
+    values = values.copy()
+    values[mask] = MISSING_CATEGORY
+    return values, mask
+
+
+def _repeated_column(body: bytes) -> list[str | int] | None:
+    """Where a columnar JSON body names a key twice (`["columns", "tenure"]`), or None."""
+
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(["columns", key] if key != "columns" else [key])
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        json.loads(body, object_pairs_hook=check)
+    except _RepeatedKey as repeated:
+        return repeated.loc
+    except (ValueError, RecursionError):
+        return None
+    return None
