@@ -53,21 +53,73 @@ def paired_bootstrap(
 ) -> BootstrapInterval:
     """Percentile interval of metric(a) - metric(b), resampling rows jointly for both models
     so that the noise they share cancels. Resamples where the metric is undefined (a single
-    class drawn) are dropped and counted."""
+    class drawn) are dropped and counted.
+
+    ROC AUC, the default primary metric, is computed for all resamples at once from the
+    rows' draw counts (`_resampled_auc`); other metrics call `metric_value` per resample.
+    Both draw the same rows from the same seeded generator."""
     rng = np.random.default_rng(seed)
     n = len(y)
-    deltas = []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        d = metric_value(metric, y[idx], a[idx]) - metric_value(metric, y[idx], b[idx])
-        if math.isfinite(d):
-            deltas.append(d)
+    y, a, b = np.asarray(y), np.asarray(a), np.asarray(b)
+    vectorised = metric == "roc_auc" and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    if vectorised and n:
+        chunk = max(1, _BOOTSTRAP_CELLS // n)
+        parts = []
+        for start in range(0, resamples, chunk):
+            idx = rng.integers(0, n, (min(chunk, resamples - start), n))
+            counts = _draw_counts(idx, n)
+            parts.append(_resampled_auc(y, a, counts) - _resampled_auc(y, b, counts))
+        all_deltas = np.concatenate(parts) if parts else np.empty(0)
+        deltas = list(all_deltas[np.isfinite(all_deltas)])
+    else:
+        deltas = []
+        for _ in range(resamples):
+            idx = rng.integers(0, n, n)
+            d = metric_value(metric, y[idx], a[idx]) - metric_value(metric, y[idx], b[idx])
+            if math.isfinite(d):
+                deltas.append(d)
     delta = metric_value(metric, y, a) - metric_value(metric, y, b)
     if len(deltas) < resamples // 2:
         return BootstrapInterval(delta, math.nan, math.nan, len(deltas))
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(np.asarray(deltas), [alpha, 1.0 - alpha])
     return BootstrapInterval(delta, float(low), float(high), len(deltas))
+
+
+# Resamples x rows per chunk of the vectorised bootstrap (about 40 MB of int64 counts).
+_BOOTSTRAP_CELLS = 5_000_000
+
+
+def _draw_counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """How often each of `n` rows was drawn in each resample (a row of `idx` each)."""
+    r = idx.shape[0]
+    flat = (idx + (np.arange(r) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=r * n).reshape(r, n)
+
+
+def _resampled_auc(y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """ROC AUC of each resample given as draw counts per row: the Mann-Whitney statistic
+    with ties counted half, as `roc_auc_score` computes it; NaN where a class is missing.
+
+    Written by hand because scikit-learn scores one sample per call: 1,000 resamples meant
+    2,000 calls (about 3.5 s of a 5,000-row training run). Rows sharing a score are pooled
+    into one group; each positive draw counts the negative draws scored below it, plus half
+    of those scored the same."""
+    positive = np.asarray(y) == 1
+    _, group = np.unique(p, return_inverse=True)
+    groups = int(group.max()) + 1
+    r = counts.shape[0]
+    pos = np.zeros((r, groups))
+    neg = np.zeros((r, groups))
+    # Sum the draw counts of each group's positive and negative rows.
+    np.add.at(pos.T, group[positive], counts[:, positive].T)
+    np.add.at(neg.T, group[~positive], counts[:, ~positive].T)
+    neg_below = np.cumsum(neg, axis=1) - neg
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
+    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return auc
 
 
 def _floor_check(value: float, cfg: ChampionGateConfig) -> CheckRow:
