@@ -139,21 +139,79 @@ def promote(
     _print_move(move, as_json)
 
 
+# A swap needs a poll, a fetch, a session and a warm-up; this much on top of the polls.
+_SERVED_MARGIN_S = 30.0
+
+
 @registry_app.command()
 def rollback(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     reason: ReasonOpt,
     alias: AliasOpt = "champion",
+    wait_served: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--wait-served",
+            metavar="URL",
+            help=(
+                "A service on the alias (repeatable): wait until its /model answers with the "
+                "version rolled back to; the seconds are printed and recorded in the history."
+            ),
+        ),
+    ] = None,
+    wait_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--wait-timeout",
+            min=0.0,
+            help="Seconds to wait for --wait-served (default: 3 x serving.alias_poll_s + 30).",
+        ),
+    ] = None,
     config: ConfigOpt = Path("mlgate.yaml"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Move an alias back to its previous holder, taken from the recorded history."""
+    """Move an alias back to its previous holder, taken from the recorded history; with
+    --wait-served, until the services answer with it."""
+    import time
+
     from flows import registry
+    from services.served_wait import ServedWaitError, check_service_url, wait_until_served
 
     cfg = _load(config)
+    try:
+        urls = [check_service_url(url) for url in wait_served or []]
+    except ValueError as err:
+        raise _fail(f"--wait-served: {err}", code=2) from None
+    poll_s = cfg.serving.alias_poll_s
+    if urls and poll_s == 0:
+        console.print(
+            "[yellow]serving.alias_poll_s is 0 in this config: services started with it do "
+            "not follow their alias, and answer with the old version until restarted[/]"
+        )
     client = registry.connect(cfg.registry)
+    started = time.monotonic()
     move = registry_call(registry.rollback, client, cfg.registry, name, reason=reason, alias=alias)
-    _print_move(move, as_json)
+    if not urls:
+        _print_move(move, as_json)
+        return
+    timeout_s = wait_timeout if wait_timeout is not None else 3 * poll_s + _SERVED_MARGIN_S
+    failure = None
+    try:
+        served: dict[str, float | None] = dict(
+            wait_until_served(urls, move.to_version, started=started, timeout_s=timeout_s)
+        )
+    except ServedWaitError as err:
+        served, failure = err.served, err
+    registry_call(registry.record_served, client, move, served)
+    if as_json:
+        print(json.dumps({**move.__dict__, "served_s": served}, indent=2))
+    else:
+        _print_move(move, False)
+        for url, seconds in served.items():
+            if seconds is not None:
+                console.print(f"served by {url} in {seconds:.2f} s (v{move.to_version})")
+    if failure is not None:
+        raise _fail(f"the rollback is done, but the services are {failure}")
 
 
 @registry_app.command()
@@ -172,9 +230,10 @@ def history(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{name}: alias history (newest first)")
-    for col in ("at", "kind", "alias", "from", "to", "who", "forced", "reason"):
+    for col in ("at", "kind", "alias", "from", "to", "who", "forced", "served in", "reason"):
         table.add_column(col, overflow="fold")
     for h in rows:
+        served = h.get(registry.SERVED_S_TAG, "")
         table.add_row(
             h.get("at", ""),
             h.get(registry.KIND_TAG, ""),
@@ -183,6 +242,7 @@ def history(
             h.get("to_version", ""),
             h.get("actor", ""),
             h.get("forced", ""),
+            f"{served} s" if served and served != "timeout" else served,
             h.get("reason", ""),
         )
     console.print(table if rows else f"no recorded moves for {name}")

@@ -167,7 +167,11 @@ def connect(registry: RegistryConfig) -> MlflowClient:
         database.parent.mkdir(parents=True, exist_ok=True)
     try:
         client = registry_access.retry_unavailable(
-            lambda: registry_access.open_registry_client(uri), uri, registry.unavailable_retry_s
+            lambda: registry_access.open_registry_client(
+                uri, registry.http_timeout_s, registry.http_max_retries
+            ),
+            uri,
+            registry.unavailable_retry_s,
         )
     except registry_access.RegistryUnavailableError as err:
         raise RegistryUnavailableError(str(err)) from None
@@ -981,6 +985,34 @@ def rollback(
     )
 
 
+# On a move's audit run: how long it took to reach the serving instances (`mlgate rollback
+# --wait-served URL`): the slowest one's seconds, or `timeout`; and each instance's.
+SERVED_S_TAG = "served_s"
+SERVED_BY_TAG = "served_by"
+
+
+def record_served(
+    client: MlflowClient, move: AliasMove, served: Mapping[str, float | None]
+) -> None:
+    """Record on `move`'s audit run the seconds until each serving instance answered with
+    the version it moved to (None: not within the wait): `served_s`, as a tag `mlgate
+    history` shows and as a metric, and `served_by`, every instance's, as JSON."""
+    if not served:
+        raise RegistryError("no serving instances to record the move's arrival at")
+    seconds = list(served.values())
+    slowest = None if any(s is None for s in seconds) else max(cast(list[float], seconds))
+    client.set_tag(
+        move.audit_run_id, SERVED_S_TAG, "timeout" if slowest is None else f"{slowest:.3f}"
+    )
+    client.set_tag(
+        move.audit_run_id,
+        SERVED_BY_TAG,
+        json.dumps({url: None if s is None else round(s, 3) for url, s in served.items()}),
+    )
+    if slowest is not None:
+        client.log_metric(move.audit_run_id, SERVED_S_TAG, slowest)
+
+
 def delete_version(
     client: MlflowClient,
     registry: RegistryConfig,
@@ -1055,8 +1087,17 @@ def notify(registry: RegistryConfig, title: str, body: str) -> bool:
     ap = apprise.Apprise()
     for url in registry.notify_urls:
         ap.add(url)
+    # Not retried (a retry may notify twice); apprise's own 4 s connect and read timeouts
+    # bound it, and the notifications breaker skips it while the service keeps failing.
+    from services import breakers
+
+    def send() -> bool:
+        if not ap.notify(title=title, body=body):
+            raise RuntimeError("apprise could not send the notification")
+        return True
+
     try:
-        return bool(ap.notify(title=title, body=body))
+        return breakers.call("notifications", send)
     except Exception:
         return False
 

@@ -275,6 +275,10 @@ class RegistryConfig(_Section):
     # How long a locked or unreachable registry is retried before a command stops with the
     # reason, or the service serves its last-known-good copy of the model.
     unavailable_retry_s: float = Field(default=30.0, ge=0.0)
+    # A tracking server's HTTP requests: MLflow's own timeout and retry count (its defaults,
+    # 120 s and 7 retries, wait minutes on a server that hangs; services/registry_access.py).
+    http_timeout_s: int = Field(default=30, ge=1)
+    http_max_retries: int = Field(default=2, ge=0)
 
     def resolved_tracking_uri(self) -> str:
         if self.tracking_uri:
@@ -352,6 +356,10 @@ class ServingConfig(_Section):
     # Shadow deployments (`mlgate shadow start`): how often each worker asks the registry
     # which version shadows, and the rows its queue holds before it drops (never waits).
     shadow_poll_s: float = Field(default=5.0, gt=0.0)
+    # A service started on an alias (not a pinned version) asks the registry this often
+    # which version the alias names, and swaps to it once fetched, verified and warmed up
+    # (services/alias_watch.py); 0: it serves what it started with until restarted.
+    alias_poll_s: float = Field(default=3.0, ge=0.0)
     shadow_queue_rows: int = Field(default=20_000, ge=1)
     access_log: bool = False
     trace_requests: bool = False

@@ -66,6 +66,9 @@ LAST_KNOWN_GOOD_METRIC = "mlgate_model_from_last_known_good"
 # `_total` to a counter's name when it exposes it).
 CPU_SECONDS_METRIC = "mlgate_cpu_seconds"
 GPU_SECONDS_METRIC = "mlgate_gpu_seconds"
+BREAKER_STATE_METRIC = "mlgate_circuit_breaker_state"
+# Swaps to the version the served alias names (services/alias_watch.py), done or failed.
+SWAPS_METRIC = "mlgate_model_swaps"
 
 
 def multiprocess_dir() -> str | None:
@@ -194,7 +197,6 @@ class ServiceMetrics:
             registry=reg,
             multiprocess_mode="max",
         )
-        info.labels(*self._labels, sha256, provider, graph).set(1)
         fallback = Gauge(
             LAST_KNOWN_GOOD_METRIC,
             "1 while the model is served from the last-known-good copy because the registry "
@@ -203,26 +205,73 @@ class ServiceMetrics:
             registry=reg,
             multiprocess_mode="max",
         )
-        fallback.labels(*self._labels).set(1 if from_last_known_good else 0)
         # Both exported from the start, the GPU's at zero without GPUs, so that the cost
         # recording rule finds both series for every instance.
-        self._cpu_seconds = Counter(
+        cpu_seconds = Counter(
             CPU_SECONDS_METRIC,
             "CPU seconds the service's workers spent (all threads, idle time included).",
             names,
             registry=reg,
-        ).labels(*self._labels)
-        self._gpu_seconds = Counter(
+        )
+        gpu_seconds = Counter(
             GPU_SECONDS_METRIC,
             "GPU seconds the service held: wall seconds times the GPUs it holds.",
             names,
             registry=reg,
-        ).labels(*self._labels)
+        )
+        self._swaps = Counter(
+            SWAPS_METRIC,
+            "Swaps to the version the served alias names: done, or failed (fetch, sha256, "
+            "load or warm-up; the old model kept serving).",
+            ("model_name", "variant", "outcome"),
+            registry=reg,
+        )
+        self._families = (latency, rows, batch, scores, log_rows, info, fallback)
+        self._seconds_families = (cpu_seconds, gpu_seconds)
         self._gpus = float(gpus)
         self._cpu_clock = cpu_clock
         self._wall_clock = wall_clock
         self._cpu_mark = cpu_clock()
         self._wall_mark = wall_clock()
+        self._status_counts: dict[int, int] = {}
+        self._flush_lock = threading.Lock()
+        # The circuit breakers of this worker's outbound calls (services/breakers.py): the
+        # registry's guards the model fetch at start-up and the alias poll.
+        self._breaker_state = Gauge(
+            BREAKER_STATE_METRIC,
+            "Circuit breaker of an outbound dependency: 0 closed, 1 half-open, 2 open "
+            "(the worst of the workers).",
+            ("dependency",),
+            registry=reg,
+            multiprocess_mode="max",
+        )
+        self._breaker_failures = Counter(
+            "mlgate_circuit_breaker_failures",
+            "Failed calls of a dependency counted by its breaker (a retried call is one).",
+            ("dependency",),
+            registry=reg,
+        )
+        self._breaker_opens = Counter(
+            "mlgate_circuit_breaker_opens",
+            "Times a dependency's circuit breaker opened.",
+            ("dependency",),
+            registry=reg,
+        )
+        self._breaker_marks: dict[str, tuple[int, int]] = {}
+        self._flush_breakers()
+        self._bind(sha256, provider, graph, from_last_known_good)
+        for outcome in ("done", "failed"):
+            self._swaps.labels(model_name, variant, outcome)
+
+    def _bind(self, sha256: str, provider: str, graph: str, from_last_known_good: bool) -> None:
+        """Point every series at `self._labels` (the served model's version)."""
+        latency, rows, batch, scores, log_rows, info, fallback = self._families
+        info.labels(*self._labels, sha256, provider, graph).set(1)
+        self._info_labels = (*self._labels, sha256, provider, graph)
+        fallback.labels(*self._labels).set(1 if from_last_known_good else 0)
+        self._cpu_seconds, self._gpu_seconds = (
+            family.labels(*self._labels) for family in self._seconds_families
+        )
         self._latency = _LocalHistogram(latency.labels(*self._labels), LATENCY_BUCKETS_S)
         self._rows = _LocalHistogram(rows.labels(*self._labels), ROW_BUCKETS)
         self._batch = _LocalHistogram(batch.labels(*self._labels), ROW_BUCKETS)
@@ -230,11 +279,34 @@ class ServiceMetrics:
         self._log_written = log_rows.labels(*self._labels, "written")
         self._log_dropped = log_rows.labels(*self._labels, "dropped")
         self._status_children: dict[int, Any] = {}
-        self._status_counts: dict[int, int] = {}
         # Every status the endpoint answers is exported from the start, at zero.
         for status in (200, 400, 401, 403, 413, 422, 429, 500, 503):
             self._status_child(status)
-        self._flush_lock = threading.Lock()
+
+    def switch_model(
+        self,
+        model_version: str,
+        provider: str,
+        sha256: str,
+        *,
+        from_last_known_good: bool = False,
+        graph: str = "cpu",
+    ) -> None:
+        """From now on, count under `model_version` (the service swapped to the version its
+        alias names); what was counted before stays with the old version, whose info and
+        last-known-good gauges drop to 0. Called from the event loop, like `observe_*`;
+        requests still in flight on the old model at the swap are counted under the new."""
+        info, fallback = self._families[-2:]
+        with self._flush_lock:
+            self._flush_locked()
+            info.labels(*self._info_labels).set(0)
+            fallback.labels(*self._labels).set(0)
+            self._labels = (self._labels[0], model_version, self._labels[2])
+            self._bind(sha256, provider, graph, from_last_known_good)
+
+    def count_swap(self, done: bool) -> None:
+        """A swap to the alias's version done, or failed; from the watch's thread."""
+        self._swaps.labels(self._labels[0], self._labels[2], "done" if done else "failed").inc()
 
     def _status_child(self, status: int) -> Any:
         child = self._status_children.get(status)
@@ -267,12 +339,26 @@ class ServiceMetrics:
 
     def flush(self) -> None:
         with self._flush_lock:
-            counts, self._status_counts = self._status_counts, {}
-            for status, n in counts.items():
-                self._status_child(status).inc(n)
-            for histogram in (self._latency, self._rows, self._batch, self._scores):
-                histogram.flush()
-            self._flush_seconds()
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        counts, self._status_counts = self._status_counts, {}
+        for status, n in counts.items():
+            self._status_child(status).inc(n)
+        for histogram in (self._latency, self._rows, self._batch, self._scores):
+            histogram.flush()
+        self._flush_seconds()
+        self._flush_breakers()
+
+    def _flush_breakers(self) -> None:
+        from services import breakers
+
+        for dependency, (state, failures, opens) in breakers.states().items():
+            self._breaker_state.labels(dependency).set(state)
+            seen_failures, seen_opens = self._breaker_marks.get(dependency, (0, 0))
+            self._breaker_failures.labels(dependency).inc(max(0, failures - seen_failures))
+            self._breaker_opens.labels(dependency).inc(max(0, opens - seen_opens))
+            self._breaker_marks[dependency] = (failures, opens)
 
     def _flush_seconds(self) -> None:
         cpu, wall = self._cpu_clock(), self._wall_clock()

@@ -42,7 +42,9 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import bentoml
@@ -54,9 +56,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.config import DatasetConfig, MlgateConfig
 from models.model_ref import ModelRef
+from services.alias_watch import AliasWatch
+from services.alias_watch import logger as alias_logger
 from services.app import MetricsEndpoint, PredictEndpoint, freeze_heap
 from services.bentoml_fixes import cancel_timeout_timers
 from services.exposure import ExposureGuard
+from services.registry_watch import registered_model_reader
 from services.schema import ErrorBody, ModelInfo, PredictResponse, request_openapi_schema
 from services.shadow import ShadowScorer, ShadowWatch
 from services.slow_clients import cut_slow_clients
@@ -239,34 +244,30 @@ def inference_log_writer(
     )
 
 
-def shadow_watch(cfg: MlgateConfig, tracking_uri: str, runtime: Any, log_dir: Any) -> ShadowWatch:
-    """The watch that keeps `runtime.shadow` on the version the registry names
-    (services/shadow.py); started once the worker serves."""
+def shadow_watch(
+    cfg: MlgateConfig,
+    tracking_uri: str,
+    predict: PredictEndpoint,
+    log_dir: Any,
+    swap_lock: threading.Lock,
+) -> ShadowWatch:
+    """The watch that keeps the served runtime's `shadow` on the version the registry names
+    (services/shadow.py); started once the worker serves. `swap_lock` keeps it from
+    setting the shadow of a runtime the alias watch is swapping out."""
     from models.onnx_export import make_session, onnx_inputs_from_columns, score_onnx
     from models.registry_layout import SHADOW_TAG, SHADOW_VARIANT
     from services.model_store import load_registered_model
-    from services.registry_access import open_registry_client, sqlite_database
 
-    served = runtime.model
+    assert predict.runtime is not None
     serving = cfg.serving
-    clients: list[Any] = []
+    read_model = registered_model_reader(tracking_uri, predict.runtime.model.name)
 
     def read_tag() -> str | None:
-        # A SQLite registry that went missing is never re-created by asking it (MLflow would
-        # make a new empty database as the client opens it).
-        database = sqlite_database(tracking_uri)
-        if database is not None and not database.exists():
-            raise FileNotFoundError(f"the registry database {database} is missing")
-        if not clients:
-            clients.append(open_registry_client(tracking_uri))
-        try:
-            tags = clients[0].get_registered_model(served.name).tags
-        except Exception:
-            clients.clear()
-            raise
-        return tags.get(SHADOW_TAG) or None
+        return read_model().tags.get(SHADOW_TAG) or None
 
     def make_scorer(version: str) -> ShadowScorer:
+        assert predict.runtime is not None
+        served = predict.runtime.model
         if version == served.version:
             raise ValueError(f"v{version} is the version this instance serves")
         shadow = load_registered_model(tracking_uri, ModelRef(served.name, version=version))
@@ -286,9 +287,134 @@ def shadow_watch(cfg: MlgateConfig, tracking_uri: str, runtime: Any, log_dir: An
         return ShadowScorer(shadow, score, writer, serving.shadow_queue_rows)
 
     def on_change(scorer: ShadowScorer | None) -> None:
-        runtime.shadow = scorer
+        with swap_lock:
+            assert predict.runtime is not None
+            predict.runtime.shadow = scorer
 
     return ShadowWatch(read_tag, make_scorer, on_change, serving.shadow_poll_s)
+
+
+def open_session(model: LoadedModel, cfg: MlgateConfig) -> tuple[Any, Any, Any]:
+    """The checks a model passes before it serves (its features, its categories), then its
+    ONNX Runtime session: (session, encoder, graph choice), as `models.tree_graph` opens
+    them."""
+    from models.tree_graph import open_serving_session
+
+    check_model_matches_config(model, cfg.dataset)
+    check_categories_fit(model.content, cfg.serving.max_category_chars)
+    return open_serving_session(model.content, model.gpu_content)
+
+
+def open_runtime(
+    model: LoadedModel,
+    opened: tuple[Any, Any, Any],
+    cfg: MlgateConfig,
+    *,
+    authenticator: Any,
+    metrics: Any,
+    log_dir: Any,
+) -> ModelRuntime:
+    """The worker's runtime of `model` on its `opened` session, with an inference log writer
+    of its own (not started) and the worker's authenticator and metrics; not warmed up."""
+    from models.tree_graph import GPU_BATCH_ROWS
+    from services.app import ModelRuntime
+
+    session, encode, graph = opened
+    serving = cfg.serving
+    log_writer = inference_log_writer(
+        serving,
+        log_dir,
+        model,
+        serving.variant,
+        # Through the metrics object, so that rows are counted under the version it labels.
+        on_written=lambda rows: metrics.log_written(rows),
+        on_dropped=lambda rows: metrics.log_dropped(rows),
+    )
+    return ModelRuntime(
+        model,
+        session,
+        cfg.dataset,
+        serving,
+        variant=serving.variant,
+        authenticator=authenticator,
+        log_writer=log_writer,
+        metrics=metrics,
+        encode=encode,
+        graph=graph.graph,
+        # A GPU pays for itself on large calls: 16,384 rows, not the CPU's batch.
+        max_batch_rows=max(serving.max_batch_size, GPU_BATCH_ROWS)
+        if graph.graph == "gpu"
+        else None,
+    )
+
+
+def alias_watch(
+    cfg: MlgateConfig,
+    ref: ModelRef,
+    tracking_uri: str,
+    predict: PredictEndpoint,
+    opened_runtime: Callable[[LoadedModel], ModelRuntime],
+    swap: Callable[[ModelRuntime], None],
+) -> AliasWatch[ModelRuntime]:
+    """The watch that keeps the worker on the version `ref`'s alias names
+    (services/alias_watch.py): a version is fetched and verified as at start-up, opened by
+    `opened_runtime` and warmed up, then handed to `swap`; the copy kept as last-known-good
+    follows."""
+    from services.model_store import load_registered_model, save_last_known_good
+
+    assert ref.alias is not None
+    alias = ref.alias
+    read_model = registered_model_reader(tracking_uri, ref.name)
+    last_known_good_dir = cfg.registry.last_known_good_dir()
+
+    def read_version() -> str | None:
+        version = (read_model().aliases or {}).get(alias)
+        return None if version is None else str(version)
+
+    def served() -> tuple[str, bool]:
+        assert predict.runtime is not None
+        model = predict.runtime.model
+        return model.version, model.last_known_good is not None
+
+    def prepare(version: str) -> ModelRuntime:
+        # By alias, so that the model keeps its alias (`/model`, the last-known-good slot);
+        # the alias may have moved again since it was read: the newest version wins.
+        model = load_registered_model(tracking_uri, ref)
+        runtime = opened_runtime(model)
+        runtime.warm_up()
+        return runtime
+
+    def install(runtime: ModelRuntime) -> None:
+        swap(runtime)
+        try:
+            save_last_known_good(runtime.model, last_known_good_dir, tracking_uri)
+        except OSError as err:
+            logger.warning(
+                "could not keep %s as the last-known-good copy in %s: %s",
+                runtime.model.ref,
+                last_known_good_dir,
+                err,
+            )
+
+    def counted(done: bool) -> None:
+        assert predict.runtime is not None
+        predict.runtime.metrics.count_swap(done)
+
+    return AliasWatch(
+        alias, read_version, served, prepare, install, counted, cfg.serving.alias_poll_s
+    )
+
+
+async def retire_runtime(runtime: ModelRuntime, timeout_s: float) -> None:
+    """Close a runtime swapped out: once the requests inside it are answered (at most
+    `timeout_s`, the request timeout), its batcher, then its inference log writer (off the
+    event loop: it writes its last rows)."""
+    deadline = time.monotonic() + timeout_s
+    while runtime.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await runtime.batcher.close()
+    if runtime.log_writer is not None:
+        await asyncio.to_thread(runtime.log_writer.close)
 
 
 def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
@@ -354,7 +480,6 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
     @bentoml.asgi_app(hot, path="/", name="hot")
     class MlgateService:
         def __init__(self) -> None:
-            from models.tree_graph import GPU_BATCH_ROWS, open_serving_session
             from services.auth import (
                 API_KEYS_ENV,
                 ApiKey,
@@ -367,8 +492,9 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
 
             # BentoML leaves the root logger at WARNING; which model a worker serves, and on
             # which provider, belongs in its log.
-            if logger.level == logging.NOTSET:
-                logger.setLevel(logging.INFO)
+            for named in (logger, alias_logger):
+                if named.level == logging.NOTSET:
+                    named.setLevel(logging.INFO)
             started = time.perf_counter()
             variant = serving.variant
             model = load_served_model(
@@ -384,9 +510,8 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                     model.last_known_good.fetched_at,
                     model.last_known_good.path,
                 )
-            check_model_matches_config(model, dataset)
-            check_categories_fit(model.content, serving.max_category_chars)
-            session, encode, graph = open_serving_session(model.content, model.gpu_content)
+            opened = open_session(model, cfg)
+            session, _, graph = opened
             providers = list(session.get_providers())
             authenticator = Authenticator(
                 merge_api_keys(
@@ -411,32 +536,20 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 graph=graph.graph,
                 gpus=serving.gpus / serving.workers,
             )
-            log_writer = inference_log_writer(
-                serving,
-                log_dir,
-                model,
-                variant,
-                on_written=metrics.log_written,
-                on_dropped=metrics.log_dropped,
-            )
-            from services.app import ModelRuntime
 
-            self.runtime: ModelRuntime = ModelRuntime(
-                model,
-                session,
-                dataset,
-                serving,
-                variant=variant,
-                authenticator=authenticator,
-                log_writer=log_writer,
-                metrics=metrics,
-                encode=encode,
-                graph=graph.graph,
-                # A GPU pays for itself on large calls: 16,384 rows, not the CPU's batch.
-                max_batch_rows=max(serving.max_batch_size, GPU_BATCH_ROWS)
-                if graph.graph == "gpu"
-                else None,
-            )
+            def opened_runtime(model: LoadedModel, opened: Any = None) -> ModelRuntime:
+                return open_runtime(
+                    model,
+                    opened or open_session(model, cfg),
+                    cfg,
+                    authenticator=authenticator,
+                    metrics=metrics,
+                    log_dir=log_dir,
+                )
+
+            self.runtime: ModelRuntime = opened_runtime(model, opened)
+            log_writer = self.runtime.log_writer
+            assert log_writer is not None
             self.runtime.warm_up()
             if model.last_known_good is None:
                 # Only a model that passed every start-up check becomes the copy for an outage.
@@ -450,12 +563,20 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                         err,
                     )
             log_writer.start()
+            predict_endpoint.runtime = self.runtime
+            self.swap_lock = threading.Lock()
+            self.retiring: set[asyncio.Task[None]] = set()
             self.shadow_watch = (
                 None
                 if variant == "canary"
-                else shadow_watch(cfg, tracking_uri, self.runtime, log_dir)
+                else shadow_watch(cfg, tracking_uri, predict_endpoint, log_dir, self.swap_lock)
             )
-            predict_endpoint.runtime = self.runtime
+            # Pinned to a version: nothing to follow.
+            self.alias_watch = (
+                alias_watch(cfg, ref, tracking_uri, predict_endpoint, opened_runtime, self.swap)
+                if ref.alias is not None and serving.alias_poll_s > 0
+                else None
+            )
             metrics_endpoint.metrics = metrics
             logger.info(
                 "serving %s (variant %s), sha256 %s, %s graph on ONNX Runtime %s (%s); loaded "
@@ -477,19 +598,60 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
                 self.runtime.batcher.max_batch_rows,
                 log_writer.location,
             )
+            if self.alias_watch is not None:
+                logger.info(
+                    "following @%s: the registry is asked every %g s which version it names",
+                    ref.alias,
+                    serving.alias_poll_s,
+                )
+
+        def swap(self, runtime: ModelRuntime) -> None:
+            """Serve `runtime` (loaded, verified, warmed up) instead of the current one; from
+            the alias watch's thread, returns once the swap is done on the event loop."""
+            asyncio.run_coroutine_threadsafe(self.install(runtime), self.loop).result(timeout=60)
+
+        async def install(self, new: ModelRuntime) -> None:
+            # One event loop step: every request that starts after it runs on `new`; the
+            # ones already inside `old` finish there, and `old` closes after them.
+            old = self.runtime
+            with self.swap_lock:
+                new.shadow = old.shadow
+                old.metrics.switch_model(
+                    new.model.version,
+                    new.providers[0],
+                    new.model.sha256,
+                    from_last_known_good=new.model.last_known_good is not None,
+                    graph=new.graph,
+                )
+                if new.log_writer is not None:
+                    new.log_writer.start()
+                old.ready = False
+                new.mark_ready()
+                predict_endpoint.runtime = new
+                self.runtime = new
+            task = asyncio.create_task(retire_runtime(old, serving.request_timeout_s))
+            self.retiring.add(task)
+            task.add_done_callback(self.retiring.discard)
 
         @bentoml.on_startup
         async def freeze_startup_heap(self) -> None:
             frozen = freeze_heap()
             self.runtime.mark_ready()
+            self.loop = asyncio.get_running_loop()
             if self.shadow_watch is not None:
                 self.shadow_watch.start()
+            if self.alias_watch is not None:
+                self.alias_watch.start()
             logger.info("ready; %d start-up objects frozen out of garbage collection", frozen)
 
         @bentoml.on_shutdown
         async def drain(self) -> None:
             # By now uvicorn has finished the requests in flight; answer what is queued and
             # write the inference log's last rows.
+            if self.alias_watch is not None:
+                await asyncio.to_thread(self.alias_watch.stop)
+            if self.retiring:
+                await asyncio.wait(self.retiring, timeout=60)
             await asyncio.wait_for(self.runtime.close(), timeout=60)
             if self.shadow_watch is not None:
                 await asyncio.to_thread(self.shadow_watch.stop)

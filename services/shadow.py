@@ -11,9 +11,10 @@ champion's.
   matches the champion's, which is how `checks/shadow.py` pairs them. The latency logged for
   a shadow row is the scoring time of the call it was in (the champion's is its whole
   request).
-- `ShadowWatch`: a thread that asks the registry every `serving.shadow_poll_s` which version
-  shadows the model (the registered model's `mlgate.shadow` tag, which `mlgate shadow
-  start` sets), loads it verified by sha256, and swaps the worker's scorer; the tag gone,
+- `ShadowWatch`: a thread (`services.registry_watch`) that asks the registry every
+  `serving.shadow_poll_s` which version shadows the model (the registered model's
+  `mlgate.shadow` tag, which `mlgate shadow start` sets), loads it verified by sha256,
+  and swaps the worker's scorer; the tag gone,
   the scorer stops after writing what it holds. A version whose features differ from the
   champion's is refused (logged), and a registry that cannot be reached leaves the current
   shadow as it is.
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from services.registry_watch import RegistryPoll
 from services.schema import RowBlock
 
 if TYPE_CHECKING:
@@ -149,7 +151,8 @@ class ShadowScorer:
 
 
 class ShadowWatch:
-    """Keeps `on_change(scorer or None)` told which version shadows (see the module)."""
+    """Keeps `on_change(scorer or None)` told which version shadows (see the module); the
+    polling is `services.registry_watch.RegistryPoll`'s."""
 
     def __init__(
         self,
@@ -158,34 +161,24 @@ class ShadowWatch:
         on_change: Callable[[ShadowScorer | None], None],
         poll_s: float,
     ) -> None:
-        self._read_tag = read_tag
         self._make_scorer = make_scorer
         self._on_change = on_change
-        self._poll_s = poll_s
-        self._stop = threading.Event()
         self._current: ShadowScorer | None = None
         self._refused: str | None = None
-        self._unreachable_logged = False
-        self._thread = threading.Thread(target=self._run, name="shadow-watch", daemon=True)
+        self._poll = RegistryPoll("shadow-watch", read_tag, self._follow, poll_s, "shadow")
 
     def start(self) -> None:
-        self._thread.start()
+        self._poll.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self._poll.stop()
         self._switch(None)
 
     def check(self) -> None:
         """One look at the registry (the thread's step)."""
-        try:
-            wanted = self._read_tag()
-        except Exception as err:
-            if not self._unreachable_logged:
-                logger.warning("shadow: the registry could not be read (%s); keeping as is", err)
-                self._unreachable_logged = True
-            return
-        self._unreachable_logged = False
+        self._poll.check()
+
+    def _follow(self, wanted: str | None) -> None:
         current = self._current.version if self._current is not None else None
         if wanted == current or (wanted is not None and wanted == self._refused):
             return
@@ -210,8 +203,3 @@ class ShadowWatch:
         self._on_change(scorer)
         if old is not None:
             old.close()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.check()
-            self._stop.wait(self._poll_s)
