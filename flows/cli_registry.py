@@ -230,7 +230,11 @@ def history(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{name}: alias history (newest first)")
-    for col in ("at", "kind", "alias", "from", "to", "who", "forced", "served in", "reason"):
+    # A column for the seconds a move took to reach the services, once one was measured
+    # (`mlgate rollback --wait-served`).
+    measured = any(registry.SERVED_S_TAG in h for h in rows)
+    columns = ("at", "kind", "alias", "from", "to", "who", "forced")
+    for col in (*columns, *(["served in"] if measured else []), "reason"):
         table.add_column(col, overflow="fold")
     for h in rows:
         served = h.get(registry.SERVED_S_TAG, "")
@@ -242,7 +246,7 @@ def history(
             h.get("to_version", ""),
             h.get("actor", ""),
             h.get("forced", ""),
-            f"{served} s" if served and served != "timeout" else served,
+            *([f"{served} s" if served and served != "timeout" else served] if measured else []),
             h.get("reason", ""),
         )
     console.print(table if rows else f"no recorded moves for {name}")
