@@ -91,7 +91,14 @@ class AliasWatch(Generic[P]):
             return
         if self._poll.stopping:
             return
-        self._install(prepared)
+        try:
+            self._install(prepared)
+        except Exception as err:
+            self._counted(False)
+            self._log_once(
+                wanted, f"@{self.alias}: the swap to v{wanted} failed ({err}); v{version} serves"
+            )
+            return
         self._counted(True)
         self._logged = None
         logger.info(
