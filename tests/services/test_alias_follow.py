@@ -278,3 +278,36 @@ def test_a_version_that_fails_its_sha256_check_leaves_the_old_model_serving(
     # One line per worker, however many polls tried it.
     assert len(lines) == own.workers, log
     assert "sha256" in lines[0]
+
+
+def test_a_service_that_never_answers_with_the_version_is_recorded_as_a_timeout(
+    own: Own, server: ServiceProcess
+) -> None:
+    # @champion is v3 (broken) while the service kept v1: rolling back moves it to v1, which
+    # the service already answers with; the other URL has no service behind it.
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(
+        app,
+        [
+            "rollback",
+            own.name,
+            "--reason",
+            "v3 never served",
+            "--config",
+            str(own.config_path),
+            "--wait-served",
+            server.url,
+            "--wait-served",
+            dead,
+            "--wait-timeout",
+            "1.5",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert f"served by {server.url} in" in result.output
+    assert f"{dead} said unreachable" in result.output
+    latest = registry_layer.alias_history(own.client, own.name, CHAMPION_ALIAS)[0]
+    assert (latest[registry_layer.KIND_TAG], latest["to_version"]) == ("rollback", "1")
+    assert latest[registry_layer.SERVED_S_TAG] == "timeout"
+    served_by = json.loads(latest[registry_layer.SERVED_BY_TAG])
+    assert served_by[dead] is None and 0 < served_by[server.url] < 1.5

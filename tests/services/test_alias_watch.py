@@ -112,3 +112,24 @@ def test_an_alias_removed_leaves_the_model_serving(caplog: pytest.LogCaptureFixt
     assert [r.getMessage() for r in caplog.records] == [
         "@champion is not set in the registry; v1 keeps serving"
     ]
+
+
+def test_a_swap_that_fails_is_counted_and_the_watch_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    world = World()
+    world.alias = "2"
+    installs: list[str] = []
+
+    def failing_install(runtime: str) -> None:
+        installs.append(runtime)
+        raise TimeoutError("the event loop did not answer")
+
+    world.install = failing_install  # type: ignore[method-assign]
+    watch = world.watch()
+    with caplog.at_level(logging.ERROR, logger="services.alias_watch"):
+        watch.check()
+        watch.check()
+    assert installs == ["runtime-2", "runtime-2"]
+    assert world.served == ("1", False) and world.counts == {True: 0, False: 2}
+    assert len(caplog.records) == 1 and "the swap to v2 failed" in caplog.records[0].getMessage()
