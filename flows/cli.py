@@ -30,6 +30,7 @@ from flows.cli_common import (
 )
 from flows.cli_common import exit_error as _fail
 from flows.cli_common import load_config_or_exit as _load
+from flows.cli_deploy import deploy_app
 from flows.cli_keys import keys_app, print_new_token, require_api_keys
 from flows.cli_registry import gates_app, history, models_app, promote, registry_call, rollback
 from flows.cli_score import score
@@ -56,6 +57,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(keys_app, name="keys")
 app.add_typer(slo_app, name="slo")
 app.add_typer(shadow_app, name="shadow")
+app.add_typer(deploy_app, name="deploy")
 
 
 # The key `mlgate init` creates for the first client.

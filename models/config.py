@@ -317,6 +317,10 @@ class ServingConfig(_Section):
     model: ModelRef | None = None
     max_batch_size: int = Field(default=256, ge=1)
     max_latency_ms: int = Field(default=2000, ge=1)
+    # Per worker: prediction requests past their headers and not yet answered. One more is
+    # shed at once (503 with Retry-After), before its body is read or parsed, so that an
+    # overload costs the worker almost nothing per refused request (bench/overload.py).
+    max_in_flight: int = Field(default=128, ge=1)
     max_rows_per_request: int = Field(default=1000, ge=1)
     # The longest categorical value a request may send, in characters (longer: a 422 naming
     # the field). The service refuses to start a model that knows a longer category.
@@ -483,6 +487,36 @@ class CostConfig(_Section):
     price_per_core_hour: float = Field(default=0.05, ge=0.0)
     price_per_gpu_hour: float = Field(default=3.0, ge=0.0)
     budget_per_1000: float | None = Field(default=None, gt=0.0)
+
+
+class CliConfig(_Section):
+    """The `mlgate` command's warm process (flows/cli_warm.py): with `warm`, flow commands
+    (`train`, `monitor`, `score`) run forked from a per-project process that has imported
+    the flows and keeps the project's local Prefect server up; it exits after `warm_idle_s`
+    seconds without a run (stopping that server)."""
+
+    warm: bool = True
+    warm_idle_s: float = Field(default=900.0, gt=0.0)
+
+
+class KubernetesConfig(_Section):
+    """What `mlgate deploy render --target kubernetes` writes (checks/kubernetes.py): where the
+    objects go, the image (`<registry>/mlgate:<tag>`, `mlgate-gpu` when serving.gpus > 0, as
+    `bentoml containerize` tags the bentofiles' bentos), the Secret holding MLGATE_API_KEYS,
+    the Prometheus the canary analysis and KEDA query, and the load the replica floor is sized
+    for: `expected_peak_rps` over slo.capacity_rps (Little's law)."""
+
+    namespace: str = Field(default="mlgate", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image_registry: str | None = None
+    image_tag: str = Field(default="latest", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    api_keys_secret: str = Field(
+        default="mlgate-api-keys", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+    )
+    prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
+    expected_peak_rps: float | None = Field(default=None, gt=0.0)
+    max_replicas: int = Field(default=10, ge=1)
+    cpu: str = "1"
+    memory: str = "2Gi"
 
 
 class OrchestrationConfig(_Section):
@@ -705,6 +739,8 @@ class MlgateConfig(BaseSettings):
     stack: StackConfig = StackConfig()
     slo: SloConfig = SloConfig()
     cost: CostConfig = CostConfig()
+    cli: CliConfig = CliConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     @model_validator(mode="after")
     def _check_served_model(self) -> MlgateConfig:
