@@ -69,6 +69,7 @@ KUBERNETES_VERSION = "1.34.0"
 # The bentos' names in services/bentofile.yaml and services/bentofile-gpu.yaml.
 BENTO_CPU = "mlgate"
 BENTO_GPU = "mlgate-gpu"
+# What a `bentoml containerize` image serves on (all interfaces).
 PORT = 3000
 APP_LABEL = "app.kubernetes.io/name"
 HASH_LABEL = "rollouts_pod_template_hash"
@@ -341,8 +342,6 @@ def _container(cfg: MlgateConfig) -> dict[str, Any]:
     s = cfg.serving
     k = cfg.kubernetes
     env: list[dict[str, Any]] = [
-        {"name": "MLGATE_SERVING__HOST", "value": "0.0.0.0"},
-        {"name": "MLGATE_SERVING__PORT", "value": str(PORT)},
         # Prometheus scrapes the pods from another pod, not over loopback.
         {"name": "MLGATE_SERVING__INTERNAL_ENDPOINTS", "value": "public"},
         {
