@@ -216,6 +216,11 @@ SCENARIOS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
         (10, 0, _latency(10), _scores(7, 3)),
         (10, 0, _latency(10), _scores(7, 3)),
     ),
+    # Below min_requests, but errors and a score shift that chance would not give: failures.
+    "early-failure": (
+        (10, 0, _latency(10), _scores(7, 3)),
+        (5, 15, _latency(20), _scores(0, 20)),
+    ),
 }
 # checks/canary.py's guardrail for each AnalysisTemplate metric.
 CANARY_NAMES = {
@@ -308,11 +313,13 @@ def test_analysis_queries_agree_with_canary_gate(tmp_path: Path, scenario: str) 
         "passing": {GateStatus.PASS},
         "failing": {GateStatus.FAIL, GateStatus.PASS},
         "too-little-traffic": {GateStatus.INCONCLUSIVE, GateStatus.PASS},
+        "early-failure": {GateStatus.FAIL, GateStatus.INCONCLUSIVE, GateStatus.PASS},
     }[scenario]
     assert set(statuses.values()) == seen
-    assert result.status is {"passing": GateStatus.PASS, "failing": GateStatus.FAIL}.get(
-        scenario, GateStatus.INCONCLUSIVE
-    )
+    assert result.status is {
+        "passing": GateStatus.PASS,
+        "too-little-traffic": GateStatus.INCONCLUSIVE,
+    }.get(scenario, GateStatus.FAIL)
 
 
 def test_analysis_template_counts_and_limits(tmp_path: Path) -> None:
