@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.processes import die_with_parent_preexec
@@ -54,6 +54,9 @@ class PrefectServer:
 
     process: subprocess.Popen[bytes]
     api_url: str
+    # The process that started it: a child forked from that one (flows/warm_start.py runs
+    # the parent's exit handlers in each run) must not stop the server its parent shares.
+    owner_pid: int = field(default_factory=os.getpid)
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         """Return once the API answers its health check; raise `PrefectServerError` if the
@@ -81,8 +84,8 @@ class PrefectServer:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after `STOP_TIMEOUT_S`; idempotent."""
-        if self.process.poll() is not None:
+        """SIGTERM, then SIGKILL after `STOP_TIMEOUT_S`; idempotent; only from its owner."""
+        if os.getpid() != self.owner_pid or self.process.poll() is not None:
             return
         self.process.terminate()
         try:

@@ -45,6 +45,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,10 +157,20 @@ def serve(
     modules: tuple[str, ...] = PRELOAD,
     run_module: str = ENGINE,
     watch: tuple[Path, ...] = SOURCES,
+    *,
+    extra_env: dict[str, str] | None = None,
+    idle_exit_s: float | None = None,
+    alive: Callable[[], bool] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> bool:
     """Import `modules`, then fork runs of `run_module` (as `__main__`) for clients on `path`
     until SIGTERM or SIGINT (returns False), or until a file under `watch` has changed since
     the imports and no run is left (returns True: the caller starts afresh).
+
+    For the CLI's warm process (flows/cli_warm.py): `extra_env` is added to each run's
+    environment where the client's has no such variable; with no run for `idle_exit_s`, or
+    once `alive()` is false (checked while idle), it stops as on SIGTERM (returns False);
+    `ready()` is called after the imports, before it listens.
 
     A run forked from here runs the code imported at start, not what a checkout updated
     since (a cold run would import the new one). So each client's request first compares
@@ -174,6 +185,8 @@ def serve(
         raise WarmStartError(
             f"an import started threads {threads}: forking now could copy a held lock"
         )
+    if ready is not None:
+        ready()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -199,18 +212,27 @@ def serve(
     selector.register(listener, selectors.EVENT_READ)
     runs: dict[int, _Run] = {}  # by child pid
     stale = False
-    checked = time.monotonic()
+    checked = busy = time.monotonic()
     try:
         while not stopping and not (stale and not runs):
+            if runs:
+                busy = time.monotonic()
+            elif idle_exit_s is not None and time.monotonic() - busy > idle_exit_s:
+                print("warm start: idle: stopping", file=sys.stderr, flush=True)
+                stopping = True
+                continue
             if not runs and time.monotonic() - checked > _IDLE_CHECK_S:
                 # Idle: restart on a change now, so that the next run finds fresh imports.
                 stale = stale or source_fingerprint(watch) != fingerprint
+                if alive is not None and not alive():
+                    print("warm start: no longer needed: stopping", file=sys.stderr, flush=True)
+                    stopping = True
                 checked = time.monotonic()
                 continue
             for key, _ in selector.select(_TICK_S):
                 if key.fileobj is listener:
                     stale = stale or source_fingerprint(watch) != fingerprint
-                    run = _accept(listener, selector, runs, run_module, stale)
+                    run = _accept(listener, selector, runs, run_module, stale, extra_env)
                     if run is not None:
                         runs[run.pid] = run
                         selector.register(run.conn, selectors.EVENT_READ, run.pid)
@@ -237,6 +259,7 @@ def _accept(
     runs: dict[int, _Run],
     module: str,
     stale: bool,
+    extra_env: dict[str, str] | None = None,
 ) -> _Run | None:
     try:
         conn, _ = listener.accept()
@@ -257,7 +280,8 @@ def _accept(
         conn.close()
         return None
     if pid == 0:
-        _child(message, fds, [listener, conn, *(r.conn for r in runs.values())], selector, module)
+        inherited = [listener, conn, *(r.conn for r in runs.values())]
+        _child(message, fds, inherited, selector, module, extra_env or {})
     for fd in fds:
         os.close(fd)
     env = message.get("env")
@@ -342,6 +366,7 @@ def _child(
     inherited: list[socket.socket],
     selector: selectors.BaseSelector,
     module: str,
+    extra_env: dict[str, str],
 ) -> None:
     """The forked run: never returns to the server's loop."""
     code = 1
@@ -360,6 +385,8 @@ def _child(
         assert isinstance(env, dict)
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in env.items()})
+        for key, value in extra_env.items():
+            os.environ.setdefault(key, value)
         _reload_prefect_settings()
         argv = message.get("argv") or []
         assert isinstance(argv, list)
@@ -371,6 +398,10 @@ def _child(
         code = 0
     except SystemExit as stop:
         code = _exit_code(stop.code)
+    except KeyboardInterrupt:
+        # A cold Python interrupted by Ctrl-C prints the traceback and dies of SIGINT.
+        traceback.print_exc()
+        code = 128 + signal.SIGINT
     except BaseException:
         traceback.print_exc()
         code = 1
