@@ -19,12 +19,16 @@ Peers, alternated in each round, each a fresh `python` running the CLI's `main` 
   still runs: Prefect starts its `SubprocessASGIServer` on the flow's first API call, after
   the command's imports, and the command imports Prefect's server module to patch it;
 - **early** (after): the command starts the server first (`flows/prefect_server.py`) and
-  waits for it only before the flow.
+  waits for it only before the flow;
+- **warm**: the `mlgate` script (flows/cli_warm.py) with the project's warm process
+  listening (started once per store before the rounds, its imports and Prefect server
+  ready): the call is forked from it and reports to its Prefect server. Its time includes
+  the thin client's own start (a fresh Python loading the config).
 Floors: `import flows.monitoring` / `import flows.training` in a fresh process; the server
 alone, from `start_prefect_server` to its health check answering. After the rounds, each
 store's Prefect database is read: every timed run must be there as a completed flow run.
 
-Run: .venv/bin/python bench/cli_speed.py [--rounds 3]
+Run: .venv/bin/python bench/cli_speed.py [--rounds 3] [--modes source,bytecode]
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ RUN_CLI = (
     "from flows.cli import main\n"
     "main()\n"
 )
+WARM_CLI = "import sys; sys.argv[0] = 'mlgate'\nfrom flows.cli_warm import main\nmain()\n"
 SERVER_ALONE = (
     "import os, time\n"
     "from flows.runtime import use_embedded_prefect\n"
@@ -151,16 +156,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="Keep the temp dir.")
+    parser.add_argument("--modes", default="source,bytecode", help="Bytecode modes to run.")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mlgate-cli-speed-"))
     try:
-        run(root, args.rounds)
+        run(root, args.rounds, tuple(args.modes.split(",")))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def run(root: Path, rounds: int) -> None:
+def start_warm(store: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The store's warm process, listening once this returns."""
+    from flows.cli_warm import SOCKET, state_dir
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli_warm", str(store), "3600"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (state_dir(store) / SOCKET).exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the warm process of {store} did not start")
+        time.sleep(0.2)
+    return proc
+
+
+def run(root: Path, rounds: int, modes: tuple[str, ...]) -> None:
     import pandas as pd
 
     started = time.perf_counter()
@@ -173,13 +200,19 @@ def run(root: Path, rounds: int) -> None:
         "train": write_config(root, data, "train"),
         "monitor": write_config(root, data, "mon"),
     }
-    caches = {"source": root / "pyc-empty", "bytecode": root / "pyc"}
-    caches["source"].mkdir()
-    compile_s = compile_bytecode(caches["bytecode"])
+    caches = {
+        m: p
+        for m, p in {"source": root / "pyc-empty", "bytecode": root / "pyc"}.items()
+        if m in modes
+    }
+    if "source" in caches:
+        caches["source"].mkdir()
+    compile_s = compile_bytecode(root / "pyc")
+    warm_env = base_env(root / "pyc")
     envs = {mode: base_env(cache) for mode, cache in caches.items()}
     py = sys.executable
     for config in configs.values():  # the champion each store's timed runs compare against
-        timed([py, "-c", RUN_CLI, "early", "train", "--config", str(config)], envs["bytecode"])
+        timed([py, "-c", RUN_CLI, "early", "train", "--config", str(config)], warm_env)
     until = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
     version = log_window(configs["monitor"], data, until)
     commands = {
@@ -199,23 +232,13 @@ def run(root: Path, rounds: int) -> None:
     # (mode, command, peer) -> seconds per round
     times: dict[tuple[str, str, str], list[float]] = {}
     timed_runs = {"monitor": 0, "train": 0}
-    for i in range(rounds):
-        for mode, env in envs.items():
-            for name, argv in commands.items():
-                for peer in ("lazy", "early"):
-                    wall = timed([py, "-c", RUN_CLI, peer, *argv], env)
-                    times.setdefault((mode, name, peer), []).append(wall)
-                    timed_runs[name] += 1
-                wall = timed([py, "-c", imports[name]], env)
-                times.setdefault((mode, name, "imports"), []).append(wall)
-            server_env = {**env, "BENCH_STORE": str(root / "server-alone")}
-            proc = subprocess.run(
-                [py, "-c", SERVER_ALONE], cwd=REPO, env=server_env, capture_output=True, text=True
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"server alone: {proc.stderr[-3000:]}")
-            times.setdefault((mode, "-", "server"), []).append(float(proc.stdout.split()[-1]))
-        print(f"round {i + 1}/{rounds} done", file=sys.stderr)
+    warm = [start_warm(root / store, warm_env) for store in ("train", "mon")]
+    try:
+        rounds_run(rounds, envs, commands, imports, times, timed_runs, root)
+    finally:
+        for proc in warm:
+            proc.terminate()
+            proc.wait(timeout=60)
     recorded = {
         "monitor": completed_flow_runs(root / "mon").get("monitoring_flow", 0),
         "train": completed_flow_runs(root / "train").get("training_flow", 0) - 1,
@@ -235,6 +258,36 @@ def run(root: Path, rounds: int) -> None:
     write_section(SECTION, text)
 
 
+def rounds_run(
+    rounds: int,
+    envs: dict[str, dict[str, str]],
+    commands: dict[str, list[str]],
+    imports: dict[str, str],
+    times: dict[tuple[str, str, str], list[float]],
+    timed_runs: dict[str, int],
+    root: Path,
+) -> None:
+    py = sys.executable
+    for i in range(rounds):
+        for mode, env in envs.items():
+            for name, argv in commands.items():
+                for peer in ("lazy", "early", "warm"):
+                    cli = [py, "-c", WARM_CLI] if peer == "warm" else [py, "-c", RUN_CLI, peer]
+                    wall = timed([*cli, *argv], env)
+                    times.setdefault((mode, name, peer), []).append(wall)
+                    timed_runs[name] += 1
+                wall = timed([py, "-c", imports[name]], env)
+                times.setdefault((mode, name, "imports"), []).append(wall)
+            server_env = {**env, "BENCH_STORE": str(root / "server-alone")}
+            proc = subprocess.run(
+                [py, "-c", SERVER_ALONE], cwd=REPO, env=server_env, capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"server alone: {proc.stderr[-3000:]}")
+            times.setdefault((mode, "-", "server"), []).append(float(proc.stdout.split()[-1]))
+        print(f"round {i + 1}/{rounds} done", file=sys.stderr)
+
+
 def report(
     times: dict[tuple[str, str, str], list[float]],
     rounds: int,
@@ -247,10 +300,12 @@ def report(
     total_s: float,
 ) -> str:
     med = {key: statistics.median(values) for key, values in times.items()}
+    modes_arg = "" if ("source", "-", "server") in times else " --modes bytecode"
     lines = [
         SECTION,
         "",
-        f"Command: `{COMMAND} --rounds {rounds}` ({platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Command: `{COMMAND} --rounds {rounds}{modes_arg}` ({platform.machine()}, "
+        f"{os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, {total_s / 60:.1f} min in all; load average "
         f"{load_start} before and {load_end} after: other work shared the host).",
         "",
@@ -262,38 +317,46 @@ def report(
         "and the server starts while the command imports. **source**: no bytecode cache, "
         "every module compiled on each run; **bytecode**: the venv, the standard library and "
         f"mlgate precompiled (compiling took {compile_s:.0f} s, once). Rounds alternate all "
-        "peers; medians of the rounds, the ratio per round paired.",
+        "peers; medians of the rounds, the ratio per round paired. **warm**: the `mlgate` "
+        "script with the project's warm process listening (flows/cli_warm.py; one per store, "
+        "started before the rounds from the bytecode cache), the call forked from it.",
         "",
-        "| bytecode | command | lazy s | early s | early / lazy (paired, median) | "
-        "imports alone s | goal s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| bytecode | command | lazy s | early s | warm s | early / lazy (paired, median) | "
+        "warm / early (paired, median) | imports alone s | goal s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for mode in ("source", "bytecode"):
+    modes = [m for m in ("source", "bytecode") if (m, "-", "server") in times]
+    for mode in modes:
         for name in ("monitor", "train"):
             lazy, early = times[(mode, name, "lazy")], times[(mode, name, "early")]
+            warm = times[(mode, name, "warm")]
             ratio = statistics.median(e / lz for e, lz in zip(early, lazy, strict=True))
+            warm_ratio = statistics.median(w / e for w, e in zip(warm, early, strict=True))
             lines.append(
                 f"| {mode} | {name} | {med[(mode, name, 'lazy')]:.1f} | "
-                f"{med[(mode, name, 'early')]:.1f} | {ratio:.2f} | "
+                f"{med[(mode, name, 'early')]:.1f} | {med[(mode, name, 'warm')]:.1f} | "
+                f"{ratio:.2f} | {warm_ratio:.2f} | "
                 f"{med[(mode, name, 'imports')]:.1f} | {GOALS[name]:g} |"
             )
     lines += [
         "",
         "Server alone (start to first healthy answer, a fresh process, the migrated database "
-        f"of an earlier run): source {med[('source', '-', 'server')]:.1f} s, bytecode "
-        f"{med[('bytecode', '-', 'server')]:.1f} s.",
+        "of an earlier run): "
+        + ", ".join(f"{m} {med[(m, '-', 'server')]:.1f} s" for m in modes)
+        + ".",
         "",
         "Every round:",
         "",
-        "| round | bytecode | command | lazy s | early s | imports alone s |",
-        "| ---: | --- | --- | ---: | ---: | ---: |",
+        "| round | bytecode | command | lazy s | early s | warm s | imports alone s |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for i in range(rounds):
-        for mode in ("source", "bytecode"):
+        for mode in modes:
             for name in ("monitor", "train"):
                 lines.append(
                     f"| {i + 1} | {mode} | {name} | {times[(mode, name, 'lazy')][i]:.1f} | "
                     f"{times[(mode, name, 'early')][i]:.1f} | "
+                    f"{times[(mode, name, 'warm')][i]:.1f} | "
                     f"{times[(mode, name, 'imports')][i]:.1f} |"
                 )
     lines += [
