@@ -200,6 +200,8 @@ class ModelRuntime:
         # The version that shadows this one (services/shadow.py), swapped in by its watch.
         self.shadow: ShadowScorer | None = None
         self.ready = False
+        self.in_flight = 0
+        self.max_in_flight = serving.max_in_flight
         # Requests inside `handle_predict`: a runtime swapped out (services/alias_watch.py)
         # is closed only once they are answered.
         self.in_flight = 0
@@ -300,16 +302,25 @@ class ModelRuntime:
                 status, body, extra = denial.status, _error(denial.message), denial.headers
             else:
                 body_type = check_body_headers(content_type, content_encoding)
-                raw = await self._read_body(receive, declared)
-                if raw is None:
-                    return  # the client went away; nobody to answer
-                if body_type == ARROW_STREAM:
-                    rows = self.columnar.decode_arrow(raw)
-                elif body_type == COLUMNS_JSON:
-                    rows = self.columnar.decode_json(raw)
-                else:
-                    rows = self.decoder.decode(raw)
-                scores = await self.batcher.score(rows)
+                # Admission (issue 14.4): shed before the body is read or parsed, so that
+                # a refused request costs next to nothing and the accepted ones keep a
+                # bounded latency under overload (bench/overload.py).
+                if self.in_flight >= self.max_in_flight:
+                    raise Overloaded(f"{self.in_flight} requests in flight in this worker")
+                self.in_flight += 1
+                try:
+                    raw = await self._read_body(receive, declared)
+                    if raw is None:
+                        return  # the client went away; nobody to answer
+                    if body_type == ARROW_STREAM:
+                        rows = self.columnar.decode_arrow(raw)
+                    elif body_type == COLUMNS_JSON:
+                        rows = self.columnar.decode_json(raw)
+                    else:
+                        rows = self.decoder.decode(raw)
+                    scores = await self.batcher.score(rows)
+                finally:
+                    self.in_flight -= 1
                 if accept is not None and wants_arrow(accept):
                     status, body = self._arrow_response(scores)
                     kind = _ARROW

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import tenacity
 from prometheus_client.parser import text_string_to_metric_families
 
 from checks.canary import Histogram, VariantWindow
@@ -29,6 +30,8 @@ from services.metrics import (
     LATENCY_METRIC,
     SCORE_METRIC,
 )
+
+_SCRAPE_RETRY_MAX_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,20 @@ def parse_metrics(text: str) -> InstanceMetrics:
 
 
 def read_metrics(url: str, timeout: float) -> InstanceMetrics | str:
-    """The instance's metrics, or why they could not be read."""
+    """The instance's metrics, or why they could not be read. A scrape is a read: one that
+    could not connect or timed out is tried once more after a jittered pause (full jitter,
+    at most `_SCRAPE_RETRY_MAX_S`), so that a single dropped connection does not cost the
+    canary a window. No circuit breaker: each instance is its own dependency and an
+    unreadable one is already a reason the controller reports every tick."""
     try:
-        response = httpx.get(f"{url}/metrics", timeout=timeout)
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(httpx.TransportError),
+            wait=tenacity.wait_random_exponential(multiplier=0.1, max=_SCRAPE_RETRY_MAX_S),
+            stop=tenacity.stop_after_attempt(2),
+            reraise=True,
+        ):
+            with attempt:
+                response = httpx.get(f"{url}/metrics", timeout=timeout)
     except httpx.HTTPError as err:
         return f"/metrics unreachable at {url}: {type(err).__name__}: {err}"
     if response.status_code != 200:

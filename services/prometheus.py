@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import tenacity
 import yaml
 
+from services import breakers
 from services.processes import die_with_parent_preexec
+
+QUERY_ATTEMPTS = 3
 
 
 class PrometheusError(RuntimeError):
@@ -90,8 +94,36 @@ class PrometheusProcess:
 
     def query(self, expr: str, timeout: float = 10.0) -> list[dict[str, Any]]:
         """An instant query's result vector; PrometheusError naming the expression when
-        Prometheus refuses it."""
-        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=timeout)
+        Prometheus refuses it. A connection that fails or times out is tried again
+        (`QUERY_ATTEMPTS`, exponential backoff with full jitter: a query is a read), the
+        whole as one call of the `prometheus` circuit breaker; while that is open,
+        PrometheusError saying so at once."""
+        url = f"{self.url}/api/v1/query"
+
+        def get() -> httpx.Response:
+            for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type(httpx.TransportError),
+                wait=tenacity.wait_random_exponential(multiplier=0.2, max=2.0),
+                stop=tenacity.stop_after_attempt(QUERY_ATTEMPTS),
+                reraise=True,
+            ):
+                with attempt:
+                    return httpx.get(url, params={"query": expr}, timeout=timeout)
+            raise AssertionError("unreachable: tenacity reraises")
+
+        try:
+            response = breakers.call(
+                "prometheus",
+                get,
+                is_failure=lambda err: isinstance(err, httpx.TransportError),
+                target=self.url,
+            )
+        except breakers.CircuitOpenError as err:
+            raise PrometheusError(str(err)) from None
+        except httpx.TransportError as err:
+            raise PrometheusError(
+                f"prometheus at {self.url} did not answer ({type(err).__name__}: {err}): {expr}"
+            ) from None
         body = response.json()
         if response.status_code != 200 or body.get("status") != "success":
             raise PrometheusError(f"query refused: {body.get('error', response.text)}: {expr}")

@@ -15,8 +15,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import tenacity
 
+from services import breakers
+
 T = TypeVar("T")
 _HEALTH_TIMEOUT_S = 5.0
+# RegistryConfig's defaults (models/config.py), for callers that pass none.
+DEFAULT_HTTP_TIMEOUT_S = 30
+DEFAULT_HTTP_MAX_RETRIES = 2
 _BUSY = ("database is locked", "database table is locked")
 
 
@@ -82,16 +87,21 @@ def _is_busy(err: BaseException) -> bool:
 def retry_unavailable(fn: Callable[[], T], tracking_uri: str, retry_s: float) -> T:
     """`fn()`, called again while the registry is unavailable, for at most `retry_s`
     seconds (0: once); then `RegistryUnavailableError` in one line instead of the driver's
-    traceback. A locked SQLite statement is rolled back, so calling again is safe."""
+    traceback. A locked SQLite statement is rolled back, so calling again is safe.
+
+    The whole retried call is one call of the registry's circuit breaker
+    (services/breakers.py): after three such failures in a row, calls fail fast with
+    `RegistryUnavailableError` saying the breaker is open and until when. Only for
+    idempotent calls (reads, opening a client): a write is not retried here."""
     try:
-        for attempt in tenacity.Retrying(
-            retry=tenacity.retry_if_exception(is_registry_unavailable),
-            wait=tenacity.wait_random_exponential(multiplier=0.2, max=2.0),
-            stop=tenacity.stop_after_delay(retry_s),
-            reraise=True,
-        ):
-            with attempt:
-                return fn()
+        return breakers.call(
+            "registry",
+            lambda: _retrying(fn, retry_s),
+            is_failure=is_registry_unavailable,
+            target=registry_label(tracking_uri),
+        )
+    except breakers.CircuitOpenError as err:
+        raise RegistryUnavailableError(str(err)) from None
     except Exception as err:
         if not is_registry_unavailable(err):
             raise
@@ -101,6 +111,19 @@ def retry_unavailable(fn: Callable[[], T], tracking_uri: str, retry_s: float) ->
             reason = f"registry {registry_label(tracking_uri)} {_unavailable_reason(err)}"
         tried = f" (tried for {retry_s:g} s)" if retry_s > 0 else ""
         raise RegistryUnavailableError(f"{reason}{tried}") from None
+
+
+def _retrying(fn: Callable[[], T], retry_s: float) -> T:
+    # Exponential backoff with full jitter (a random wait between 0 and 0.2 * 2^n s, at
+    # most 2 s), so that hosts waiting on the same registry do not retry in step.
+    for attempt in tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_registry_unavailable),
+        wait=tenacity.wait_random_exponential(multiplier=0.2, max=2.0),
+        stop=tenacity.stop_after_delay(retry_s),
+        reraise=True,
+    ):
+        with attempt:
+            return fn()
     raise AssertionError("unreachable: tenacity reraises")
 
 
@@ -111,13 +134,26 @@ def _unavailable_reason(err: BaseException) -> str:
     return f"cannot be reached: {lines[0][:200] if lines else type(err).__name__}"
 
 
-def open_registry_client(tracking_uri: str) -> Any:
+def open_registry_client(
+    tracking_uri: str,
+    http_timeout_s: int = DEFAULT_HTTP_TIMEOUT_S,
+    http_max_retries: int = DEFAULT_HTTP_MAX_RETRIES,
+) -> Any:
     """An MlflowClient of the registry, once it answers: MLflow opens a SQLite database
     (creating its tables when new) as the client is made, and a tracking server must
-    answer its `/health`. One try; `retry_unavailable` bounds the retries."""
+    answer its `/health`. One try; `retry_unavailable` bounds the retries.
+
+    MLflow's HTTP client reads its timeout and retry count from its own environment
+    variables only (120 s and 7 retries by default: minutes against a server that hangs);
+    they are set here, in one place, from `registry.http_timeout_s` and
+    `registry.http_max_retries`."""
+    import os
+
     from mlflow import MlflowClient
 
     if tracking_uri.startswith(("http://", "https://")):
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(http_timeout_s))
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(int(http_max_retries))
         _check_server_health(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 

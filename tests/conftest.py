@@ -29,6 +29,15 @@ def _tiers(item: pytest.Item) -> set[str]:
     return {mark.name for mark in item.iter_markers() if mark.name in TIERS}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_circuit_breakers() -> None:
+    """Every test starts with closed breakers (services/breakers.py): they are per process,
+    and one test's registry outage must not fail the next test's calls fast."""
+    from services import breakers
+
+    breakers.reset()
+
+
 BUNDLED_CONFIG = REPO / "mlgate.yaml"
 BUNDLED_DATA = REPO / "data" / "churn.parquet"
 
