@@ -999,8 +999,8 @@ under the same wrk load, 3 x 8 s, with probes injected through a `sitecustomize`
   92% of one core; wrk and the rest of the host share the other), not running our code.
   The one other busy thread is the inference log writer, 5% of a core (building its
   Arrow tables); `sys.setswitchinterval(0.001)` against the default 5 ms made no
-  difference beyond the run-to-run noise (tail ratios 5.0, 3.0, 2.9 against 2.9, 4.2,
-  2.7), so nothing was changed for it.
+  difference beyond the run-to-run noise (tail ratios 5.0, 3.0, 2.9 and 6.2, 11.8, 3.9
+  against 3.0, 5.3, 17.2 at load average 4-5), so nothing was changed for it.
 - The floor (a bare Starlette app, no model) shows the same shape in the same rounds (its
   p99/p50 is in the goal table): on this shared 2-core host the remaining tail is CPU
   contention with the load generator and other processes, not work in the service. It is
