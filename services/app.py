@@ -10,8 +10,8 @@ A request, in order: API key, its rate limit and its address's failed-authentica
 Content-Type and Content-Encoding (415, before the body is read), body size (413 from
 Content-Length, or while reading), decoding and validation (400/413/422; the Content-Type
 picks the decoder: JSON rows, `{"columns": ...}` JSON or an Arrow IPC stream,
-services/schema.py), then the adaptive batcher, scores checked, the response (JSON, or an Arrow IPC stream when
-Accept names it), metrics, and the inference log queue. Nothing a
+services/schema.py), then the adaptive batcher, scores checked, the response (JSON, or
+an Arrow IPC stream when Accept names it), metrics, and the inference log queue. Nothing a
 client sends can raise out of the endpoint: an unexpected error is a 500 naming the request
 id, and the worker goes on.
 """
@@ -200,7 +200,8 @@ class ModelRuntime:
         # The version that shadows this one (services/shadow.py), swapped in by its watch.
         self.shadow: ShadowScorer | None = None
         self.ready = False
-        self.in_flight = 0
+        # Requests admitted past the `max_in_flight` bound (shedding, issue 14.4).
+        self.admitted = 0
         self.max_in_flight = serving.max_in_flight
         # Requests inside `handle_predict`: a runtime swapped out (services/alias_watch.py)
         # is closed only once they are answered.
@@ -305,9 +306,9 @@ class ModelRuntime:
                 # Admission (issue 14.4): shed before the body is read or parsed, so that
                 # a refused request costs next to nothing and the accepted ones keep a
                 # bounded latency under overload (bench/overload.py).
-                if self.in_flight >= self.max_in_flight:
-                    raise Overloaded(f"{self.in_flight} requests in flight in this worker")
-                self.in_flight += 1
+                if self.admitted >= self.max_in_flight:
+                    raise Overloaded(f"{self.admitted} requests in flight in this worker")
+                self.admitted += 1
                 try:
                     raw = await self._read_body(receive, declared)
                     if raw is None:
@@ -320,7 +321,7 @@ class ModelRuntime:
                         rows = self.decoder.decode(raw)
                     scores = await self.batcher.score(rows)
                 finally:
-                    self.in_flight -= 1
+                    self.admitted -= 1
                 if accept is not None and wants_arrow(accept):
                     status, body = self._arrow_response(scores)
                     kind = _ARROW
