@@ -1,6 +1,7 @@
 """Circuit breakers around mlgate's outbound dependencies, and their state for `/metrics`.
 
-One breaker per dependency and process (`registry`, `prometheus`, `notifications`), from
+One breaker per dependency, target and process (`registry` and its URI, `prometheus` and its
+URL, `notifications`): failures of one registry never fail the calls to another. From
 pybreaker, pinned at 1.4.1: maintained (released September 2025), synchronous like every call
 it guards, thread-safe, and its listeners report each failure and state change, which gives
 the counters below directly. aiobreaker's last release is from 2021 and purgatory is built
@@ -13,7 +14,8 @@ when it is tried again; then one trial call (half-open) closes or reopens it.
 
 `/metrics` (services/metrics.py) exports `mlgate_circuit_breaker_state{dependency}` (0
 closed, 1 half-open, 2 open: one gauge with a numeric state, as `up` is, so that an alert is
-`== 2` and a graph shows the history; with several workers the worst one is kept) and
+`== 2` and a graph shows the history; with several targets or workers the worst one is kept)
+and
 `mlgate_circuit_breaker_failures_total` / `mlgate_circuit_breaker_opens_total`.
 
 The audit of every outbound call (its timeout, whether it is retried, whether it is
@@ -64,17 +66,18 @@ class _Counts(pybreaker.CircuitBreakerListener):
 
 
 _lock = threading.Lock()
-_breakers: dict[str, tuple[pybreaker.CircuitBreaker, _Counts]] = {}
+_breakers: dict[tuple[str, str], tuple[pybreaker.CircuitBreaker, _Counts]] = {}
 
 
-def breaker(dependency: str) -> pybreaker.CircuitBreaker:
-    """This process's breaker of `dependency`, made on first use."""
-    return _entry(dependency)[0]
+def breaker(dependency: str, target: str | None = None) -> pybreaker.CircuitBreaker:
+    """This process's breaker of `dependency` at `target`, made on first use."""
+    return _entry(dependency, target)[0]
 
 
-def _entry(dependency: str) -> tuple[pybreaker.CircuitBreaker, _Counts]:
+def _entry(dependency: str, target: str | None) -> tuple[pybreaker.CircuitBreaker, _Counts]:
+    key = (dependency, target or "")
     with _lock:
-        entry = _breakers.get(dependency)
+        entry = _breakers.get(key)
         if entry is None:
             counts = _Counts()
             cb = pybreaker.CircuitBreaker(
@@ -86,7 +89,7 @@ def _entry(dependency: str) -> tuple[pybreaker.CircuitBreaker, _Counts]:
                 # line), not pybreaker's; the calls after it get `CircuitOpenError`.
                 throw_new_error_on_trip=False,
             )
-            entry = _breakers[dependency] = (cb, counts)
+            entry = _breakers[key] = (cb, counts)
         return entry
 
 
@@ -100,7 +103,7 @@ def call(
     """`fn()` through the dependency's breaker. An exception for which `is_failure` is False
     (an answer, not an outage) passes through without counting. While open: `CircuitOpenError`,
     naming `target` (what is called, e.g. the registry's URI) when given."""
-    cb = breaker(dependency)
+    cb = breaker(dependency, target)
 
     def guarded() -> tuple[bool, Any]:
         try:
@@ -120,7 +123,7 @@ def call(
 
 
 def open_message(dependency: str, target: str | None = None) -> str:
-    cb = breaker(dependency)
+    cb = breaker(dependency, target)
     opened = cb._state_storage.opened_at or datetime.now(UTC)
     retry_at = opened + timedelta(seconds=cb.reset_timeout)
     left = max(0.0, (retry_at - datetime.now(UTC)).total_seconds())
@@ -132,18 +135,25 @@ def open_message(dependency: str, target: str | None = None) -> str:
 
 
 def states() -> dict[str, tuple[int, int, int]]:
-    """Every dependency's (state value, failures, opens) in this process; the ones not used
-    yet closed at zero."""
+    """Every dependency's (state value, failures, opens) in this process, over its targets:
+    the worst state and the summed counts; the ones not used yet closed at zero."""
     with _lock:
         entries = dict(_breakers)
     out = {name: (0, 0, 0) for name in DEPENDENCIES}
-    for name, (cb, counts) in entries.items():
-        out[name] = (STATE_VALUES.get(cb.current_state, 2), counts.failures, counts.opens)
+    for (name, _target), (cb, counts) in entries.items():
+        state, failures, opens = out.get(name, (0, 0, 0))
+        out[name] = (
+            max(state, STATE_VALUES.get(cb.current_state, 2)),
+            failures + counts.failures,
+            opens + counts.opens,
+        )
     return out
 
 
 def reset(dependencies: Iterable[str] | None = None) -> None:
     """Forget the breakers (all, or the named ones): tests, and a process that starts over."""
     with _lock:
-        for name in list(dependencies) if dependencies is not None else list(_breakers):
-            _breakers.pop(name, None)
+        names = set(dependencies) if dependencies is not None else None
+        for key in list(_breakers):
+            if names is None or key[0] in names:
+                _breakers.pop(key, None)

@@ -264,14 +264,29 @@ def set_weights(socket_path: Path, weights: dict[str, int]) -> None:
 
 def point_server(socket_path: Path, server: str, port: int, weight: int) -> None:
     """Send `server`'s traffic to 127.0.0.1:`port` at `weight` and take it out of
-    maintenance; the health check decides when it is UP."""
+    maintenance; the health check decides when it is UP (a server out of maintenance gets
+    no request before a check passes)."""
     if not 0 <= int(weight) <= 256:
         raise HAProxyError(f"HAProxy weights are 0..256, got {weight}")
+    name = f"{BACKEND}/{server}"
+    if server_stats(socket_path)[server].status.startswith("MAINT"):
+        # HAProxy takes a server leaving maintenance as UP until its first check fails, so
+        # a warming instance would get requests for up to a check interval: it leaves at
+        # weight 0, is marked DOWN, and only then gets its weight; the next passing check
+        # (`rise 1`) makes it UP.
+        admin_command(
+            socket_path,
+            f"set weight {name} 0; set server {name} addr 127.0.0.1 port {int(port)}; "
+            f"set server {name} state ready; set server {name} health down; "
+            f"set weight {name} {int(weight)}",
+            check=True,
+        )
+        return
     admin_command(
         socket_path,
-        f"set server {BACKEND}/{server} addr 127.0.0.1 port {int(port)}; "
-        f"set weight {BACKEND}/{server} {int(weight)}; "
-        f"set server {BACKEND}/{server} state ready",
+        f"set server {name} addr 127.0.0.1 port {int(port)}; "
+        f"set weight {name} {int(weight)}; "
+        f"set server {name} state ready",
         check=True,
     )
 

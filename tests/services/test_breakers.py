@@ -54,7 +54,7 @@ def test_registry_breaker_opens_after_three_failed_calls_and_then_fails_fast(
     for _ in range(breakers.FAIL_MAX):
         with pytest.raises(RegistryUnavailableError, match="cannot be reached"):
             retry_unavailable(open_client, uri, 0.0)
-    assert breakers.breaker("registry").current_state == pybreaker.STATE_OPEN
+    assert breakers.breaker("registry", uri).current_state == pybreaker.STATE_OPEN
     tried = calls
 
     started = time.monotonic()
@@ -67,6 +67,22 @@ def test_registry_breaker_opens_after_three_failed_calls_and_then_fails_fast(
     assert message.startswith(f"registry {uri}: circuit breaker open")
     assert "circuit breaker open after 3 consecutive failures" in message
     assert "not called until" in message and "UTC (in 30 s)" in message
+
+
+def test_an_open_breaker_of_one_registry_does_not_fail_calls_to_another(tmp_path: Path) -> None:
+    down = _missing_registry(tmp_path)
+    for _ in range(breakers.FAIL_MAX):
+        with pytest.raises(RegistryUnavailableError, match="cannot be reached"):
+            retry_unavailable(lambda: open_registry_client(down), down, 0.0)
+    with pytest.raises(RegistryUnavailableError, match="circuit breaker open"):
+        retry_unavailable(lambda: open_registry_client(down), down, 0.0)
+
+    other = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    (tmp_path / "other").mkdir()
+    assert retry_unavailable(lambda: "answered", other, 0.0) == "answered"
+    assert breakers.breaker("registry", other).current_state == pybreaker.STATE_CLOSED
+    # /metrics keeps the worst state of the dependency and the summed counts.
+    assert breakers.states()["registry"] == (2, 3, 1)
 
 
 def test_a_retried_call_is_one_failure_and_retries_use_full_jitter(tmp_path: Path) -> None:

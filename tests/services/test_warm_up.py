@@ -26,7 +26,9 @@ pytestmark = pytest.mark.integration
 
 haproxy.find_haproxy()  # `make install` installs it; without it this module errors
 
-CHECK_MS = 100
+# Long enough that a server HAProxy took for UP before its first check (as it does with one
+# leaving maintenance) would be sent requests every run, not once in a while.
+CHECK_MS = 400
 
 
 class _Instance(BaseHTTPRequestHandler):
@@ -98,7 +100,7 @@ def test_a_warming_instance_gets_no_traffic_until_readyz_answers_200(
         haproxy.point_server(sock, "canary", canary_port, 100)
         answered: Counter[str] = Counter()
         with httpx.Client(timeout=5.0) as client:
-            until = time.monotonic() + 20 * CHECK_MS / 1000
+            until = time.monotonic() + 10 * CHECK_MS / 1000
             while time.monotonic() < until:
                 r = client.get(f"http://127.0.0.1:{public}/")
                 answered[r.headers.get(haproxy.VARIANT_HEADER, "?")] += 1
