@@ -91,6 +91,8 @@ class AdaptiveBatcher(Generic[R]):
             max_workers=1, thread_name_prefix="mlgate-score"
         )
         self.batches = 0
+        # Told how long each request waited in the queue before its call (the wait metric).
+        self.on_wait: Callable[[float], None] | None = None
 
     @property
     def max_batch_rows(self) -> int:
@@ -155,6 +157,8 @@ class AdaptiveBatcher(Generic[R]):
             parts.append((p, 0, n))
             p.taken = n
             room -= n
+            if self.on_wait is not None:
+                self.on_wait(now - p.enqueued)
             self._queue.popleft()
         return parts
 
