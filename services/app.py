@@ -197,6 +197,7 @@ class ModelRuntime:
             max_wait_s=serving.max_latency_ms / 1000.0,
             on_batch=self._on_batch,
         )
+        self.batcher.on_wait = metrics.observe_wait
         # The version that shadows this one (services/shadow.py), swapped in by its watch.
         self.shadow: ShadowScorer | None = None
         self.ready = False
@@ -221,6 +222,9 @@ class ModelRuntime:
     def _on_batch(self, rows: int) -> None:
         self.metrics.observe_batch(rows)
 
+    def _load(self) -> tuple[int, int]:
+        return self.batcher.queued_rows, self.admitted
+
     def warm_up(self) -> None:
         """Score a row with every feature null, then a full batch of them, through the same
         encoder and session as requests; the service is ready only when this passes."""
@@ -244,8 +248,10 @@ class ModelRuntime:
                     )
 
     def mark_ready(self) -> None:
-        """Serve, and flush the metrics every `FLUSH_INTERVAL_S` from the event loop."""
+        """Serve, and flush the metrics every `FLUSH_INTERVAL_S` from the event loop; the
+        metrics read this runtime's queue and requests in flight from now on."""
         self.ready = True
+        self.metrics.watch_load(self._load, self.max_in_flight)
         loop = asyncio.get_running_loop()
 
         def flush_metrics() -> None:

@@ -12,6 +12,14 @@ loop at 32 connections). So the request path counts in plain Python and `flush()
 counts to prometheus-client's values: every second, and before `/metrics` answers. A scrape
 of another worker may therefore lag this one by up to a second.
 
+Each flush also reads the worker's load (`watch_load`): rows waiting in the adaptive
+batcher and requests admitted but not answered, against the `serving.max_in_flight` bound.
+They are gauges summed over the live workers (`livesum`: a dead worker's last value does not
+linger), the bound included, so that in-flight over bound is the instance's share whatever
+`serving.workers` is. A gauge is the value at the flush before the scrape (a scrape flushes
+first), not an average. The time each request's rows waited in the batcher's queue before
+their ONNX Runtime call is a histogram, counted like the others.
+
 Each flush also adds the CPU seconds the worker spent since the last one (`process_time`:
 all its threads) and, when it holds GPUs, the wall seconds times their number: with the rows
 scored (the score histogram's count) they give the cost per 1,000 predictions
@@ -69,6 +77,12 @@ GPU_SECONDS_METRIC = "mlgate_gpu_seconds"
 BREAKER_STATE_METRIC = "mlgate_circuit_breaker_state"
 # Swaps to the version the served alias names (services/alias_watch.py), done or failed.
 SWAPS_METRIC = "mlgate_model_swaps"
+# The leading indicators of load (checks/slo_rules.py; the Kubernetes ScaledObject scales on
+# the queue).
+QUEUED_ROWS_METRIC = "mlgate_batcher_queued_rows"
+IN_FLIGHT_METRIC = "mlgate_in_flight_requests"
+MAX_IN_FLIGHT_METRIC = "mlgate_max_in_flight"
+WAIT_METRIC = "mlgate_batcher_wait_seconds"
 
 
 def multiprocess_dir() -> str | None:
@@ -123,7 +137,8 @@ class _LocalHistogram:
 
 class ServiceMetrics:
     """Requests by status and model version, latency, rows per request and per ONNX Runtime
-    call (the batch size), scores, the inference log's written and dropped rows, whether
+    call (the batch size), the batcher's queue wait, queued rows and requests in flight,
+    scores, the inference log's written and dropped rows, whether
     the model came from the last-known-good copy rather than the registry, and the CPU and
     GPU seconds spent. `gpus` is this worker's share of the GPUs the service holds (the
     service's `serving.gpus` over its workers): held GPUs are paid for whether busy or not.
@@ -226,6 +241,39 @@ class ServiceMetrics:
             ("model_name", "variant", "outcome"),
             registry=reg,
         )
+        self._wait_family = Histogram(
+            WAIT_METRIC,
+            "Time a request's rows waited in the adaptive batcher's queue before their ONNX "
+            "Runtime call (requests shed after serving.max_latency_ms are not in it).",
+            names,
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        # Labelled without the version: the load is the worker's, whichever model it serves.
+        load_labels = (model_name, variant)
+        self._queued_rows = Gauge(
+            QUEUED_ROWS_METRIC,
+            "Rows in the adaptive batcher's queue, waiting or being scored (all workers).",
+            ("model_name", "variant"),
+            registry=reg,
+            multiprocess_mode="livesum",
+        ).labels(*load_labels)
+        self._in_flight = Gauge(
+            IN_FLIGHT_METRIC,
+            "Prediction requests admitted and not yet scored (all workers).",
+            ("model_name", "variant"),
+            registry=reg,
+            multiprocess_mode="livesum",
+        ).labels(*load_labels)
+        self._max_in_flight = Gauge(
+            MAX_IN_FLIGHT_METRIC,
+            "Requests the workers admit at once before shedding with 503: serving.max_in_flight "
+            "per worker, summed over the workers.",
+            ("model_name", "variant"),
+            registry=reg,
+            multiprocess_mode="livesum",
+        ).labels(*load_labels)
+        self._load: Callable[[], tuple[int, int]] | None = None
         self._families = (latency, rows, batch, scores, log_rows, info, fallback)
         self._seconds_families = (cpu_seconds, gpu_seconds)
         self._gpus = float(gpus)
@@ -276,6 +324,7 @@ class ServiceMetrics:
         self._rows = _LocalHistogram(rows.labels(*self._labels), ROW_BUCKETS)
         self._batch = _LocalHistogram(batch.labels(*self._labels), ROW_BUCKETS)
         self._scores = _LocalHistogram(scores.labels(*self._labels), SCORE_BUCKETS)
+        self._wait = _LocalHistogram(self._wait_family.labels(*self._labels), LATENCY_BUCKETS_S)
         self._log_written = log_rows.labels(*self._labels, "written")
         self._log_dropped = log_rows.labels(*self._labels, "dropped")
         self._status_children: dict[int, Any] = {}
@@ -325,6 +374,16 @@ class ServiceMetrics:
     def observe_batch(self, rows: int) -> None:
         self._batch.observe(rows)
 
+    def observe_wait(self, seconds: float) -> None:
+        self._wait.observe(seconds)
+
+    def watch_load(self, load: Callable[[], tuple[int, int]], max_in_flight: int) -> None:
+        """Read `load()` (rows queued in the batcher, requests in flight) at every flush;
+        `max_in_flight` is this worker's admission bound. A swapped-in runtime replaces the
+        old one's reader."""
+        self._load = load
+        self._max_in_flight.set(max_in_flight)
+
     def observe_scores(self, scores: np.ndarray) -> None:
         if len(scores) == 1:
             self._scores.observe(float(scores[0]))
@@ -345,8 +404,12 @@ class ServiceMetrics:
         counts, self._status_counts = self._status_counts, {}
         for status, n in counts.items():
             self._status_child(status).inc(n)
-        for histogram in (self._latency, self._rows, self._batch, self._scores):
+        for histogram in (self._latency, self._rows, self._batch, self._scores, self._wait):
             histogram.flush()
+        if self._load is not None:
+            queued, in_flight = self._load()
+            self._queued_rows.set(queued)
+            self._in_flight.set(in_flight)
         self._flush_seconds()
         self._flush_breakers()
 

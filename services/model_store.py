@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.model_ref import ModelRef
 from models.onnx_export import (
@@ -37,6 +37,9 @@ from models.onnx_export import (
 from models.registry_layout import GPU_SHA_TAG, SHA_TAG
 from models.tree_graph import GPU_ONNX_FILENAME
 from services import registry_access
+
+if TYPE_CHECKING:
+    from models.config import RegistryConfig
 from services.registry_access import (
     open_registry_client,
     registry_label,
@@ -104,6 +107,7 @@ def load_registered_model(
     *,
     cache_dir: Path | None = None,
     retry_s: float = 0.0,
+    registry: RegistryConfig | None = None,
 ) -> LoadedModel:
     """Resolve `ref` (its alias or its version), download the ONNX artifacts and check them.
 
@@ -112,6 +116,8 @@ def load_registered_model(
     directory that is removed before returning. A registry that cannot be reached is tried
     for `retry_s` seconds, then `RegistryUnavailableError`; so is a SQLite registry whose
     file does not exist, at once: reading never leaves an empty registry in its place.
+    `registry` gives the HTTP timeout and retries of a tracking server (MLflow's own, 120 s
+    and 7 retries, are minutes; `registry_access`'s defaults without it).
     """
     database = sqlite_database(tracking_uri)
     if database is not None and not database.is_file():
@@ -121,17 +127,23 @@ def load_registered_model(
         )
     try:
         return retry_unavailable(
-            lambda: _fetch_registered_model(tracking_uri, ref, cache_dir), tracking_uri, retry_s
+            lambda: _fetch_registered_model(tracking_uri, ref, cache_dir, registry),
+            tracking_uri,
+            retry_s,
         )
     except registry_access.RegistryUnavailableError as err:
         raise RegistryUnavailableError(str(err)) from None
 
 
 def _fetch_registered_model(
-    tracking_uri: str, ref: ModelRef, cache_dir: Path | None
+    tracking_uri: str, ref: ModelRef, cache_dir: Path | None, registry: RegistryConfig | None
 ) -> LoadedModel:
     model_name, alias, version = ref.name, ref.alias, ref.version
-    client = open_registry_client(tracking_uri)
+    client = (
+        open_registry_client(tracking_uri)
+        if registry is None
+        else open_registry_client(tracking_uri, registry.http_timeout_s, registry.http_max_retries)
+    )
     registered = _get_registered_model(client, model_name, tracking_uri)
     if alias is not None:
         aliases: dict[str, str] = dict(registered.aliases or {})
@@ -226,7 +238,12 @@ def _check_self_contained(content: bytes, what: str) -> None:
 
 
 def load_served_model(
-    tracking_uri: str, ref: ModelRef, *, last_known_good_dir: Path, retry_s: float
+    tracking_uri: str,
+    ref: ModelRef,
+    *,
+    last_known_good_dir: Path,
+    retry_s: float,
+    registry: RegistryConfig | None = None,
 ) -> LoadedModel:
     """What the service serves: `ref` from the registry, tried for `retry_s` seconds; while
     the registry cannot be reached, the last-known-good copy of `ref` under
@@ -234,7 +251,7 @@ def load_served_model(
     (`LoadedModel.last_known_good` says so). An answer from the registry (no such alias, a
     bad artifact) is never overridden by the copy."""
     try:
-        return load_registered_model(tracking_uri, ref, retry_s=retry_s)
+        return load_registered_model(tracking_uri, ref, retry_s=retry_s, registry=registry)
     except RegistryUnavailableError as err:
         return load_last_known_good(last_known_good_dir, ref, tracking_uri, reason=str(err))
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from services.registry_access import open_registry_client, sqlite_database
+
+if TYPE_CHECKING:
+    from models.config import RegistryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +81,12 @@ class RegistryPoll(Generic[T]):
             self._stop.wait(self._poll_s)
 
 
-def registered_model_reader(tracking_uri: str, model_name: str) -> Callable[[], Any]:
+def registered_model_reader(
+    tracking_uri: str, model_name: str, registry: RegistryConfig | None = None
+) -> Callable[[], Any]:
     """A function that returns `model_name`'s registered model (its tags and aliases) as
-    the registry holds it now; its client is made once, and again after a failed read."""
+    the registry holds it now; its client is made once, and again after a failed read, with
+    `registry`'s HTTP timeout and retries (`registry_access`'s defaults without it)."""
     clients: list[Any] = []
 
     def read() -> Any:
@@ -88,7 +94,13 @@ def registered_model_reader(tracking_uri: str, model_name: str) -> Callable[[], 
         if database is not None and not database.exists():
             raise FileNotFoundError(f"the registry database {database} is missing")
         if not clients:
-            clients.append(open_registry_client(tracking_uri))
+            clients.append(
+                open_registry_client(tracking_uri)
+                if registry is None
+                else open_registry_client(
+                    tracking_uri, registry.http_timeout_s, registry.http_max_retries
+                )
+            )
         try:
             return clients[0].get_registered_model(model_name)
         except Exception:

@@ -260,7 +260,7 @@ def shadow_watch(
 
     assert predict.runtime is not None
     serving = cfg.serving
-    read_model = registered_model_reader(tracking_uri, predict.runtime.model.name)
+    read_model = registered_model_reader(tracking_uri, predict.runtime.model.name, cfg.registry)
 
     def read_tag() -> str | None:
         return read_model().tags.get(SHADOW_TAG) or None
@@ -270,7 +270,9 @@ def shadow_watch(
         served = predict.runtime.model
         if version == served.version:
             raise ValueError(f"v{version} is the version this instance serves")
-        shadow = load_registered_model(tracking_uri, ModelRef(served.name, version=version))
+        shadow = load_registered_model(
+            tracking_uri, ModelRef(served.name, version=version), registry=cfg.registry
+        )
         for kind in ("numeric", "categorical"):
             if list(shadow.schema[kind]) != list(served.schema[kind]):
                 raise ValueError(
@@ -364,7 +366,7 @@ def alias_watch(
 
     assert ref.alias is not None
     alias = ref.alias
-    read_model = registered_model_reader(tracking_uri, ref.name)
+    read_model = registered_model_reader(tracking_uri, ref.name, cfg.registry)
     last_known_good_dir = cfg.registry.last_known_good_dir()
 
     def read_version() -> str | None:
@@ -379,7 +381,7 @@ def alias_watch(
     def prepare(version: str) -> ModelRuntime:
         # By alias, so that the model keeps its alias (`/model`, the last-known-good slot);
         # the alias may have moved again since it was read: the newest version wins.
-        model = load_registered_model(tracking_uri, ref)
+        model = load_registered_model(tracking_uri, ref, registry=cfg.registry)
         runtime = opened_runtime(model)
         runtime.warm_up()
         return runtime
@@ -498,7 +500,11 @@ def build_service(cfg: MlgateConfig, ref: ModelRef) -> Any:
             started = time.perf_counter()
             variant = serving.variant
             model = load_served_model(
-                tracking_uri, ref, last_known_good_dir=last_known_good_dir, retry_s=retry_s
+                tracking_uri,
+                ref,
+                last_known_good_dir=last_known_good_dir,
+                retry_s=retry_s,
+                registry=cfg.registry,
             )
             if model.last_known_good is not None:
                 logger.warning(
