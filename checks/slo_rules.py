@@ -5,8 +5,9 @@ Two groups, in the order an incident shows itself:
 1. leading indicators, per instance, each a warning after `slo.leading_for`: requests the
    batcher sheds (503: its queue is full or a request waited past `serving.max_latency_ms`),
    batches that keep filling (mean rows per ONNX Runtime call against
-   `serving.max_batch_size`), the request rate against `slo.capacity_rps`, and inference-log
-   rows dropped (monitoring goes blind before users notice anything);
+   `serving.max_batch_size`), the batcher's queue, its wait and the requests in flight (see
+   below), the request rate against `slo.capacity_rps`, and inference-log rows dropped
+   (monitoring goes blind before users notice anything);
 2. the objectives: first recording rules, per model, the share of requests that missed each
    objective (5xx answers; answers slower than a latency bound) over every window the alerts
    use, then the burn-rate alerts (Google's SRE workbook, multiple windows and burn rates):
@@ -15,9 +16,35 @@ Two groups, in the order an incident shows itself:
    The short window lets an alert resolve soon after the burn stops. One group, because
    Prometheus evaluates a group's rules in order but groups independently: the alerts read
    the ratios of the same evaluation, never a previous one gone stale.
-3. cost, when the `cost:` prices are given: the cost per 1,000 predictions of each model
+3. dependencies: a circuit breaker open (`mlgate_circuit_breaker_state == 2`), a warning;
+4. cost, when the `cost:` prices are given: the cost per 1,000 predictions of each model
    version and variant over the last hour (`checks/cost.py`'s formula, in PromQL), and with
    `cost.budget_per_1000` an alert when it stays above the budget for `slo.leading_for`.
+
+The load indicators warn at `slo.max_capacity_share` (0.8) of a bound, the same share as
+the request rate against `slo.capacity_rps`:
+
+- queue: Little's law, W = L / λ. The rows in the batcher's queue (L, a gauge) over the rows
+  the instance scores per second (λ, the rate of `mlgate_batch_rows_sum`) is the time a row
+  arriving now waits for the queue ahead of it; it warns above the share of the latency
+  objective (`slo.latency_p99_s`, else `latency_p95_s`, else the batcher's deadline). The
+  scored rate stands for capacity only while the scorer is always busy, and that is what
+  `for:` asks: a queue that is not empty at every evaluation for `slo.leading_for` means a
+  scorer that never idles. At low traffic the queue is empty at most evaluations and the
+  alert cannot hold. A queue with nothing scored divides by zero: +Inf, a stuck scorer,
+  warns. (A share of the batcher's row bound would warn late: the bound is
+  64 times `serving.max_rows_per_request` rows, far past the latency objective.)
+- wait: the p99 of the time rows waited in the queue before their ONNX Runtime call against
+  the share of `serving.max_latency_ms`, past which the batcher sheds them (only when
+  `max_wait_s` is given);
+- in flight: requests admitted and not yet scored over the admission bound
+  (`serving.max_in_flight`, both summed over the workers); at the bound requests are shed.
+
+The breaker alert reads `max_over_time` over 2 minutes and holds for 3: an open breaker
+tries one call after 30 s (half-open, a whole retried call) and opens again while the
+dependency stays down, so the state seen at one instant may be 1 through an outage, and a
+single 30 s opening does not warn. Its series has no `model_name`: every model's rule file
+carries the alert, with the same labels, which Alertmanager takes as one alert.
 
 Objectives are per model (`model_name`), across versions and the canary's variants: users
 see one endpoint. A latency bound must be a bound of the latency histogram's buckets, so the
@@ -50,6 +77,14 @@ LAST_KNOWN_GOOD = "mlgate_model_from_last_known_good"
 CPU_SECONDS = "mlgate_cpu_seconds_total"
 GPU_SECONDS = "mlgate_gpu_seconds_total"
 SCORED_ROWS = "mlgate_score_count"
+QUEUED_ROWS = "mlgate_batcher_queued_rows"
+BATCHER_WAIT = "mlgate_batcher_wait_seconds"
+IN_FLIGHT = "mlgate_in_flight_requests"
+MAX_IN_FLIGHT = "mlgate_max_in_flight"
+BREAKER_STATE = "mlgate_circuit_breaker_state"
+BREAKER_OPEN = 2
+BREAKER_RANGE = "2m"
+BREAKER_FOR = "3m"
 
 SLO_BY = "model_name"
 INSTANCE_BY = "model_name, variant, instance"
@@ -58,14 +93,9 @@ COST_BY = "model_name, model_version, variant"
 COST_RANGE = "1h"
 COST_PER_1000 = f"model_version_variant:mlgate_cost_per_1000:rate{COST_RANGE}"
 
-# Indicators asked for that services/metrics.py does not export, and what stands in for them.
-NOT_EXPORTED = (
-    "batcher queue depth (no series; AdaptiveBatcher.queued_rows is not exported): "
-    "MlgateBatcherSaturated and MlgateBatcherShedding watch its effects",
-    "batcher wait time (no series; only the whole request latency is exported)",
-    "in-flight requests (no gauge): MlgateLoadNearCapacity holds the request rate "
-    "against slo.capacity_rps instead, when it is set",
-)
+# Indicators asked for that services/metrics.py does not export, and what stands in for
+# them: none since the batcher's queue, its wait and the requests in flight are exported.
+NOT_EXPORTED: tuple[str, ...] = ()
 
 _BAD_SERIES = {
     "availability": "mlgate_requests_5xx",
@@ -96,6 +126,24 @@ _RUNBOOKS = {
     "MlgateBatcherSaturated": (
         "Scoring barely keeps up: every ONNX Runtime call takes a nearly full batch. Add "
         "serving.workers or instances before requests are shed."
+    ),
+    "MlgateBatcherQueueBacklog": (
+        "Rows queue faster than the instance scores them: a row arriving now waits most of "
+        "the latency objective. Add serving.workers or instances; if the scored rate fell, "
+        "a slower version (mlgate_model_info): `mlgate rollback NAME --reason ...`."
+    ),
+    "MlgateBatcherWaitHigh": (
+        "Rows wait in the batcher's queue close to serving.max_latency_ms, past which they "
+        "are shed (503): add serving.workers or instances before that."
+    ),
+    "MlgateInFlightNearLimit": (
+        "Requests in flight are close to serving.max_in_flight, past which they are shed "
+        "(503): add serving.workers or instances, or find the client sending a burst."
+    ),
+    "MlgateCircuitBreakerOpen": (
+        "Calls to the dependency fail fast (breaker open after 3 consecutive failures). "
+        "Registry: the service keeps serving its model; promotions, rollbacks and alias "
+        "swaps wait. `mlgate stack status` says what is down."
     ),
     "MlgateLoadNearCapacity": (
         "Traffic is close to what one instance was measured to serve (slo.capacity_rps): "
@@ -167,11 +215,13 @@ def build_slo_rules(
     max_batch_size: int,
     latency_buckets: Sequence[float],
     cost: CostConfig | None = None,
+    max_wait_s: float | None = None,
 ) -> RuleFile:
     """The rule file for `slo` on the series of `model_name` (`registry.model_name`), so that
     the files of several models load side by side. `max_batch_size` is
     `serving.max_batch_size`; `latency_buckets` the upper bounds of the service's latency
-    histogram; `cost` the `cost:` section (None: no cost rules)."""
+    histogram; `cost` the `cost:` section (None: no cost rules); `max_wait_s` the batcher's
+    deadline, `serving.max_latency_ms` in seconds (None: no wait alert)."""
     model = f'model_name="{model_name}"'
     objectives = slo.objectives()
     matchers = {
@@ -198,9 +248,10 @@ def build_slo_rules(
     groups: tuple[dict[str, Any], ...] = (
         {
             "name": f"mlgate-{model_name}-leading-indicators",
-            "rules": _leading_alerts(slo, model, max_batch_size),
+            "rules": _leading_alerts(slo, model, max_batch_size, max_wait_s),
         },
         {"name": f"mlgate-{model_name}-slo", "rules": [*recording, *burn_alerts]},
+        {"name": f"mlgate-{model_name}-dependencies", "rules": [_breaker_alert(slo)]},
     )
     if cost is not None:
         groups = (
@@ -314,7 +365,9 @@ def _leading(
     }
 
 
-def _leading_alerts(slo: SloConfig, model: str, max_batch_size: int) -> list[dict[str, Any]]:
+def _leading_alerts(
+    slo: SloConfig, model: str, max_batch_size: int, max_wait_s: float | None
+) -> list[dict[str, Any]]:
     r = LEADING_RANGE
     who = "{{ $labels.model_name }} on {{ $labels.instance }} ({{ $labels.variant }})"
     requests = f"sum by ({INSTANCE_BY}) (rate({REQUESTS}{{{model}}}[{r}]))"
@@ -346,6 +399,7 @@ def _leading_alerts(slo: SloConfig, model: str, max_batch_size: int) -> list[dic
             f"{max_batch_size}): requests queue faster than they are scored.",
         ),
     ]
+    rules.extend(_load_alerts(slo, model, max_wait_s))
     if slo.capacity_rps is not None:
         limit = _num(slo.max_capacity_share * slo.capacity_rps)
         rules.append(
@@ -382,6 +436,84 @@ def _leading_alerts(slo: SloConfig, model: str, max_batch_size: int) -> list[dic
         )
     )
     return rules
+
+
+def _load_alerts(slo: SloConfig, model: str, max_wait_s: float | None) -> list[dict[str, Any]]:
+    """The batcher's queue (Little's law against the latency objective), its wait against
+    its deadline, and requests in flight against the admission bound."""
+    r = LEADING_RANGE
+    who = "{{ $labels.model_name }} on {{ $labels.instance }} ({{ $labels.variant }})"
+    share = slo.max_capacity_share
+    rules = []
+    objective = slo.latency_p99_s or slo.latency_p95_s or max_wait_s
+    if objective is not None:
+        limit = _num(share * objective)
+        queued = f"sum by ({INSTANCE_BY}) ({QUEUED_ROWS}{{{model}}})"
+        scored = f"sum by ({INSTANCE_BY}) (rate({BATCH_ROWS}_sum{{{model}}}[{r}]))"
+        rules.append(
+            _leading(
+                slo,
+                "MlgateBatcherQueueBacklog",
+                f"{queued}\n/\n{scored}\n> {limit}\n",
+                f"{who}: the batcher's queue holds more than it scores within the objective",
+                f"The rows queued take {{{{ $value | humanizeDuration }}}} to score at the "
+                f"rate of the last {r} (Little's law; warns above {limit} s, "
+                f"{_percent(share)} of the latency objective {objective:g} s): requests "
+                "arrive faster than they are scored.",
+            )
+        )
+    if max_wait_s is not None:
+        limit = _num(share * max_wait_s)
+        rules.append(
+            _leading(
+                slo,
+                "MlgateBatcherWaitHigh",
+                f"histogram_quantile(\n  0.99,\n  sum by (le, {INSTANCE_BY}) "
+                f"(rate({BATCHER_WAIT}_bucket{{{model}}}[{r}]))\n)\n> {limit}\n",
+                f"{who}: requests wait in the batcher's queue close to its deadline",
+                f"The p99 of the queue wait over {r} is {{{{ $value | humanizeDuration }}}} "
+                f"(warns above {limit} s, {_percent(share)} of serving.max_latency_ms "
+                f"{max_wait_s * 1000:g} ms, past which requests are shed with 503).",
+            )
+        )
+    in_flight = f"sum by ({INSTANCE_BY}) ({IN_FLIGHT}{{{model}}})"
+    bound = f"sum by ({INSTANCE_BY}) ({MAX_IN_FLIGHT}{{{model}}})"
+    rules.append(
+        _leading(
+            slo,
+            "MlgateInFlightNearLimit",
+            f"{in_flight}\n/\n{bound}\n> {_num(share)}\n",
+            f"{who}: requests in flight are near serving.max_in_flight",
+            f"{{{{ $value | humanizePercentage }}}} of the admission bound is in flight "
+            f"(warns above {_percent(share)} of serving.max_in_flight, summed over the "
+            "workers; at the bound requests are shed with 503).",
+        )
+    )
+    return rules
+
+
+def _breaker_alert(slo: SloConfig) -> dict[str, Any]:
+    state = f"max_over_time({BREAKER_STATE}[{BREAKER_RANGE}])"
+    return {
+        "alert": "MlgateCircuitBreakerOpen",
+        "expr": f"max by (instance, dependency) ({state}) == {BREAKER_OPEN}\n",
+        "for": BREAKER_FOR,
+        # A warning, not a page: with the registry down the service keeps serving the model
+        # it loaded (and a restart its last-known-good copy); what waits is a promotion, a
+        # rollback, an alias swap, a canary's reading or a notification, none of which a
+        # user of /predict sees.
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "{{ $labels.instance }}: the {{ $labels.dependency }} circuit breaker "
+            "is open",
+            "description": (
+                f"Calls to {{{{ $labels.dependency }}}} failed 3 times in a row and the "
+                f"breaker kept opening over {BREAKER_FOR}: they fail fast, and are tried again "
+                "every 30 s."
+            ),
+            **_runbook(slo, "MlgateCircuitBreakerOpen", "MlgateCircuitBreakerOpen"),
+        },
+    }
 
 
 def cost_per_1000_expr(cost: CostConfig, model: str) -> str:

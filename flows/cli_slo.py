@@ -71,6 +71,7 @@ def _rules_text(cfg: MlgateConfig, config: Path) -> tuple[RuleFile, str]:
             cfg.serving.max_batch_size,
             LATENCY_BUCKETS_S,
             cost=cfg.cost,
+            max_wait_s=cfg.serving.max_latency_ms / 1000.0,
         )
     except SloRulesError as err:
         raise exit_error(str(err), EXIT_USAGE) from None

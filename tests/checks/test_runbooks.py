@@ -29,13 +29,15 @@ SECTIONS = ("## Signal", "## First safe action", "## Confirm recovery")
 
 
 def generated_alerts() -> list[dict]:
-    # capacity_rps and a cost budget set: every alert the generator can write.
+    # capacity_rps, a cost budget and the batcher's deadline set: every alert the
+    # generator can write.
     built = build_slo_rules(
         SloConfig(capacity_rps=100.0),
         "churn",
         256,
         LATENCY_BUCKETS_S,
         CostConfig(budget_per_1000=0.01),
+        max_wait_s=2.0,
     )
     rules = yaml.safe_load(built.to_yaml())
     return [r for g in rules["groups"] for r in g["rules"] if "alert" in r]

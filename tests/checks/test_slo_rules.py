@@ -34,14 +34,22 @@ BURN_ALERTS = {
 LEADING_ALERTS = [
     "MlgateBatcherShedding",
     "MlgateBatcherSaturated",
+    "MlgateBatcherQueueBacklog",
+    "MlgateBatcherWaitHigh",
+    "MlgateInFlightNearLimit",
     "MlgateLoadNearCapacity",
     "MlgateServingLastKnownGood",
     "MlgateInferenceLogDropping",
 ]
 
 
+MAX_WAIT_S = 2.0
+
+
 def _rules(slo: SloConfig | None = None, **fields: Any) -> dict:
-    built = build_slo_rules(slo or SloConfig(**fields), "churn", 256, LATENCY_BUCKETS_S)
+    built = build_slo_rules(
+        slo or SloConfig(**fields), "churn", 256, LATENCY_BUCKETS_S, max_wait_s=MAX_WAIT_S
+    )
     return yaml.safe_load(built.to_yaml())
 
 
@@ -57,6 +65,8 @@ def _exposition() -> str:
     metrics = ServiceMetrics("churn", "3", "stable", "CPUExecutionProvider", "0" * 64)
     metrics.observe_request(200, 0.004, 1)
     metrics.observe_batch(1)
+    metrics.observe_wait(0.001)
+    metrics.watch_load(lambda: (3, 1), 128)
     metrics.log_written(1)
     metrics.log_dropped(1)
     return metrics.render()[0].decode()
@@ -80,6 +90,11 @@ def test_every_series_the_rules_read_is_on_metrics():
         "mlgate_batch_rows_count",
         "mlgate_inference_log_rows_total",
         "mlgate_model_from_last_known_good",
+        "mlgate_batcher_queued_rows",
+        "mlgate_batcher_wait_seconds_bucket",
+        "mlgate_in_flight_requests",
+        "mlgate_max_in_flight",
+        "mlgate_circuit_breaker_state",
     }
     assert read <= exported, read - exported
     labels = set(re.findall(r'(\w+)=~?"', "\n".join(exprs)))
@@ -89,8 +104,12 @@ def test_every_series_the_rules_read_is_on_metrics():
 def test_leading_indicators_come_first_then_ratios_then_burn_rates():
     rules = _rules(capacity_rps=100.0)
     names = [g["name"] for g in rules["groups"]]
-    assert names == ["mlgate-churn-leading-indicators", "mlgate-churn-slo"]
-    leading, slo = (g["rules"] for g in rules["groups"])
+    assert names == [
+        "mlgate-churn-leading-indicators",
+        "mlgate-churn-slo",
+        "mlgate-churn-dependencies",
+    ]
+    leading, slo, _ = (g["rules"] for g in rules["groups"])
     assert [r["alert"] for r in leading] == LEADING_ALERTS
     assert all(r["for"] == "10m" and r["labels"] == {"severity": "warning"} for r in leading)
     # In one group the alerts read the ratios recorded in the same evaluation.
@@ -170,6 +189,52 @@ def test_capacity_alert_only_with_a_capacity_figure():
     assert capacity["expr"].strip().endswith("> 200")
 
 
+def _leading_rule(rules: dict, alert: str) -> dict:
+    return next(r for r in rules["groups"][0]["rules"] if r["alert"] == alert)
+
+
+def test_queue_backlog_is_little_s_law_against_the_latency_objective():
+    """Rows queued over rows scored per second is the wait ahead of a new row; it warns at
+    max_capacity_share of the p99 objective, else p95's, else the batcher's deadline."""
+    queue = _leading_rule(_rules(), "MlgateBatcherQueueBacklog")["expr"]
+    assert queue == (
+        "sum by (model_name, variant, instance) "
+        '(mlgate_batcher_queued_rows{model_name="churn"})\n/\n'
+        "sum by (model_name, variant, instance) "
+        '(rate(mlgate_batch_rows_sum{model_name="churn"}[5m]))\n> 0.16\n'
+    )
+    p95 = _rules(latency_p99_s=None, latency_p95_s=0.1, max_capacity_share=0.5)
+    assert _leading_rule(p95, "MlgateBatcherQueueBacklog")["expr"].endswith("> 0.05\n")
+    none = _rules(latency_p99_s=None, latency_p95_s=None)
+    assert _leading_rule(none, "MlgateBatcherQueueBacklog")["expr"].endswith("> 1.6\n")
+
+
+def test_wait_alert_only_with_the_batcher_s_deadline_and_in_flight_against_its_bound():
+    wait = _leading_rule(_rules(), "MlgateBatcherWaitHigh")
+    assert "histogram_quantile(\n  0.99," in wait["expr"]
+    assert "mlgate_batcher_wait_seconds_bucket" in wait["expr"]
+    assert wait["expr"].endswith("> 1.6\n")
+    assert "serving.max_latency_ms 2000 ms" in wait["annotations"]["description"]
+    built = build_slo_rules(SloConfig(), "churn", 256, LATENCY_BUCKETS_S)
+    assert "MlgateBatcherWaitHigh" not in built.alert_names()
+    in_flight = _leading_rule(_rules(max_capacity_share=0.9), "MlgateInFlightNearLimit")
+    assert in_flight["expr"].startswith(
+        'sum by (model_name, variant, instance) (mlgate_in_flight_requests{model_name="churn"})'
+    )
+    assert in_flight["expr"].endswith('(mlgate_max_in_flight{model_name="churn"})\n> 0.9\n')
+
+
+def test_an_open_circuit_breaker_warns_after_a_short_for():
+    [breaker] = _rules()["groups"][2]["rules"]
+    assert breaker["alert"] == "MlgateCircuitBreakerOpen"
+    assert breaker["expr"].strip() == (
+        "max by (instance, dependency) (max_over_time(mlgate_circuit_breaker_state[2m])) == 2"
+    )
+    assert breaker["for"] == "3m" and breaker["labels"] == {"severity": "warning"}
+    assert breaker["annotations"]["runbook_page"] == "docs/runbooks/dependency-down.md"
+    assert "{{ $labels.dependency }}" in breaker["annotations"]["summary"]
+
+
 def test_objectives_without_a_series_are_named_not_invented():
     built = build_slo_rules(
         SloConfig(champion_max_age_days=14, max_score_psi=0.25, min_estimated_metric=0.7),
@@ -182,7 +247,7 @@ def test_objectives_without_a_series_are_named_not_invented():
     for field in ("champion_max_age_days", "max_score_psi", "min_estimated_metric"):
         assert f"slo.{field}" in extra
     text = built.to_yaml(header=("generated",))
-    assert text.startswith("# generated\n# not generated: batcher queue depth")
+    assert text.startswith("# generated\n# not generated: slo.champion_max_age_days")
     assert "psi" not in str(yaml.safe_load(text)).lower()
 
 
@@ -235,7 +300,7 @@ def _cost_group(cost: CostConfig) -> list[dict]:
 
 
 def test_cost_rules_only_with_prices_and_the_alert_only_with_a_budget():
-    assert len(_rules()["groups"]) == 2
+    assert len(_rules()["groups"]) == 3
     rules = _cost_group(CostConfig())
     assert [r.get("record") for r in rules] == [COST_PER_1000]
     record, alert = _cost_group(CostConfig(budget_per_1000=0.002))
