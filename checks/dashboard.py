@@ -3,7 +3,9 @@
 - users: request rate by status, 5xx share, p95/p99 latency against the `slo:` bounds, and
   the availability error budget left over `slo.window_days`;
 - capacity: rows per ONNX Runtime call against `serving.max_batch_size`, load shed (503),
-  rows per request, inference-log rows written and dropped;
+  rows per request, inference-log rows written and dropped, the batcher's queue (rows) and
+  the p99 of its wait against `serving.max_latency_ms`, requests in flight against the
+  admission bound (`serving.max_in_flight` summed over the workers);
 - model: what serves (`mlgate_model_info`: version, graph, provider), the score
   distribution by version and variant (quantiles and mean of `mlgate_score`), and the
   instances serving a last-known-good copy;
@@ -142,6 +144,47 @@ def dashboard_panels(cfg: MlgateConfig) -> list[tuple[str, list[Panel]]]:
                 ),
             ),
             unit="rowsps",
+        ),
+        Panel(
+            "Batcher queue (rows waiting or being scored)",
+            (
+                (
+                    f"sum by (variant, instance) (mlgate_batcher_queued_rows{{{m}}})",
+                    "{{variant}} {{instance}}",
+                ),
+            ),
+            description="A gauge read at each scrape; Little's law: queued rows over rows "
+            "scored per second is the wait ahead of a new row.",
+        ),
+        Panel(
+            "Requests in flight",
+            (
+                (
+                    f"sum by (variant, instance) (mlgate_in_flight_requests{{{m}}})",
+                    "{{variant}} {{instance}}",
+                ),
+                (
+                    f"sum by (variant, instance) (mlgate_max_in_flight{{{m}}})",
+                    "bound {{variant}} {{instance}}",
+                ),
+            ),
+            description="Admitted and not yet scored; at the bound (serving.max_in_flight "
+            "per worker) requests are shed with 503.",
+        ),
+        Panel(
+            "Batcher wait p99",
+            (
+                (
+                    f"histogram_quantile(0.99, sum by (le, {by}) "
+                    f"(rate(mlgate_batcher_wait_seconds_bucket{{{m}}}[{r}])))",
+                    "{{model_version}} {{variant}}",
+                ),
+                (
+                    f"vector({cfg.serving.max_latency_ms / 1000:g})",
+                    "serving.max_latency_ms (shed past it)",
+                ),
+            ),
+            unit="s",
         ),
     ]
     model = [

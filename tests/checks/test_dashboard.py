@@ -33,6 +33,10 @@ EXPORTED = {
     "mlgate_model_from_last_known_good",
     "mlgate_cpu_seconds_total",
     "mlgate_gpu_seconds_total",
+    "mlgate_batcher_queued_rows",
+    "mlgate_batcher_wait_seconds_bucket",
+    "mlgate_in_flight_requests",
+    "mlgate_max_in_flight",
 }
 
 
@@ -77,6 +81,21 @@ def test_every_series_read_is_exported_and_the_model_is_the_configs(tmp_path: Pa
     # The objectives of slo: are drawn beside the latency quantiles.
     latency = next(p for _, ps in dashboard_panels(cfg) for p in ps if "Latency" in p.title)
     assert ("vector(0.2)", "p99 objective") in latency.exprs
+
+
+def test_the_capacity_row_shows_the_queue_wait_and_in_flight_against_their_bounds() -> None:
+    cfg = load_config(BUNDLED_CONFIG)
+    capacity = dict(dashboard_panels(cfg))["Capacity"]
+    titles = [p.title for p in capacity]
+    assert {"Batcher queue (rows waiting or being scored)", "Requests in flight"} <= set(titles)
+    in_flight = next(p for p in capacity if p.title == "Requests in flight")
+    assert [re.findall(r"mlgate_\w+", e) for e, _ in in_flight.exprs] == [
+        ["mlgate_in_flight_requests"],
+        ["mlgate_max_in_flight"],
+    ]
+    wait = next(p for p in capacity if p.title == "Batcher wait p99")
+    deadline = f"vector({cfg.serving.max_latency_ms / 1000:g})"
+    assert wait.exprs[1][0] == deadline and wait.unit == "s"
 
 
 def test_cli_writes_the_dashboard(tmp_path: Path) -> None:
