@@ -9,8 +9,11 @@ Clients send `Authorization: Bearer <token>`; only the sha256 digests are config
 from __future__ import annotations
 
 import socket
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -44,6 +47,32 @@ class Registry:
     run_id: str
     artifact_uri: str
     holdout: pd.DataFrame
+
+
+def copy_registry(
+    registry: Registry,
+    root: Path,
+    registry_keys: dict[str, Any] | None = None,
+    serving_keys: dict[str, Any] | None = None,
+) -> Path:
+    """The config of a registry of the test's own under `root`: a copy of the serving
+    registry's MLflow database (the same champion; artifacts read from the original store),
+    its own inference log, and the given `registry:` / `serving:` keys. Its path."""
+    store = root / "store"
+    store.mkdir()
+    with (
+        closing(sqlite3.connect(registry.cfg.registry.store_dir / "mlflow.db")) as src,
+        closing(sqlite3.connect(store / "mlflow.db")) as dst,
+    ):
+        src.backup(dst)
+    raw = yaml.safe_load(registry.config_path.read_text())
+    raw["registry"]["store_dir"] = str(store)
+    raw["registry"].update(registry_keys or {})
+    raw["serving"]["inference_log_dir"] = str(root / "inference_log")
+    raw["serving"].update(serving_keys or {})
+    config_path = root / "mlgate.yaml"
+    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config_path
 
 
 def free_port() -> int:

@@ -9,17 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
@@ -31,7 +28,7 @@ from models.model_ref import ModelRef
 from models.registry_layout import CHAMPION_ALIAS, MODEL_ARTIFACT_DIR, SHA_TAG
 from services.launcher import ServiceProcess, start_service
 from services.metrics import SWAPS_METRIC
-from tests.services.conftest import AUTH, Registry, free_port
+from tests.services.conftest import AUTH, Registry, copy_registry, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -61,20 +58,9 @@ def own(
     one worker or two (each follows on its own)."""
     workers: int = request.param
     root = tmp_path_factory.mktemp("alias_follow")
-    store = root / "store"
-    store.mkdir()
-    with (
-        closing(sqlite3.connect(registry.cfg.registry.store_dir / "mlflow.db")) as src,
-        closing(sqlite3.connect(store / "mlflow.db")) as dst,
-    ):
-        src.backup(dst)
-    raw = yaml.safe_load(registry.config_path.read_text())
-    raw["registry"]["store_dir"] = str(store)
-    raw["serving"]["inference_log_dir"] = str(root / "inference_log")
-    raw["serving"]["alias_poll_s"] = POLL_S
-    raw["serving"]["workers"] = workers
-    config_path = root / "mlgate.yaml"
-    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    config_path = copy_registry(
+        registry, root, serving_keys={"alias_poll_s": POLL_S, "workers": workers}
+    )
     cfg = load_config(config_path)
     uri = cfg.registry.resolved_tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

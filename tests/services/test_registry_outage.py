@@ -14,7 +14,7 @@ import re
 import sqlite3
 import tempfile
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from mlflow import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,7 +50,7 @@ from services.model_store import (
     load_served_model,
     save_last_known_good,
 )
-from tests.services.conftest import AUTH, Registry, free_port
+from tests.services.conftest import AUTH, Registry, copy_registry, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -71,24 +70,12 @@ class OwnRegistry:
 @pytest.fixture(scope="module")
 def own(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> OwnRegistry:
     root = tmp_path_factory.mktemp("outage")
-    store = root / "store"
-    store.mkdir()
-    with (
-        closing(sqlite3.connect(registry.cfg.registry.store_dir / "mlflow.db")) as src,
-        closing(sqlite3.connect(store / "mlflow.db")) as dst,
-    ):
-        src.backup(dst)
-    raw = yaml.safe_load(registry.config_path.read_text())
-    raw["registry"]["store_dir"] = str(store)
-    raw["registry"]["unavailable_retry_s"] = 1.0
-    raw["serving"]["inference_log_dir"] = str(root / "inference_log")
-    config_path = root / "mlgate.yaml"
-    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    config_path = copy_registry(registry, root, registry_keys={"unavailable_retry_s": 1.0})
     cfg = load_config(config_path)
     return OwnRegistry(
         config_path=config_path,
         cfg=cfg,
-        database=store / "mlflow.db",
+        database=cfg.registry.store_dir / "mlflow.db",
         tracking_uri=cfg.registry.resolved_tracking_uri(),
         last_known_good_dir=cfg.registry.last_known_good_dir(),
     )
@@ -314,12 +301,13 @@ def _external_data_content() -> bytes:
 
 
 def test_a_registered_version_with_external_data_is_refused_at_load(
-    registry: Registry,
+    registry: Registry, own: OwnRegistry
 ) -> None:
     """Registered around the registration check (straight through MLflow), with a sha256
-    tag that matches: the load still refuses it, naming the tensor."""
+    tag that matches: the load still refuses it, naming the tensor. In this module's own
+    copy of the registry: the session's registry keeps its versions for the other modules."""
     content = _external_data_content()
-    client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
+    client = MlflowClient(tracking_uri=own.tracking_uri, registry_uri=own.tracking_uri)
     experiment = client.get_experiment_by_name(registry.cfg.registry.experiment)
     assert experiment is not None
     run = client.create_run(experiment.experiment_id)
@@ -336,7 +324,7 @@ def test_a_registered_version_with_external_data_is_refused_at_load(
     )
     with pytest.raises(ModelIntegrityError) as info:
         load_registered_model(
-            registry.tracking_uri, ModelRef(registry.model_name, version=str(mv.version))
+            own.tracking_uri, ModelRef(registry.model_name, version=str(mv.version))
         )
     message = str(info.value)
     assert f"version {mv.version}" in message
