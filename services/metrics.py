@@ -14,8 +14,9 @@ of another worker may therefore lag this one by up to a second.
 
 Each flush also reads the worker's load (`watch_load`): rows waiting in the adaptive
 batcher and requests admitted but not answered, against the `serving.max_in_flight` bound.
-They are gauges summed over the live workers (`livesum`: a dead worker's last value does not
-linger), the bound included, so that in-flight over bound is the instance's share whatever
+They are gauges summed over the workers (`livesum`, prometheus-client's mode for values of
+running processes: a worker's are dropped when it is marked dead, not when it merely
+crashes), the bound included, so that in-flight over bound is the instance's share whatever
 `serving.workers` is. A gauge is the value at the flush before the scrape (a scrape flushes
 first), not an average. The time each request's rows waited in the batcher's queue before
 their ONNX Runtime call is a histogram, counted like the others.

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -118,3 +123,89 @@ def test_cpu_and_gpu_seconds_are_added_at_each_flush() -> None:
     text = plain.render()[0].decode()
     assert value(text, "mlgate_gpu_seconds_total") == 0
     assert value(text, "mlgate_cpu_seconds_total") >= 0
+
+
+def test_queued_rows_and_in_flight_are_read_at_each_flush_and_waits_counted() -> None:
+    """Zero until a runtime is watched; then the values `load()` gives at the flush before
+    the scrape, and the bound. The queue wait is a histogram of the latency buckets."""
+    metrics = ServiceMetrics("churn", "3", "stable", "CPUExecutionProvider", "ab" * 32)
+    load = {"queued": 0, "in_flight": 0}
+
+    def gauge(text: str, name: str) -> float:
+        labels = {"model_name": "churn", "variant": "stable"}
+        return next(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name and s.labels == labels
+        )
+
+    text = metrics.render()[0].decode()
+    assert gauge(text, "mlgate_batcher_queued_rows") == 0
+    assert gauge(text, "mlgate_max_in_flight") == 0
+    metrics.watch_load(lambda: (load["queued"], load["in_flight"]), 64)
+    load.update(queued=300, in_flight=7)
+    metrics.observe_wait(0.004)
+    metrics.observe_wait(0.3)
+    text = metrics.render()[0].decode()
+    assert gauge(text, "mlgate_batcher_queued_rows") == 300
+    assert gauge(text, "mlgate_in_flight_requests") == 7
+    assert gauge(text, "mlgate_max_in_flight") == 64
+    assert value(text, "mlgate_batcher_wait_seconds_bucket", le="0.005") == 1
+    assert value(text, "mlgate_batcher_wait_seconds_bucket", le="0.5") == 2
+    load.update(queued=0, in_flight=0)
+    text = metrics.render()[0].decode()
+    assert gauge(text, "mlgate_batcher_queued_rows") == 0
+    assert gauge(text, "mlgate_in_flight_requests") == 0
+
+
+def _worker(directory: str, queued: int, in_flight: int, ready: Any, stop: Any) -> None:
+    # prometheus-client picks its multiprocess values when imported: the variable comes
+    # with the environment the process was spawned with.
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == directory
+    metrics = ServiceMetrics("churn", "3", "stable", "CPUExecutionProvider", "ab" * 32)
+    metrics.watch_load(lambda: (queued, in_flight), 16)
+    metrics.flush()
+    ready.set()
+    stop.wait(60)
+
+
+def test_two_workers_sum_their_queues_in_flight_and_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As under `bentoml serve` with two workers: each process writes its own values to
+    PROMETHEUS_MULTIPROC_DIR and `/metrics` sums them (`livesum`), the bound too, so that
+    in-flight over bound stays a share of the instance's admission capacity."""
+    from prometheus_client import multiprocess
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    readies = [context.Event(), context.Event()]
+    workers = [
+        context.Process(target=_worker, args=(str(tmp_path), q, f, r, stop))
+        for (q, f), r in zip(((40, 3), (10, 2)), readies, strict=True)
+    ]
+    for w in workers:
+        w.start()
+    try:
+        assert all(r.wait(60) for r in readies)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+        text = generate_latest(registry).decode()
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(30)
+    sums = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name in ("mlgate_batcher_queued_rows", "mlgate_in_flight_requests")
+        or s.name == "mlgate_max_in_flight"
+    }
+    assert sums == {
+        "mlgate_batcher_queued_rows": 50,
+        "mlgate_in_flight_requests": 5,
+        "mlgate_max_in_flight": 32,
+    }
