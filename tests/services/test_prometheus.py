@@ -145,7 +145,9 @@ def test_the_generated_rules_are_loaded_and_evaluated(
 ) -> None:
     groups = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10.0).json()["data"]["groups"]
     names = [g["name"] for g in groups]
+    # Prometheus lists a file's groups by name.
     assert names == [
+        f"mlgate-{registry.model_name}-dependencies",
         f"mlgate-{registry.model_name}-leading-indicators",
         f"mlgate-{registry.model_name}-slo",
     ]
