@@ -1,13 +1,14 @@
 """Kubernetes manifests for the serving tier, rendered from the config, and their offline
 validation.
 
-`render_manifests` gives, as plain dicts in apply order: the stable and canary `Service`s,
-the `AnalysisTemplate`, the Argo Rollouts `Rollout` (the bento's image, `mlgate-gpu` and an
-`nvidia.com/gpu` limit when `serving.gpus > 0`; API keys from a Secret, never inline) and the
-KEDA `ScaledObject`. `validate_manifest` checks one object offline: the CRDs' published
-schemas vendored in deploy/kubernetes/schemas/ (with jsonschema) for Rollout,
-AnalysisTemplate and ScaledObject, kubernetes-validate for the built-in kinds, and the
-Rollout's pod template again as a Deployment's (kubernetes-validate, strict).
+`render_manifests` gives, as plain dicts in apply order: the `NetworkPolicy` (unless
+`kubernetes.network_policy` is off), the stable and canary `Service`s, the `AnalysisTemplate`,
+the Argo Rollouts `Rollout` (the bento's image, `mlgate-gpu` and an `nvidia.com/gpu` limit
+when `serving.gpus > 0`; API keys from a Secret, never inline) and the KEDA `ScaledObject`.
+`validate_manifest` checks one object offline: the CRDs' published schemas vendored in
+deploy/kubernetes/schemas/ (with jsonschema) for Rollout, AnalysisTemplate and ScaledObject,
+kubernetes-validate for the built-in kinds (NetworkPolicy and Service), and the Rollout's pod
+template again as a Deployment's (kubernetes-validate, strict).
 
 The AnalysisTemplate is checks/canary.py's guardrails in PromQL, one metric each, over the
 same window (`canary.interval_s`) of the canary's and the stable's pods (told apart by the
@@ -31,18 +32,27 @@ success nor the failure condition as inconclusive, as canary.py's INCONCLUSIVE.
   fixed buckets, with the noise bound of 21 degrees of freedom (Wilson-Hilferty, as
   `psi_noise_bound`). Fails when PSI >= `max_score_psi` and above the noise bound (before
   `min_requests` too); passes below `max_score_psi` at `min_requests`; else inconclusive.
+- cost-ratio (only with `canary.max_cost_ratio`): checks/cost.py's cost per 1,000 on each
+  side from `mlgate_cpu_seconds_total`, `mlgate_gpu_seconds_total` and `mlgate_score_count`
+  at the `cost:` prices, canary over stable; fails above the bound, or at once when a side
+  exports no CPU seconds; inconclusive below `min_requests` requests or rows on a side.
 - min-requests: the fewer requests of the two sides against `min_requests`; below it,
   inconclusive.
-- cost_ratio is not rendered: it needs the cost prices per instance (a follow-up).
 
 Argo measures each metric `count` times (`max_wait_s / interval_s`) after a first window,
 allowing all but one inconclusive and no failure: a step passes when no window failed and one
 did pass, close to the controller's "wait up to max_wait_s for a passing window".
 
-KEDA scales on the request rate against `slo.capacity_rps` per replica (the queue depth the
-issue names is not exported: checks/slo_rules.NOT_EXPORTED). The replica floor is Little's
-law over the replicas: busy replicas = arrival rate x time a request holds a replica
-(1 / capacity_rps), at `slo.max_capacity_share` utilisation, for `expected_peak_rps`.
+KEDA scales on the batcher's queue depth (`mlgate_batcher_queued_rows` over every pod of the
+model) against a target per replica from Little's law (`queued_rows_per_replica`), and on
+the in-flight requests against the admission bound (`in_flight_per_replica`). The replica
+floor is Little's law over the replicas: busy replicas = arrival rate x time a request holds
+a replica (1 / capacity_rps), at `slo.max_capacity_share` utilisation, for
+`expected_peak_rps`.
+
+The NetworkPolicy admits the pods' one port from the Prometheus pods and the clients; as it
+cannot tell `/metrics` from `/predict` on that port, the pods' operator endpoints are public
+only when the clients are confined to `kubernetes.client_namespaces` (`exposure`).
 
 Written by hand (dicts, not a client library's models): the objects are small and the
 kubernetes client's models do not cover the CRDs; the validation is done by the libraries.
@@ -61,6 +71,7 @@ from typing import Any
 import yaml
 
 from checks.canary import _Z_SIGNIFICANCE, LATENCY_OUTLIERS, chi2_quantile
+from checks.cost import PER, SECONDS_PER_HOUR
 from checks.drift import JEFFREYS_ALPHA
 from models.config import MlgateConfig
 
@@ -105,6 +116,19 @@ class Guardrail:
 
 def _num(x: float) -> str:
     return repr(float(x)) if not float(x).is_integer() else str(int(x))
+
+
+def _bounded(name: str, query: str, bound: float, *, strict: bool = False) -> Guardrail:
+    """A guardrail that passes at or below `bound` and fails above it (`strict`: passes below
+    it and fails at it or above); any other value, NaN, is inconclusive."""
+    if strict:
+        return Guardrail(name, query, ("<", bound), (">=", bound))
+    return Guardrail(name, query, ("<=", bound), (">", bound))
+
+
+def _or_wait(query: str) -> str:
+    """`query`, or NaN (inconclusive) where it has no value."""
+    return f"({query} or on() vector(NaN))"
 
 
 def app_name(cfg: MlgateConfig) -> str:
@@ -195,7 +219,6 @@ def guardrails(cfg: MlgateConfig) -> tuple[Guardrail, ...]:
     for where PromQL differs)."""
     c = cfg.canary
     q = _Q(cfg)
-    nan = "vector(NaN)"
     enough = q.enough(c.min_requests)
 
     both = " * on() ".join(
@@ -208,9 +231,7 @@ def guardrails(cfg: MlgateConfig) -> tuple[Guardrail, ...]:
         f"({q.score_le('canary', '+Inf')} - {q.score_le('canary', '1.0')} "
         f"+ {q.score_le('canary', SCORE_LE[0])})"
     )
-    invalid = Guardrail(
-        "invalid-outputs", over, ("<=", c.max_invalid_outputs), (">", c.max_invalid_outputs)
-    )
+    invalid = _bounded("invalid-outputs", over, c.max_invalid_outputs)
 
     rate_c = f"({q.errors('canary')} / {q.requests('canary')})"
     rate_s = f"({q.errors('stable')} / ({q.requests('stable')} > 0) or vector(0))"
@@ -218,12 +239,12 @@ def guardrails(cfg: MlgateConfig) -> tuple[Guardrail, ...]:
     allowed = f"clamp_max({rate_s} + {_num(c.max_error_rate_delta)}, 1)"
     n_c = q.requests("canary")
     z = f"(({q.errors('canary')} - {n_c} * {allowed}) / sqrt({n_c} * {allowed} * (1 - {allowed})))"
-    error_rate = Guardrail(
+    error_rate = _bounded(
         "error-rate",
-        f"(({delta} and on() {enough}) or on() ({delta} and on() ({z} > {_Z_SIGNIFICANCE})) "
-        f"or on() {nan})",
-        ("<=", c.max_error_rate_delta),
-        (">", c.max_error_rate_delta),
+        _or_wait(
+            f"({delta} and on() {enough}) or on() ({delta} and on() ({z} > {_Z_SIGNIFICANCE}))"
+        ),
+        c.max_error_rate_delta,
     )
 
     lat = "mlgate_request_latency_seconds"
@@ -246,12 +267,7 @@ def guardrails(cfg: MlgateConfig) -> tuple[Guardrail, ...]:
         f"or on() (clamp_max({ratio} == {ratio}, {bound}) and on() {within}) "
         f"or on() vector(+Inf))"
     )
-    latency = Guardrail(
-        "latency-p99",
-        f"(({judged} and on() {enough}) or on() {nan})",
-        ("<=", c.max_p99_ratio),
-        (">", c.max_p99_ratio),
-    )
+    latency = _bounded("latency-p99", _or_wait(f"({judged} and on() {enough})"), c.max_p99_ratio)
 
     k = len(SCORE_LE)
     a = JEFFREYS_ALPHA
@@ -262,22 +278,56 @@ def guardrails(cfg: MlgateConfig) -> tuple[Guardrail, ...]:
     psi = f"sum(({share_c} - on(le) {share_s}) * on(le) ln({share_c} / on(le) {share_s}))"
     noise = f"({_num(chi2_quantile(k - 1))} * (1 / {n_c_scores} + 1 / on() {n_s_scores}))"
     bound_psi = _num(c.max_score_psi)
-    score_psi = Guardrail(
+    score_psi = _bounded(
         "score-psi",
-        f"((({psi} >= {bound_psi}) > on() {noise}) "
-        f"or on() (({psi} < {bound_psi}) and on() {enough}) or on() {nan})",
-        ("<", c.max_score_psi),
-        (">=", c.max_score_psi),
+        _or_wait(
+            f"(({psi} >= {bound_psi}) > on() {noise}) "
+            f"or on() (({psi} < {bound_psi}) and on() {enough})"
+        ),
+        c.max_score_psi,
+        strict=True,
     )
 
     least = q.fewest(q.requests("canary"), q.requests("stable"))
     min_requests = Guardrail(
         "min-requests",
-        f"(({least} >= {c.min_requests}) or on() {nan})",
+        _or_wait(f"({least} >= {c.min_requests})"),
         (">=", c.min_requests),
         ("<", 0),
     )
-    return (readable, invalid, error_rate, latency, score_psi, min_requests)
+    judged_cost = () if c.max_cost_ratio is None else (_cost_ratio(cfg, q, enough),)
+    return (readable, invalid, error_rate, latency, score_psi, *judged_cost, min_requests)
+
+
+def _cost_ratio(cfg: MlgateConfig, q: _Q, enough: str) -> Guardrail:
+    """canary.py's cost_ratio with checks/cost.py's formula: cost per 1,000 = (CPU s x price
+    per core-hour + GPU s x price per GPU-hour) / 3600 / rows x 1000 on each side, their
+    ratio (+Inf when only the stable's is 0, 1 when both are). A side without
+    `mlgate_cpu_seconds_total` fails at once (fail closed, +Inf); before both sides have
+    `min_requests` requests and rows scored, inconclusive. Only with `canary.max_cost_ratio`."""
+    c = cfg.canary
+    assert c.max_cost_ratio is not None
+    price_core, price_gpu = cfg.cost.price_per_core_hour, cfg.cost.price_per_gpu_hour
+
+    def per_1000(side: str) -> str:
+        cpu = q.inc("mlgate_cpu_seconds_total", side)
+        gpu = q.inc("mlgate_gpu_seconds_total", side)
+        rows = q.inc("mlgate_score_count", side)
+        spent = f"({cpu} * {_num(price_core)} + {gpu} * {_num(price_gpu)})"
+        return f"({spent} / {_num(SECONDS_PER_HOUR)} / {rows} * {_num(PER)})"
+
+    canary, stable = per_1000("canary"), per_1000("stable")
+    ratio = f"(({canary} / on() ({stable} > 0)) or on() (({canary} > 0) / 0) or on() vector(1))"
+    exported = " and on() ".join(
+        f"count(mlgate_cpu_seconds_total{{{q.sel(side)}}})" for side in ("canary", "stable")
+    )
+    rows = q.fewest(q.inc("mlgate_score_count", "canary"), q.inc("mlgate_score_count", "stable"))
+    judged = f"({ratio} and on() {enough} and on() ({rows} >= {c.min_requests}))"
+    return _bounded(
+        "cost-ratio",
+        _or_wait(f"(vector(+Inf) unless on() ({exported})) or on() {judged}"),
+        c.max_cost_ratio,
+    )
 
 
 # --- the objects ----------------------------------------------------------------------------
@@ -338,12 +388,20 @@ def analysis_template(cfg: MlgateConfig) -> dict[str, Any]:
     }
 
 
+def exposure(cfg: MlgateConfig) -> str:
+    """The pods' `serving.internal_endpoints`. Prometheus scrapes them from another pod, not
+    over loopback, so `local` would refuse it: `public` when the NetworkPolicy admits only
+    Prometheus and the `client_namespaces` to the port, else `key` (clients from anywhere
+    reach the same port as Prometheus; Prometheus then scrapes with an API key)."""
+    k = cfg.kubernetes
+    return "public" if k.network_policy and k.client_namespaces is not None else "key"
+
+
 def _container(cfg: MlgateConfig) -> dict[str, Any]:
     s = cfg.serving
     k = cfg.kubernetes
     env: list[dict[str, Any]] = [
-        # Prometheus scrapes the pods from another pod, not over loopback.
-        {"name": "MLGATE_SERVING__INTERNAL_ENDPOINTS", "value": "public"},
+        {"name": "MLGATE_SERVING__INTERNAL_ENDPOINTS", "value": exposure(cfg)},
         {
             "name": "MLGATE_API_KEYS",
             "valueFrom": {"secretKeyRef": {"name": k.api_keys_secret, "key": "MLGATE_API_KEYS"}},
@@ -424,14 +482,75 @@ def rollout(cfg: MlgateConfig) -> dict[str, Any]:
     }
 
 
+def latency_objective_s(cfg: MlgateConfig) -> float:
+    """The tightest latency a request is promised: the smaller of `slo.latency_p95_s` and
+    `slo.latency_p99_s`, else `serving.max_latency_ms` (past it the batcher sheds)."""
+    bounds = [b for b in (cfg.slo.latency_p95_s, cfg.slo.latency_p99_s) if b is not None]
+    return min(bounds) if bounds else cfg.serving.max_latency_ms / 1000.0
+
+
+def queued_rows_per_replica(cfg: MlgateConfig) -> int:
+    """KEDA's target of batcher queue depth per replica, in rows.
+
+    Little's law: rows in a replica's queue (waiting or being scored) = the rate rows arrive
+    x the time each spends there. At its planned load, `slo.capacity_rps` x
+    `slo.max_capacity_share`, with each row there no longer than the latency objective
+    (`latency_objective_s`), a replica holds capacity x share x objective rows: more, and
+    its rows wait past the objective, so KEDA adds replicas until the queue per replica is
+    back under it. `capacity_rps` is measured in one-row requests (`make bench`); larger
+    requests are scored faster per row, so the target errs towards scaling early. Without a
+    measured capacity: one full batch per worker (`serving.max_batch_size` x
+    `serving.workers`), what the replica scores in its next round of ONNX Runtime calls.
+    At least 1."""
+    s = cfg.slo
+    if s.capacity_rps is None:
+        return cfg.serving.max_batch_size * cfg.serving.workers
+    return max(1, math.floor(s.capacity_rps * s.max_capacity_share * latency_objective_s(cfg)))
+
+
+def in_flight_per_replica(cfg: MlgateConfig) -> int:
+    """KEDA's target of admitted, unanswered requests per replica: `slo.max_capacity_share`
+    of the admission bound (`serving.max_in_flight` per worker), so that replicas are added
+    before one sheds with 503s. At least 1."""
+    bound = cfg.serving.max_in_flight * cfg.serving.workers
+    return max(1, math.floor(bound * cfg.slo.max_capacity_share))
+
+
+def scaling_queries(cfg: MlgateConfig) -> dict[str, tuple[str, int]]:
+    """Each KEDA trigger's PromQL and its target per replica: the batcher's queue depth and
+    the in-flight requests of every pod of this model (stable and canary alike), averaged
+    over a minute of scrapes (a gauge read at one instant is mostly an empty queue between
+    two batches)."""
+    model = cfg.registry.model_name
+
+    def total(metric: str) -> str:
+        return f'(sum(avg_over_time({metric}{{model_name="{model}"}}[1m])) or vector(0))'
+
+    return {
+        "queue-depth": (total("mlgate_batcher_queued_rows"), queued_rows_per_replica(cfg)),
+        "in-flight": (total("mlgate_in_flight_requests"), in_flight_per_replica(cfg)),
+    }
+
+
 def scaled_object(cfg: MlgateConfig) -> dict[str, Any]:
-    """KEDA on the request rate per replica against its measured capacity; the floor from
-    Little's law (`min_replicas`)."""
+    """KEDA on the batcher's queue depth (and the in-flight requests) per replica, each an
+    AverageValue target (replicas = ceil(total / target), the larger of the two); the floor
+    from Little's law (`min_replicas`)."""
     name = app_name(cfg)
     floor = min_replicas(cfg)
-    assert cfg.slo.capacity_rps is not None  # min_replicas checked it
-    per_replica = cfg.slo.capacity_rps * cfg.slo.max_capacity_share
-    query = f'sum(rate(mlgate_requests_total{{model_name="{cfg.registry.model_name}"}}[2m]))'
+    triggers = [
+        {
+            "type": "prometheus",
+            "name": trigger,
+            "metricType": "AverageValue",
+            "metadata": {
+                "serverAddress": cfg.kubernetes.prometheus_address,
+                "query": query,
+                "threshold": str(target),
+            },
+        }
+        for trigger, (query, target) in scaling_queries(cfg).items()
+    ]
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -446,31 +565,71 @@ def scaled_object(cfg: MlgateConfig) -> dict[str, Any]:
             "maxReplicaCount": cfg.kubernetes.max_replicas,
             "pollingInterval": 15,
             "cooldownPeriod": 300,
-            "triggers": [
-                {
-                    "type": "prometheus",
-                    "metadata": {
-                        "serverAddress": cfg.kubernetes.prometheus_address,
-                        "query": query,
-                        "threshold": _num(per_replica),
-                    },
+            "triggers": triggers,
+        },
+    }
+
+
+def network_policy(cfg: MlgateConfig) -> dict[str, Any]:
+    """Ingress to the pods: their one port from the Prometheus pods and from the clients
+    (`kubernetes.client_namespaces`; None: from anywhere), nothing else. `/metrics` and
+    `/predict` share that port and a NetworkPolicy sees ports, not paths, so what keeps the
+    operator endpoints from the clients is the pods' `internal_endpoints` (`_exposure`)."""
+    k = cfg.kubernetes
+    port = [{"protocol": "TCP", "port": PORT}]
+    scrapers = {
+        "namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": k.prometheus_namespace}
+        },
+        "podSelector": {"matchLabels": dict(k.prometheus_pod_labels)},
+    }
+    clients: dict[str, Any] = {"ports": port}
+    if k.client_namespaces is not None:
+        clients["from"] = [
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {
+                            "key": "kubernetes.io/metadata.name",
+                            "operator": "In",
+                            "values": list(k.client_namespaces),
+                        }
+                    ]
                 }
-            ],
+            }
+        ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(cfg, app_name(cfg)),
+        "spec": {
+            "podSelector": {"matchLabels": {APP_LABEL: app_name(cfg)}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [scrapers], "ports": port}, clients],
         },
     }
 
 
 def render_manifests(cfg: MlgateConfig) -> list[dict[str, Any]]:
     """Every object, in the order `kubectl apply` should see them."""
-    return [*services(cfg), analysis_template(cfg), rollout(cfg), scaled_object(cfg)]
+    policy = [network_policy(cfg)] if cfg.kubernetes.network_policy else []
+    return [*policy, *services(cfg), analysis_template(cfg), rollout(cfg), scaled_object(cfg)]
 
 
 def file_name(obj: dict[str, Any]) -> str:
     return f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
 
 
+class _NoAliases(yaml.SafeDumper):
+    """Writes an object used twice (a probe, a port list) out again rather than as a YAML
+    anchor and alias: the manifests read as they are applied."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def to_yaml(obj: dict[str, Any]) -> str:
-    return yaml.safe_dump(obj, sort_keys=False, width=100)
+    return yaml.dump(obj, Dumper=_NoAliases, sort_keys=False, width=100)
 
 
 # --- offline validation ---------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The `mlgate deploy` commands: the serving tier rendered for a target platform.
 
 `render --target kubernetes --output DIR` writes one YAML file per object
-(`checks/kubernetes.py` builds them: Services, AnalysisTemplate, Rollout, ScaledObject),
-each validated offline first against the vendored CRD schemas and Kubernetes' own; it exits
-2 for another target or a config that lacks what the manifests need, and 1 when an object
-does not validate (nothing is written then).
+(`checks/kubernetes.py` builds them: NetworkPolicy, Services, AnalysisTemplate, Rollout,
+ScaledObject), each validated offline first against the vendored CRD schemas and
+Kubernetes' own; it exits 2 for another target or a config that lacks what the manifests
+need, and 1 when an object does not validate (nothing is written then). It says when the
+pods' `/metrics` will need an API key (`checks.kubernetes.exposure`), as Prometheus must then
+scrape with one.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def render(
         )
     from checks.kubernetes import (
         KubernetesRenderError,
+        exposure,
         file_name,
         render_manifests,
         to_yaml,
@@ -68,3 +71,9 @@ def render(
         f"{len(objects)} objects for namespace {cfg.kubernetes.namespace}: "
         f"kubectl apply --server-side -n {cfg.kubernetes.namespace} -f {output}"
     )
+    if exposure(cfg) == "key":
+        console.print(
+            "clients may reach the pods' port (kubernetes.client_namespaces unset), so their "
+            "/metrics needs an API key: give Prometheus one (mlgate keys create prometheus; "
+            "a bearer credentials_file in its scrape job)"
+        )

@@ -504,7 +504,9 @@ class KubernetesConfig(_Section):
     objects go, the image (`<registry>/mlgate:<tag>`, `mlgate-gpu` when serving.gpus > 0, as
     `bentoml containerize` tags the bentofiles' bentos), the Secret holding MLGATE_API_KEYS,
     the Prometheus the canary analysis and KEDA query, and the load the replica floor is sized
-    for: `expected_peak_rps` over slo.capacity_rps (Little's law)."""
+    for: `expected_peak_rps` over slo.capacity_rps (Little's law). The NetworkPolicy admits
+    the service's port from the Prometheus pods (`prometheus_namespace`, `prometheus_pod_labels`)
+    and from clients in `client_namespaces` (None: from anywhere, in or outside the cluster)."""
 
     namespace: str = Field(default="mlgate", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     image_registry: str | None = None
@@ -517,6 +519,14 @@ class KubernetesConfig(_Section):
     max_replicas: int = Field(default=10, ge=1)
     cpu: str = "1"
     memory: str = "2Gi"
+    network_policy: bool = True
+    prometheus_namespace: str = Field(
+        default="monitoring", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+    )
+    prometheus_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "prometheus"}, min_length=1
+    )
+    client_namespaces: tuple[str, ...] | None = None
 
 
 class OrchestrationConfig(_Section):

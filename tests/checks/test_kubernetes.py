@@ -1,43 +1,43 @@
 """The Kubernetes manifests (checks/kubernetes.py): every object validates offline against the
 vendored CRD schemas and kubernetes-validate, and a broken one is refused; the GPU variant;
-the Rollout's steps; and the AnalysisTemplate's queries under `promtool test rules`, each
-guardrail's success and failure conditions turned into alerting rules over synthetic series
-of the service's metric names, agreeing with checks/canary.py on the same numbers.
+the Rollout's steps; the scaling targets; the NetworkPolicy and the exposure it allows; the
+cost guardrail only when judged. The PromQL itself runs under promtool in
+test_kubernetes_promtool.py.
 """
 
 from __future__ import annotations
 
 import copy
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from checks.canary import GUARDRAILS, Histogram, VariantWindow, check_canary_step
 from checks.kubernetes import (
     BENTO_CPU,
     BENTO_GPU,
+    PORT,
     KubernetesRenderError,
     analysis_template,
+    exposure,
     guardrails,
+    in_flight_per_replica,
     min_replicas,
+    network_policy,
+    queued_rows_per_replica,
     render_manifests,
     rollout,
     scaled_object,
+    to_yaml,
     validate_manifest,
 )
-from checks.result import GateStatus
 from models.config import MlgateConfig, load_config
-from services.metrics import LATENCY_BUCKETS_S, SCORE_BUCKETS
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.fast
 
 ROOT = Path(__file__).resolve().parents[2]
-PROMTOOL = shutil.which("promtool")
 
 
 def _cfg(tmp_path: Path, **overrides: dict[str, Any]) -> MlgateConfig:
@@ -58,6 +58,7 @@ def _container(obj: dict[str, Any]) -> dict[str, Any]:
 def test_every_object_validates(tmp_path: Path) -> None:
     objects = render_manifests(_cfg(tmp_path))
     assert [o["kind"] for o in objects] == [
+        "NetworkPolicy",
         "Service",
         "Service",
         "AnalysisTemplate",
@@ -66,6 +67,9 @@ def test_every_object_validates(tmp_path: Path) -> None:
     ]
     for obj in objects:
         assert validate_manifest(obj) == [], obj["kind"]
+        # Written out as applied: no YAML anchors for objects used twice (probes, ports).
+        text = to_yaml(obj)
+        assert "&id" not in text and yaml.safe_load(text) == obj
 
 
 def test_gpu_config_gives_cuda_image_and_gpu_limit(tmp_path: Path) -> None:
@@ -112,6 +116,7 @@ def test_replica_floor_is_littles_law(tmp_path: Path) -> None:
         ("Rollout", ("spec", "replicas"), "4", "is not of type 'integer'"),
         ("AnalysisTemplate", ("spec", "metrics"), {"name": "x"}, "is not of type 'array'"),
         ("Service", ("spec", "ports"), [{"port": "http"}], "port"),
+        ("NetworkPolicy", ("spec", "policyTypes"), "Ingress", "is not of type 'array'"),
     ],
 )
 def test_a_broken_manifest_is_refused(
@@ -135,197 +140,99 @@ def test_rollout_pod_template_is_checked_as_kubernetes_pod(tmp_path: Path) -> No
     assert errors and all("Rollout pod template" in e for e in errors), errors
 
 
-# --- the analysis queries under promtool -----------------------------------------------------
-
-STEP_S = 15
-WINDOW_STEPS = 4  # canary.interval_s 60 s: four 15 s scrapes
-CANARY, STABLE = "c4n4ry", "st4bl3"
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(float(bound))
-
-
-def _side_series(
-    model: str, side: str, ok: int, err: int, latency: list[int], scores: list[int]
-) -> list[dict[str, str]]:
-    """Counters growing by these amounts every scrape (per bucket, not cumulative)."""
-    base = f'model_name="{model}",rollouts_pod_template_hash="{side}"'
-    out = [
-        {"series": f"mlgate_model_info{{{base}}}", "values": "1+0x40"},
-        {"series": f'mlgate_requests_total{{{base},status="200"}}', "values": f"0+{ok}x40"},
-        {"series": f'mlgate_requests_total{{{base},status="500"}}', "values": f"0+{err}x40"},
-    ]
-    for metric, bounds, counts in (
-        ("mlgate_request_latency_seconds", (*LATENCY_BUCKETS_S, float("inf")), latency),
-        ("mlgate_score", (*SCORE_BUCKETS, float("inf")), scores),
-    ):
-        assert len(bounds) == len(counts)
-        cumulative = 0
-        for bound, c in zip(bounds, counts, strict=True):
-            cumulative += c
-            out.append(
-                {
-                    "series": f'{metric}_bucket{{{base},le="{_le(bound)}"}}',
-                    "values": f"0+{cumulative}x40",
-                }
-            )
-        out.append({"series": f"{metric}_count{{{base}}}", "values": f"0+{cumulative}x40"})
-    return out
-
-
-def _window(side: str, ok: int, err: int, latency: list[int], scores: list[int]) -> VariantWindow:
-    n = WINDOW_STEPS
-    return VariantWindow(
-        variant=side,
-        version="1",
-        seconds=STEP_S * n,
-        requests=(ok + err) * n,
-        server_errors=err * n,
-        latency=Histogram((*LATENCY_BUCKETS_S, float("inf")), tuple(float(c * n) for c in latency)),
-        scores=Histogram((*SCORE_BUCKETS, float("inf")), tuple(float(c * n) for c in scores)),
-    )
-
-
-def _latency(fast: int, slow: int = 0) -> list[int]:
-    counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
-    counts[3] = fast  # <= 5 ms
-    counts[7] = slow  # 50-100 ms
-    return counts
-
-
-def _scores(low: int, high: int, invalid: int = 0) -> list[int]:
-    counts = [0] * (len(SCORE_BUCKETS) + 1)
-    counts[5] = low  # 0.2-0.25
-    counts[16] = high  # 0.75-0.8
-    counts[-1] = invalid  # above 1 or NaN
-    return counts
-
-
-# (stable, canary) per-scrape numbers: ok, errors, latency buckets, score buckets.
-SCENARIOS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
-    "passing": (
-        (99, 1, _latency(100), _scores(70, 30)),
-        (99, 1, _latency(100), _scores(70, 30)),
-    ),
-    "failing": (
-        (99, 1, _latency(100), _scores(70, 30)),
-        (70, 30, _latency(40, 60), _scores(20, 78, invalid=2)),
-    ),
-    "too-little-traffic": (
-        (10, 0, _latency(10), _scores(7, 3)),
-        (10, 0, _latency(10), _scores(7, 3)),
-    ),
-    # Below min_requests, but errors and a score shift that chance would not give: failures.
-    "early-failure": (
-        (10, 0, _latency(10), _scores(7, 3)),
-        (5, 15, _latency(20), _scores(0, 20)),
-    ),
-}
-# checks/canary.py's guardrail for each AnalysisTemplate metric.
-CANARY_NAMES = {
-    "metrics-readable": "metrics",
-    "invalid-outputs": "invalid_outputs",
-    "error-rate": "error_rate",
-    "latency-p99": "latency_p99",
-    "score-psi": "score_psi",
-    "min-requests": "min_requests",
-}
-
-
-def _alert(name: str, which: str) -> str:
-    return f"{name.replace('-', '_')}_{which}"
-
-
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_analysis_queries_agree_with_canary_gate(tmp_path: Path, scenario: str) -> None:
-    # Like tests/checks/test_slo_rules_promtool.py: no promtool is an error, never a skip.
-    if PROMTOOL is None:
-        pytest.fail("promtool is not installed; on Debian or Ubuntu: apt-get install -y prometheus")
-    cfg = _cfg(tmp_path)
-    assert cfg.canary.interval_s == STEP_S * WINDOW_STEPS
-    stable_numbers, canary_numbers = SCENARIOS[scenario]
-    result = check_canary_step(
-        _window("stable", *stable_numbers),
-        _window("canary", *canary_numbers),
-        cfg.canary,
-        step_percent=25,
-    )
-    # With both sides readable every guardrail has its row, in GUARDRAILS order.
-    assert len(result.checks) == len(GUARDRAILS)
-    statuses = {g: row.status for g, row in zip(GUARDRAILS, result.checks, strict=True)}
-
-    rules = []
-    tests = []
-    for g in guardrails(cfg):
-        query = g.query.replace("{{args.canary-hash}}", CANARY).replace(
-            "{{args.stable-hash}}", STABLE
-        )
-        for which, (op, bound) in (("success", g.success), ("failure", g.failure)):
-            rules.append(
-                {
-                    "alert": _alert(g.name, which),
-                    "expr": f"({query}) {op} {bound!r}",
-                    "labels": {"guardrail": g.name},
-                }
-            )
-        expected = statuses[CANARY_NAMES[g.name]]
-        for which, status in (("success", GateStatus.PASS), ("failure", GateStatus.FAIL)):
-            tests.append(
-                {
-                    "eval_time": "5m",
-                    "alertname": _alert(g.name, which),
-                    "exp_alerts": [{"exp_labels": {"guardrail": g.name}}]
-                    if expected is status
-                    else [],
-                }
-            )
-    model = cfg.registry.model_name
-    series = [
-        *_side_series(model, STABLE, *stable_numbers),
-        *_side_series(model, CANARY, *canary_numbers),
-    ]
-    (tmp_path / "rules.yaml").write_text(
-        yaml.safe_dump({"groups": [{"name": "guardrails", "rules": rules}]})
-    )
-    (tmp_path / "test.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "rule_files": ["rules.yaml"],
-                "evaluation_interval": f"{STEP_S}s",
-                "tests": [
-                    {"interval": f"{STEP_S}s", "input_series": series, "alert_rule_test": tests}
-                ],
-            }
-        )
-    )
-    run = subprocess.run(
-        [PROMTOOL, "test", "rules", "test.yaml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert run.returncode == 0, f"canary.py: {statuses}\n{run.stdout}\n{run.stderr}"
-    # The scenarios do what their names say, so the agreement is not trivially all-waiting.
-    seen = {
-        "passing": {GateStatus.PASS},
-        "failing": {GateStatus.FAIL, GateStatus.PASS},
-        "too-little-traffic": {GateStatus.INCONCLUSIVE, GateStatus.PASS},
-        "early-failure": {GateStatus.FAIL, GateStatus.INCONCLUSIVE, GateStatus.PASS},
-    }[scenario]
-    assert set(statuses.values()) == seen
-    assert result.status is {
-        "passing": GateStatus.PASS,
-        "too-little-traffic": GateStatus.INCONCLUSIVE,
-    }.get(scenario, GateStatus.FAIL)
+GUARDRAIL_NAMES = [
+    "metrics-readable",
+    "invalid-outputs",
+    "error-rate",
+    "latency-p99",
+    "score-psi",
+    "min-requests",
+]
 
 
 def test_analysis_template_counts_and_limits(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     metrics = analysis_template(cfg)["spec"]["metrics"]
-    assert {m["name"] for m in metrics} == set(CANARY_NAMES)
+    assert [m["name"] for m in metrics] == GUARDRAIL_NAMES
     for m in metrics:
         assert m["failureLimit"] == 0
         assert m["inconclusiveLimit"] == m["count"] - 1
+
+
+def test_cost_ratio_is_a_metric_only_when_judged(tmp_path: Path) -> None:
+    # canary.max_cost_ratio unset: canary.py reports the ratio without judging it.
+    assert "cost-ratio" not in [g.name for g in guardrails(_cfg(tmp_path))]
+    cfg = _cfg(
+        tmp_path,
+        canary={"max_cost_ratio": 1.25},
+        cost={"price_per_core_hour": 0.07, "price_per_gpu_hour": 2.5},
+    )
+    template = analysis_template(cfg)
+    assert validate_manifest(template) == []
+    cost = next(m for m in template["spec"]["metrics"] if m["name"] == "cost-ratio")
+    assert cost["successCondition"] == "result[0] <= 1.25"
+    assert cost["failureCondition"] == "result[0] > 1.25"
+    query = cost["provider"]["prometheus"]["query"]
+    for part in ("mlgate_cpu_seconds_total", "mlgate_gpu_seconds_total", "* 0.07", "* 2.5"):
+        assert part in query
+
+
+def test_scaling_targets_from_littles_law(tmp_path: Path) -> None:
+    # 100 rps x 80 % x the 50 ms p95 objective: 4 rows queued per replica.
+    cfg = _cfg(tmp_path)
+    assert queued_rows_per_replica(cfg) == 4
+    # The tighter objective counts: a p99 of 20 ms under a p95 of 50 ms.
+    assert queued_rows_per_replica(_cfg(tmp_path, slo={"latency_p99_s": 0.02})) == 1
+    faster = _cfg(tmp_path, slo={"capacity_rps": 2000.0, "latency_p95_s": 0.1})
+    assert queued_rows_per_replica(faster) == 160
+    # No measured capacity: one full batch per worker.
+    unmeasured = load_config(write_config(tmp_path, serving={"max_batch_size": 64, "workers": 3}))
+    assert queued_rows_per_replica(unmeasured) == 192
+    # In flight: 80 % of the admission bound, max_in_flight per worker.
+    assert in_flight_per_replica(_cfg(tmp_path, serving={"max_in_flight": 50, "workers": 2})) == 80
+    triggers = scaled_object(cfg)["spec"]["triggers"]
+    assert [t["name"] for t in triggers] == ["queue-depth", "in-flight"]
+    queue = triggers[0]["metadata"]
+    assert queue["threshold"] == "4"
+    assert 'mlgate_batcher_queued_rows{model_name="churn"}' in queue["query"]
+    assert all(t["metricType"] == "AverageValue" for t in triggers)
+
+
+def test_network_policy_admits_prometheus_and_the_clients(tmp_path: Path) -> None:
+    # Clients from anywhere: the port is open to them, so the operator endpoints need a key.
+    anywhere = _cfg(tmp_path)
+    rules = network_policy(anywhere)["spec"]["ingress"]
+    scrapers = rules[0]["from"][0]
+    assert scrapers["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    assert scrapers["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert "from" not in rules[1] and rules[1]["ports"] == [{"protocol": "TCP", "port": PORT}]
+    assert exposure(anywhere) == "key"
+    env = {e["name"]: e.get("value") for e in _container(rollout(anywhere))["env"]}
+    assert env["MLGATE_SERVING__INTERNAL_ENDPOINTS"] == "key"
+
+    confined = _cfg(
+        tmp_path,
+        kubernetes={
+            "client_namespaces": ["shop", "ingress-nginx"],
+            "prometheus_namespace": "observability",
+            "prometheus_pod_labels": {"app": "prom"},
+        },
+    )
+    policy = network_policy(confined)
+    assert validate_manifest(policy) == []
+    scrapers, clients = (rule["from"][0] for rule in policy["spec"]["ingress"])
+    assert scrapers["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == (
+        "observability"
+    )
+    assert scrapers["podSelector"]["matchLabels"] == {"app": "prom"}
+    assert clients["namespaceSelector"]["matchExpressions"][0]["values"] == [
+        "shop",
+        "ingress-nginx",
+    ]
+    assert exposure(confined) == "public"
+    # Without the policy nothing confines the port: a key again.
+    off = _cfg(tmp_path, kubernetes={"client_namespaces": ["shop"], "network_policy": False})
+    assert exposure(off) == "key"
+    assert "NetworkPolicy" not in [o["kind"] for o in render_manifests(off)]

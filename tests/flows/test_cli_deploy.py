@@ -37,7 +37,14 @@ def test_render_writes_valid_manifests(tmp_path: Path) -> None:
         assert validate_manifest(obj) == [], path.name
         assert path.name in output.replace("\n", "")
         kinds.append(obj["kind"])
-    assert sorted(kinds) == ["AnalysisTemplate", "Rollout", "ScaledObject", "Service", "Service"]
+    assert sorted(kinds) == [
+        "AnalysisTemplate",
+        "NetworkPolicy",
+        "Rollout",
+        "ScaledObject",
+        "Service",
+        "Service",
+    ]
     rollout = yaml.safe_load(next(p for p in files if p.name.startswith("rollout-")).read_text())
     container = rollout["spec"]["template"]["spec"]["containers"][0]
     assert container["image"].startswith(f"{BENTO_GPU}:")
@@ -46,6 +53,18 @@ def test_render_writes_valid_manifests(tmp_path: Path) -> None:
         next(p for p in files if p.name.startswith("scaledobject-")).read_text()
     )
     assert scaled["spec"]["minReplicaCount"] == 3
+    # Clients from anywhere share the port with Prometheus: the pods' /metrics needs a key.
+    assert "needs an API key" in output.replace("\n", " ")
+
+
+def test_confined_clients_leave_metrics_public(tmp_path: Path) -> None:
+    sized = {**SIZED, "kubernetes": {"expected_peak_rps": 120.0, "client_namespaces": ["shop"]}}
+    config = write_config(tmp_path, **sized)
+    code, output = _render(config, tmp_path / "k8s")
+    assert code == 0, output
+    assert "API key" not in output
+    policy = yaml.safe_load(next((tmp_path / "k8s").glob("networkpolicy-*.yaml")).read_text())
+    assert validate_manifest(policy) == []
 
 
 def test_other_targets_are_refused(tmp_path: Path) -> None:
