@@ -25,6 +25,8 @@ compute limit), and with `--profile` (needs py-spy) where our worker spends its 
 connections.
 
 Run: .venv/bin/python bench/serving.py [--seconds 8] [--profile]
+     .venv/bin/python bench/serving.py --tail-ab   (only the single-row tail's A/B: wrk
+     sharing the CPUs with ours and the floor against wrk on a CPU of its own; prints)
 """
 
 from __future__ import annotations
@@ -375,6 +377,8 @@ def run_wrk(
         str(script),
         f"{server.url}{server.path}",
     ]
+    if "Accept" in server.headers:
+        cmd[1:1] = ["-H", f"Accept: {server.headers['Accept']}"]
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]
     try:
@@ -1063,7 +1067,9 @@ def run(args: argparse.Namespace, work: Path, started: float) -> int:
 
         results += drive(ours, rows, work, script, args.seconds, args.max_requests, at_c32)
         for fmt, label in (("columns", "columnar JSON"), ("arrow", "Arrow")):
-            variant = Server(f"ours, {label}", ours.url, ours.path, auth, body_format=fmt)
+            # A bulk Arrow client reads its answer as Arrow too (README "Bulk requests").
+            headers = {**auth, "Accept": ARROW_STREAM} if fmt == "arrow" else auth
+            variant = Server(f"ours, {label}", ours.url, ours.path, headers, body_format=fmt)
             results += drive(
                 variant, rows, work, script, args.seconds, args.max_requests, connections=(32,)
             )
@@ -1252,7 +1258,7 @@ def render(
         "session, bench/apps/mlserver_onnx.py; adaptive batching up to 32 requests or 2 ms; "
         "the V2 inference protocol, one input per feature). **ours, columnar JSON** and "
         '**ours, Arrow** are ours with the same rows as `{"columns": ...}` JSON and as an '
-        "Arrow IPC stream. Load: wrk, one thread, "
+        "Arrow IPC stream (answered as Arrow too: `Accept`). Load: wrk, one thread, "
         f"{args.seconds:g} s per load (at most {args.max_requests:,} requests), after a 1 s "
         "warm-up; wrk runs on the same 2 cores.",
         "",
