@@ -1175,6 +1175,10 @@ under the same wrk load, 3 x 8 s, with probes injected through a `sitecustomize`
   Arrow tables); `sys.setswitchinterval(0.001)` against the default 5 ms made no
   difference beyond the run-to-run noise (tail ratios 5.0, 3.0, 2.9 and 6.2, 11.8, 3.9
   against 3.0, 5.3, 17.2 at load average 4-5), so nothing was changed for it.
+- The inference log writer: ours with and without `serving.inference_log_dir`, both up,
+  rounds alternating (8 s, 32 connections, load average 2.6-2.8): with the log 5.0x, 2.8x,
+  4.4x (3,954, 4,419, 3,916 req/s); without 5.7x, 3.9x, 3.8x (3,776, 4,007, 3,929): not
+  the tail.
 - The load generator: `bench/serving.py --tail-ab` (ours and the floor, 1 row at 32
   connections, 8 s loads, 3 rounds alternating A: wrk and the servers on both CPUs, as the
   full run; B: wrk on CPU 1 alone, the server on CPU 0; C: wrk on CPU 1, the server on
