@@ -48,12 +48,14 @@ START_TIMEOUT_S = 300.0
 @dataclass(frozen=True)
 class Outcome:
     """One request: its status (0: no answer), latency from its scheduled start, its
-    Retry-After header, and the transport error if any."""
+    Retry-After header, the transport error if any, and how late the generator itself began
+    it (`lag_s`: part of the latency that is the 2-core host's, not the service's)."""
 
     status: int
     latency_s: float
     retry_after: str | None = None
     error: str | None = None
+    lag_s: float = 0.0
 
 
 def http_request(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -123,11 +125,12 @@ async def open_loop(
     start = loop.time() + 0.05
 
     async def one(at: float) -> Outcome:
+        lag = loop.time() - at
         try:
             status, headers = await asyncio.wait_for(pool.exchange(request), timeout_s)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as err:
-            return Outcome(0, loop.time() - at, error=type(err).__name__)
-        return Outcome(status, loop.time() - at, headers.get("retry-after"))
+            return Outcome(0, loop.time() - at, error=type(err).__name__, lag_s=lag)
+        return Outcome(status, loop.time() - at, headers.get("retry-after"), lag_s=lag)
 
     tasks = []
     for i in range(n):
@@ -168,10 +171,11 @@ async def closed_loop_rate(
 def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
     """Counts by outcome and the accepted (200) requests' latency percentiles, in ms."""
     accepted = np.array([o.latency_s for o in outcomes if o.status == 200]) * 1000.0
+    lags = np.array([o.lag_s for o in outcomes if o.status == 200]) * 1000.0
     shed = [o for o in outcomes if o.status == 503]
 
-    def pct(q: float) -> float:
-        return float(np.percentile(accepted, q)) if len(accepted) else float("nan")
+    def pct(q: float, values: np.ndarray = accepted) -> float:
+        return float(np.percentile(values, q)) if len(values) else float("nan")
 
     return {
         "sent": len(outcomes),
@@ -182,6 +186,7 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
         "no_answer": sum(o.status == 0 for o in outcomes),
         "p50_ms": pct(50),
         "p99_ms": pct(99),
+        "lag_p99_ms": pct(99, lags),
         "max_ms": float(accepted.max()) if len(accepted) else float("nan"),
     }
 
@@ -363,18 +368,20 @@ def render(
         f"(the batcher's deadline); capacity {capacity:.0f} requests/s measured closed-loop "
         f"({args.connections} connections, {args.seconds:g} s). Each load: open-loop, "
         f"{args.seconds:g} s, latency from each request's scheduled start. Load average "
-        f"{load_avg} (a shared 2-core host: ratios, not absolutes).",
+        f"{load_avg} (a shared 2-core host: ratios, not absolutes). Generator lag: how late "
+        "the generator, on the same 2 cores, began an accepted request (in its latency).",
         "",
         "| load | offered/s | sent | accepted | shed 503 | with Retry-After | 503 in /metrics "
-        "| other | no answer | accepted p50 ms | accepted p99 ms | p99 1st half | p99 2nd half |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| other | no answer | accepted p50 ms | accepted p99 ms | p99 1st half | p99 2nd half "
+        "| generator lag p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for factor, rate, s, counted, first, second in loads:
         lines.append(
             f"| {factor:g}x | {rate:.0f} | {s['sent']} | {s['accepted']} | {s['shed']} "
             f"| {s['shed_with_retry_after']} | {counted:.0f} | {s['other_status']} "
             f"| {s['no_answer']} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {first:.1f} "
-            f"| {second:.1f} |"
+            f"| {second:.1f} | {s['lag_p99_ms']:.1f} |"
         )
     lines += [
         "",
