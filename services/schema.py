@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -380,6 +380,13 @@ def find_repeated_key(body: bytes, features: Sequence[str]) -> list[str | int] |
             seen.add(key)
         closed_rows += 1
 
+    loc: list[str | int] | None = _first_repeated(body, check)
+    return loc
+
+
+def _first_repeated(body: bytes, check: Callable[[list[tuple[str, Any]]], Any]) -> Any:
+    """Parse `body` with `check` on every object's pairs: the place of the repeated key it
+    raised, or None when none repeats or the body is not JSON the standard library reads."""
     try:
         json.loads(body, object_pairs_hook=check)
     except _RepeatedKey as repeated:
@@ -738,10 +745,5 @@ def _repeated_column(body: bytes) -> list[str | int] | None:
             seen.add(key)
         return dict(pairs)
 
-    try:
-        json.loads(body, object_pairs_hook=check)
-    except _RepeatedKey as repeated:
-        return repeated.loc
-    except (ValueError, RecursionError):
-        return None
-    return None
+    loc: list[str | int] | None = _first_repeated(body, check)
+    return loc

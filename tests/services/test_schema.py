@@ -18,6 +18,7 @@ from models.config import DatasetConfig
 from models.train import MISSING_CATEGORY
 from services.schema import (
     FLOAT32_MAX,
+    ColumnarDecoder,
     RequestDecoder,
     RequestError,
     RowBlock,
@@ -193,6 +194,28 @@ def test_duplicated_key_is_a_422_naming_it(
     message = info.value.payload["error"]
     assert "duplicate" in message and named in message
     assert "JSON" not in message
+    assert info.value.payload["detail"][0]["type"] == "duplicate_key"
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"columns": {"a": [1], "b": [1], "a": [2], "p": ["x"]}}', "columns.a"),
+        (
+            b'{"columns": {"a": [1], "b": [1], "p": ["x"]}, '
+            b'"columns": {"a": [2], "b": [2], "p": ["y"]}}',
+            "columns",
+        ),
+    ],
+    ids=["column", "top-level"],
+)
+def test_a_repeated_column_is_a_422_naming_it(body: bytes, named: str) -> None:
+    columnar = ColumnarDecoder(["a", "b"], ["p"], MAX_ROWS)
+    assert columnar.decode_json(b'{"columns": {"a": [1], "b": [1], "p": ["a:b"]}}').n == 1
+    with pytest.raises(RequestError) as info:
+        columnar.decode_json(body)
+    assert info.value.status == 422
+    assert f"duplicate key {named}" in info.value.payload["error"]
     assert info.value.payload["detail"][0]["type"] == "duplicate_key"
 
 
