@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,27 @@ def copy_registry(
     config_path = root / "mlgate.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return config_path
+
+
+@contextmanager
+def serving_with(registry: Registry, work: Path, serving_keys: dict[str, Any]) -> Iterator[Any]:
+    """A `bentoml serve` of the serving registry's @champion with these `serving:` keys (its
+    config and BentoML home under `work`), ready; stopped on exit."""
+    from models.model_ref import ModelRef
+    from services.launcher import start_service
+
+    raw = yaml.safe_load(registry.config_path.read_text())
+    raw["serving"].update(serving_keys)
+    config_path = work / "mlgate.yaml"
+    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with start_service(
+        config_path,
+        ModelRef(registry.model_name, alias=CHAMPION_ALIAS),
+        port=free_port(),
+        env={"BENTOML_HOME": str(work / "home"), "MLGATE_API_KEYS": ENV_KEYS},
+    ) as proc:
+        proc.wait_ready(timeout=300.0)
+        yield proc
 
 
 def free_port() -> int:

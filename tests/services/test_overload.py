@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 
 from bench.overload import (
     closed_loop_rate,
@@ -26,10 +25,8 @@ from bench.overload import (
     open_loop,
     summarize,
 )
-from models.model_ref import ModelRef
-from models.registry_layout import CHAMPION_ALIAS
-from services.launcher import ServiceProcess, start_service
-from tests.services.conftest import AUTH, ENV_KEYS, Registry, free_port
+from services.launcher import ServiceProcess
+from tests.services.conftest import AUTH, Registry, serving_with
 from tests.services.test_service import request_rows
 
 pytestmark = pytest.mark.integration
@@ -48,17 +45,9 @@ def server(
     registry: Registry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
     work = tmp_path_factory.mktemp("overload")
-    raw = yaml.safe_load(registry.config_path.read_text())
-    raw["serving"].update({"max_latency_ms": MAX_LATENCY_MS, "max_in_flight": MAX_IN_FLIGHT})
-    config_path = work / "mlgate.yaml"
-    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    with start_service(
-        config_path,
-        ModelRef(registry.model_name, alias=CHAMPION_ALIAS),
-        port=free_port(),
-        env={"BENTOML_HOME": str(work / "home"), "MLGATE_API_KEYS": ENV_KEYS},
+    with serving_with(
+        registry, work, {"max_latency_ms": MAX_LATENCY_MS, "max_in_flight": MAX_IN_FLIGHT}
     ) as proc:
-        proc.wait_ready(timeout=300.0)
         yield proc
 
 
