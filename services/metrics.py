@@ -250,30 +250,29 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=reg,
         )
+
         # Labelled without the version: the load is the worker's, whichever model it serves.
-        load_labels = (model_name, variant)
-        self._queued_rows = Gauge(
+        def load_gauge(name: str, documentation: str) -> Any:
+            return Gauge(
+                name,
+                documentation,
+                ("model_name", "variant"),
+                registry=reg,
+                multiprocess_mode="livesum",
+            ).labels(model_name, variant)
+
+        self._queued_rows = load_gauge(
             QUEUED_ROWS_METRIC,
             "Rows in the adaptive batcher's queue, waiting or being scored (all workers).",
-            ("model_name", "variant"),
-            registry=reg,
-            multiprocess_mode="livesum",
-        ).labels(*load_labels)
-        self._in_flight = Gauge(
-            IN_FLIGHT_METRIC,
-            "Prediction requests admitted and not yet scored (all workers).",
-            ("model_name", "variant"),
-            registry=reg,
-            multiprocess_mode="livesum",
-        ).labels(*load_labels)
-        self._max_in_flight = Gauge(
+        )
+        self._in_flight = load_gauge(
+            IN_FLIGHT_METRIC, "Prediction requests admitted and not yet scored (all workers)."
+        )
+        self._max_in_flight = load_gauge(
             MAX_IN_FLIGHT_METRIC,
             "Requests the workers admit at once before shedding with 503: serving.max_in_flight "
             "per worker, summed over the workers.",
-            ("model_name", "variant"),
-            registry=reg,
-            multiprocess_mode="livesum",
-        ).labels(*load_labels)
+        )
         self._load: Callable[[], tuple[int, int]] | None = None
         self._families = (latency, rows, batch, scores, log_rows, info, fallback)
         self._seconds_families = (cpu_seconds, gpu_seconds)
