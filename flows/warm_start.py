@@ -17,7 +17,9 @@ directory, nor run a module as `__main__`). This server is that missing piece, k
 - The child leads a session of its own. The client forwards the signals the worker sends it
   (cancellation), and a client that vanishes (its worker SIGKILLed) gets its child's whole
   session SIGKILLed: a run dies with its worker as a cold one does, so the heartbeat
-  automation (flows/deploy.py) sees it stop.
+  automation (flows/deploy.py) sees it stop. A run gets SIGTERM when the warm process itself
+  dies, SIGKILL included (PR_SET_PDEATHSIG): its client has then exited 1, and a run left
+  going would write to the client's terminal and the registry with nobody waiting for it.
 - A run forked here runs the mlgate code imported at start: once a file of mlgate's packages
   changes (a `git pull` on the workers' checkout), new runs are sent back to start cold and
   the process re-executes itself, with fresh imports, when its last run has ended (checked
@@ -48,6 +50,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.processes import die_with_parent_preexec
 
 # What a flow run imports on its way, eagerly or inside its tasks.
 PRELOAD = (
@@ -271,6 +275,7 @@ def _accept(
         message, fds = _read_message(conn)
         if stale:
             raise WarmStartError("mlgate's code changed since this process imported it")
+        on_server_death = die_with_parent_preexec(signal.SIGTERM)
         pid = os.fork()
     except Exception as err:
         for fd in fds:
@@ -281,7 +286,7 @@ def _accept(
         return None
     if pid == 0:
         inherited = [listener, conn, *(r.conn for r in runs.values())]
-        _child(message, fds, inherited, selector, module, extra_env or {})
+        _child(message, fds, inherited, selector, module, extra_env or {}, on_server_death)
     for fd in fds:
         os.close(fd)
     env = message.get("env")
@@ -367,12 +372,15 @@ def _child(
     selector: selectors.BaseSelector,
     module: str,
     extra_env: dict[str, str],
+    on_server_death: Callable[[], None] | None = None,
 ) -> None:
     """The forked run: never returns to the server's loop."""
     code = 1
     try:
         os.setsid()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if on_server_death is not None:
+            on_server_death()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         selector.close()
         for sock in inherited:

@@ -121,6 +121,22 @@ def test_a_client_killed_with_its_worker_takes_its_run_down(warm, tmp_path: Path
     _wait("the run to go", lambda: not pid_alive(report["pid"]), timeout=10)
 
 
+def test_a_warm_process_killed_takes_its_runs_down(warm, tmp_path: Path):
+    server, sockets = warm
+    client = _client(sockets, tmp_path, "sleep")
+    assert client.stdout is not None
+    report = json.loads(client.stdout.readline())
+    server.kill()  # SIGKILL: no handler of the warm process runs
+    server.wait(timeout=30)
+    # The run got SIGTERM from the kernel (PR_SET_PDEATHSIG) and ran its own handler.
+    _wait("the run to go", lambda: not pid_alive(report["pid"]), timeout=10)
+    out, _ = client.communicate(timeout=60)
+    assert f"got signal {signal.SIGTERM}" in out
+    assert client.returncode != 0
+    # A SIGKILLed process cannot remove its socket; the fixture checks a clean exit's.
+    socket_path(sockets, WORKER).unlink()
+
+
 def test_two_runs_at_once_are_two_children(warm, tmp_path: Path):
     _, sockets = warm
     first = _client(sockets, tmp_path, "sleep")
