@@ -252,6 +252,7 @@ class ModelRuntime:
         metrics read this runtime's queue and requests in flight from now on."""
         self.ready = True
         self.metrics.watch_load(self._load, self.max_in_flight)
+        self.metrics.watch_shadow(lambda: self.shadow)
         loop = asyncio.get_running_loop()
 
         def flush_metrics() -> None:

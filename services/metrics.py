@@ -84,6 +84,9 @@ QUEUED_ROWS_METRIC = "mlgate_batcher_queued_rows"
 IN_FLIGHT_METRIC = "mlgate_in_flight_requests"
 MAX_IN_FLIGHT_METRIC = "mlgate_max_in_flight"
 WAIT_METRIC = "mlgate_batcher_wait_seconds"
+# Rows the shadow version (services/shadow.py) scored, dropped (its queue full) or failed.
+SHADOW_ROWS_METRIC = "mlgate_shadow_rows"
+SHADOW_OUTCOMES = ("scored", "dropped", "failed")
 
 
 def multiprocess_dir() -> str | None:
@@ -274,6 +277,16 @@ class ServiceMetrics:
             "per worker, summed over the workers.",
         )
         self._load: Callable[[], tuple[int, int]] | None = None
+        self._shadow_rows = Counter(
+            SHADOW_ROWS_METRIC,
+            "Rows of answered requests given to the shadow version: scored, dropped (its "
+            "queue was full) or failed.",
+            ("model_name", "variant", "shadow_version", "outcome"),
+            registry=reg,
+        )
+        self._shadow: Callable[[], Any] | None = None
+        # The scorer last read and its counts then: counters take the growth since.
+        self._shadow_last: tuple[Any, dict[str, int]] = (None, {})
         self._families = (latency, rows, batch, scores, log_rows, info, fallback)
         self._seconds_families = (cpu_seconds, gpu_seconds)
         self._gpus = float(gpus)
@@ -384,6 +397,12 @@ class ServiceMetrics:
         self._load = load
         self._max_in_flight.set(max_in_flight)
 
+    def watch_shadow(self, scorer: Callable[[], Any]) -> None:
+        """Read `scorer()` (the shadow scorer now, or None) at every flush: its rows scored,
+        dropped and failed (`stats()`) grow `mlgate_shadow_rows_total` by what they grew
+        since the last read; a new scorer counts from zero."""
+        self._shadow = scorer
+
     def observe_scores(self, scores: np.ndarray) -> None:
         if len(scores) == 1:
             self._scores.observe(float(scores[0]))
@@ -410,8 +429,25 @@ class ServiceMetrics:
             queued, in_flight = self._load()
             self._queued_rows.set(queued)
             self._in_flight.set(in_flight)
+        if self._shadow is not None:
+            self._flush_shadow(self._shadow())
         self._flush_seconds()
         self._flush_breakers()
+
+    def _flush_shadow(self, scorer: Any) -> None:
+        if scorer is None:
+            return
+        stats = scorer.stats()
+        last_scorer, last = self._shadow_last
+        if scorer is not last_scorer:
+            last = {}
+        now = {outcome: int(stats[f"{outcome}_rows"]) for outcome in SHADOW_OUTCOMES}
+        for outcome, n in now.items():
+            if n > last.get(outcome, 0):
+                self._shadow_rows.labels(
+                    self._labels[0], self._labels[2], str(stats["version"]), outcome
+                ).inc(n - last.get(outcome, 0))
+        self._shadow_last = (scorer, now)
 
     def _flush_breakers(self) -> None:
         from services import breakers

@@ -209,3 +209,44 @@ def test_two_workers_sum_their_queues_in_flight_and_bounds(
         "mlgate_in_flight_requests": 5,
         "mlgate_max_in_flight": 32,
     }
+
+
+class _Shadow:
+    def __init__(self, version: str) -> None:
+        self.version, self.scored, self.dropped = version, 0, 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "scored_rows": self.scored,
+            "dropped_rows": self.dropped,
+            "failed_rows": 0,
+        }
+
+
+def test_shadow_rows_grow_by_what_the_scorer_counted_and_a_new_scorer_counts_from_zero() -> None:
+    metrics = ServiceMetrics("churn", "3", "stable", "CPUExecutionProvider", "ab" * 32)
+    current: dict[str, _Shadow | None] = {"scorer": None}
+    metrics.watch_shadow(lambda: current["scorer"])
+
+    def rows() -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["shadow_version"], s.labels["outcome"]): s.value
+            for f in text_string_to_metric_families(metrics.render()[0].decode())
+            for s in f.samples
+            if s.name == "mlgate_shadow_rows_total"
+        }
+
+    assert rows() == {}
+    first = _Shadow("4")
+    current["scorer"] = first
+    first.scored, first.dropped = 10, 2
+    assert rows() == {("4", "scored"): 10.0, ("4", "dropped"): 2.0}
+    first.scored = 15
+    assert rows() == {("4", "scored"): 15.0, ("4", "dropped"): 2.0}
+    second = _Shadow("5")  # the watch swapped in another version: its counts start at 0
+    second.scored = 3
+    current["scorer"] = second
+    assert rows() == {("4", "scored"): 15.0, ("4", "dropped"): 2.0, ("5", "scored"): 3.0}
+    current["scorer"] = None  # shadowing stopped: the totals stay
+    assert rows()[("5", "scored")] == 3.0

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from checks.result import GateStatus
@@ -144,6 +145,16 @@ def test_shadow_scores_beside_the_champion_and_reaches_a_verdict_on_live_labels(
             answered[request_id] = response.json()["predictions"][0]["score"]
     stats = wait_until_scored(server, REQUESTS)
     assert stats["dropped_rows"] == 0 and stats["failed_rows"] == 0
+    # The same counts in Prometheus' exposition (a scrape flushes them first).
+    shadow_counts = {
+        (s.labels["shadow_version"], s.labels["outcome"]): s.value
+        for family in text_string_to_metric_families(
+            httpx.get(f"{server.url}/metrics", timeout=10.0).text
+        )
+        for s in family.samples
+        if s.name == "mlgate_shadow_rows_total"
+    }
+    assert shadow_counts == {(shadow_version, "scored"): float(stats["scored_rows"])}
 
     # The inference log holds both sides of every request, same id, same row.
     log = wait_for_log(registry, state.since, 2 * REQUESTS)
