@@ -719,7 +719,9 @@ class ColumnarDecoder:
                 f"String should have at most {self.max_category_chars} characters",
                 "string_too_long",
             )
-        return _labels_of(column.to_numpy(zero_copy_only=False).astype(object, copy=False))
+        values = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
+        # Arrow counts its nulls: without any, no element-wise search for None.
+        return (values, None) if column.null_count == 0 else _labels_of(values)
 
 
 def _labels_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
