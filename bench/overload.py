@@ -221,10 +221,11 @@ def prepare(
     config (with `serving.max_latency_ms` and `serving.max_in_flight`) and holdout rows."""
     from mlflow import MlflowClient
 
+    from flows.registry import register_onnx_model
     from models.config import TrainConfig, load_config
     from models.data import load_dataset, split_data
-    from models.onnx_export import export_onnx, sha256_file, write_model_dir
-    from models.registry_layout import CHAMPION_ALIAS, MODEL_ARTIFACT_DIR, SHA_TAG
+    from models.onnx_export import export_onnx
+    from models.registry_layout import CHAMPION_ALIAS
     from models.train import train_model
     from services.auth import hash_api_key
 
@@ -247,23 +248,18 @@ def prepare(
     train_cfg = TrainConfig(estimator="logistic_regression")
     split = split_data(load_dataset(cfg.dataset), cfg.dataset, train_cfg)
     trained = train_model(split.train, cfg.dataset, train_cfg)
-    model_dir = write_model_dir(export_onnx(trained.pipeline, cfg.dataset), cfg.dataset, work / "m")
     uri = cfg.registry.resolved_tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment = client.create_experiment(
-        "bench", artifact_location=cfg.registry.artifact_location()
+    # Registered as the project registers any ONNX model (flows/registry.py).
+    mv = register_onnx_model(
+        client,
+        cfg.registry,
+        cfg.dataset,
+        export_onnx(trained.pipeline, cfg.dataset),
+        run_name="overload bench",
+        tags={},
     )
-    run = client.create_run(experiment)
-    client.log_artifacts(run.info.run_id, str(model_dir), MODEL_ARTIFACT_DIR)
-    client.set_terminated(run.info.run_id)
     name = cfg.registry.model_name
-    client.create_registered_model(name)
-    mv = client.create_model_version(
-        name,
-        source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT_DIR}",
-        run_id=run.info.run_id,
-        tags={SHA_TAG: sha256_file(model_dir / "model.onnx")},
-    )
     client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
     rows = json.loads(
         split.holdout[list(cfg.dataset.features)].iloc[:1000].to_json(orient="records")

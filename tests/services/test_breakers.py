@@ -7,6 +7,7 @@ after the reset time one trial call closes it. The service's `/metrics` shows th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pybreaker
@@ -32,6 +33,16 @@ def _missing_registry(tmp_path: Path) -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
+def _counted(uri: str, calls: list[str]) -> Callable[[], object]:
+    """A registry client opener that records each call in `calls`."""
+
+    def open_client() -> object:
+        calls.append(uri)
+        return open_registry_client(uri)
+
+    return open_client
+
+
 def _sample(text: str, name: str, **labels: str) -> float | None:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -44,24 +55,20 @@ def test_registry_breaker_opens_after_three_failed_calls_and_then_fails_fast(
     tmp_path: Path,
 ) -> None:
     uri = _missing_registry(tmp_path)
-    calls = 0
-
-    def open_client() -> object:
-        nonlocal calls
-        calls += 1
-        return open_registry_client(uri)
+    calls: list[str] = []
+    open_client = _counted(uri, calls)
 
     for _ in range(breakers.FAIL_MAX):
         with pytest.raises(RegistryUnavailableError, match="cannot be reached"):
             retry_unavailable(open_client, uri, 0.0)
     assert breakers.breaker("registry", uri).current_state == pybreaker.STATE_OPEN
-    tried = calls
+    tried = len(calls)
 
     started = time.monotonic()
     with pytest.raises(RegistryUnavailableError) as err:
         retry_unavailable(open_client, uri, 5.0)
     assert time.monotonic() - started < 0.5  # no 5 s of retries: failed fast
-    assert calls == tried  # not called at all
+    assert len(calls) == tried  # not called at all
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"registry {uri}: circuit breaker open")
@@ -87,16 +94,12 @@ def test_an_open_breaker_of_one_registry_does_not_fail_calls_to_another(tmp_path
 
 def test_a_retried_call_is_one_failure_and_retries_use_full_jitter(tmp_path: Path) -> None:
     uri = _missing_registry(tmp_path)
-    calls = 0
-
-    def open_client() -> object:
-        nonlocal calls
-        calls += 1
-        return open_registry_client(uri)
+    calls: list[str] = []
+    open_client = _counted(uri, calls)
 
     with pytest.raises(RegistryUnavailableError, match=r"\(tried for 1 s\)"):
         retry_unavailable(open_client, uri, 1.0)
-    assert calls > 1  # retried inside the one breaker call
+    assert len(calls) > 1  # retried inside the one breaker call
     state, failures, opens = breakers.states()["registry"]
     assert (state, failures, opens) == (0, 1, 0)
 

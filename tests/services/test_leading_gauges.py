@@ -10,16 +10,15 @@ the service answers."""
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from bench.overload import closed_loop_rate, http_request, metric_sum
+from bench.overload import closed_loop_rate, metric_sum, predict_request
 from services.launcher import ServiceProcess
-from tests.services.conftest import AUTH, Registry, serving_with
+from tests.services.conftest import CLIENT_TOKEN, Registry, serving_with
 from tests.services.test_service import request_rows
 
 pytestmark = pytest.mark.integration
@@ -43,10 +42,7 @@ def server(
 def test_under_load_the_queue_and_in_flight_are_seen_and_idle_they_are_zero(
     registry: Registry, server: ServiceProcess
 ) -> None:
-    body = json.dumps({"rows": request_rows(registry, ROWS)}).encode()
-    request = http_request(
-        server.host, server.port, "/predict", body, {"Content-Type": "application/json", **AUTH}
-    )
+    request = predict_request(server, request_rows(registry, ROWS), CLIENT_TOKEN)
     url = server.url
     assert metric_sum(url, "mlgate_max_in_flight") == MAX_IN_FLIGHT
     scored_before = metric_sum(url, "mlgate_requests_total", status="200")

@@ -10,7 +10,6 @@ generous and comes from the config (the batcher's deadline plus a margin for a l
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
 from collections.abc import Iterator
@@ -23,10 +22,11 @@ from bench.overload import (
     http_request,
     metric_sum,
     open_loop,
+    predict_request,
     summarize,
 )
 from services.launcher import ServiceProcess
-from tests.services.conftest import AUTH, Registry, serving_with
+from tests.services.conftest import CLIENT_TOKEN, Registry, serving_with
 from tests.services.test_service import request_rows
 
 pytestmark = pytest.mark.integration
@@ -54,14 +54,7 @@ def server(
 def test_above_capacity_sheds_with_retry_after_counted_and_accepted_p99_bounded(
     registry: Registry, server: ServiceProcess
 ) -> None:
-    body = json.dumps({"rows": request_rows(registry, ROWS)}).encode()
-    request = http_request(
-        server.host,
-        server.port,
-        "/predict",
-        body,
-        {"Content-Type": "application/json", **AUTH},
-    )
+    request = predict_request(server, request_rows(registry, ROWS), CLIENT_TOKEN)
     capacity = asyncio.run(
         closed_loop_rate(server.host, server.port, request, connections=8, seconds=SECONDS)
     )
