@@ -16,7 +16,9 @@ worker:
   into 256-row calls, 1,000-row requests lost a third of their throughput (measured).
 - Calls of at least `thread_min_rows` rows run on one scoring thread, so that the event loop
   keeps reading and parsing requests while ONNX Runtime computes (it releases the GIL); small
-  ones run inline, where a thread hop would cost more than the call.
+  ones run inline, where a thread hop would cost more than the call. The thread gets its
+  next batch while it computes the current one: waiting for the event loop between calls
+  left it idle a third of the time under 1,000-row requests (bench/RESULTS.md, "Serving").
 - Overload is shed, not queued without bound: a request is refused (`Overloaded`, a 503 with
   `Retry-After`) when the queue already holds `max_queued_rows` rows or when it waited
   `max_wait_s` without being taken. With the defaults neither happens below the host's
@@ -39,6 +41,9 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+# Batches handed to the scoring thread at once: one computing, one waiting behind it.
+_PIPELINE = 2
 
 
 class Rows(Protocol):
@@ -125,10 +130,22 @@ class AdaptiveBatcher(Generic[R]):
         self._executor.shutdown(wait=True)
 
     async def _drain(self) -> None:
+        # Calls on the scoring thread are pipelined: the next batch is handed to the thread
+        # while the current one computes, so ONNX Runtime does not sit idle while the event
+        # loop (busy reading, decoding and answering requests) gets round to the result.
+        in_call: deque[asyncio.Task[None]] = deque()
         try:
-            while self._queue:
-                parts = self._take_batch()
-                if parts:
+            while self._queue or in_call:
+                parts = self._take_batch() if self._queue and len(in_call) < _PIPELINE else []
+                if not parts:
+                    if in_call:
+                        await in_call.popleft()
+                    continue
+                # A small batch behind a thread call goes to the thread too: calls keep the
+                # order their requests arrived in.
+                if in_call or sum(len(p.rows) for p, _, _ in parts) >= self._thread_min_rows:
+                    in_call.append(asyncio.ensure_future(self._run(parts, threaded=True)))
+                else:
                     await self._run(parts)
         finally:
             self._drain_task = None
@@ -162,23 +179,23 @@ class AdaptiveBatcher(Generic[R]):
             self._queue.popleft()
         return parts
 
-    async def _call(self, rows: R) -> np.ndarray:
-        if len(rows) >= self._thread_min_rows:
+    async def _call(self, rows: R, threaded: bool) -> np.ndarray:
+        if threaded:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, self._score, rows)
         return self._score(rows)
 
-    async def _run(self, parts: list[tuple[_Pending[R], int, int]]) -> None:
+    async def _run(self, parts: list[tuple[_Pending[R], int, int]], threaded: bool = False) -> None:
         pieces = [p.rows for p, _, _ in parts]
         rows = pieces[0] if len(pieces) == 1 else self._concat(pieces)
         n = len(rows)
         try:
-            scores = await self._call(rows)
+            scores = await self._call(rows, threaded)
         except Exception as err:
             if len(parts) > 1:
                 # Score each request on its own so that only the bad one fails.
                 for part in parts:
-                    await self._run([part])
+                    await self._run([part], threaded)
                 return
             self._queued_rows -= n
             self._fail(parts[0][0], err)

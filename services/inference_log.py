@@ -70,7 +70,7 @@ BASE_COLUMNS = (
     "score",
 )
 PART_GLOB = "part-*.parquet"
-_BUILD_CHUNK_ROWS = 2048
+_BUILD_CHUNK_ROWS = 256
 _CONVERT_S = 0.5
 _BUILD_PAUSE_S = 0.002
 _ERROR_LOG_INTERVAL_S = 60.0
@@ -342,9 +342,11 @@ class InferenceLogWriter:
             self._on_dropped(n)
 
     def _tables(self, entries: list[_Entry]) -> pa.Table:
-        """The table of `entries`, built a few thousand rows at a time with a pause between:
-        building holds the GIL, and one long hold would stall the event loop (and every
-        request in flight) for its whole length."""
+        """The table of `entries`, built a few hundred rows at a time with a pause between,
+        as long as the build (at most `_BUILD_PAUSE_S`): building holds the GIL, and one long
+        hold stalls the event loop and every request in flight for its whole length. Single
+        rows at 32 connections, six alternating rounds: p99/p50 3.1-4.3x (median 3.8x) with
+        2,048-row chunks (4.5 ms of building each), 2.4-2.9x (2.5x) with 256 (0.55 ms)."""
         parts: list[pa.Table] = []
         chunk: list[_Entry] = []
         size = 0
@@ -352,9 +354,10 @@ class InferenceLogWriter:
             chunk.append(e)
             size += e.rows.n
             if size >= _BUILD_CHUNK_ROWS:
+                started = time.perf_counter()
                 parts.append(self._table(chunk))
                 chunk, size = [], 0
-                time.sleep(_BUILD_PAUSE_S)
+                time.sleep(min(time.perf_counter() - started, _BUILD_PAUSE_S))
         if chunk:
             parts.append(self._table(chunk))
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)

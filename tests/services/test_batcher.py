@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,51 @@ def test_requests_are_never_split_and_a_large_one_is_scored_alone() -> None:
     assert big.tolist() == list(range(10))
     assert (two.tolist(), one.tolist()) == ([1, 2], [3])
     assert score.calls == [10, 3]
+
+
+def test_the_scoring_thread_gets_its_next_batch_without_the_event_loop() -> None:
+    """While the thread scores one batch, the next is already handed to it: a second call
+    starts even when the event loop is blocked (busy decoding other requests, say)."""
+    first_started, loop_blocked, second_started = (threading.Event() for _ in range(3))
+    score = Recorder()
+
+    def recording(rows: Ids) -> np.ndarray:
+        if not score.calls:
+            first_started.set()
+            loop_blocked.wait(timeout=5.0)  # ends while the event loop is blocked
+        else:
+            second_started.set()
+        return score(rows)
+
+    async def busy_loop() -> bool:
+        while not first_started.is_set():
+            await asyncio.sleep(0.001)
+        loop_blocked.set()
+        # Blocks the event loop: nothing the loop would do can start the second call.
+        return second_started.wait(timeout=2.0)
+
+    async def main() -> list[object]:
+        b = AdaptiveBatcher(
+            recording,
+            Ids.concat,
+            max_batch_rows=8,
+            max_queued_rows=100,
+            max_wait_s=5.0,
+            thread_min_rows=4,
+        )
+        out = await asyncio.gather(
+            b.score(ids(*range(8))), b.score(ids(*range(8, 12))), b.score(ids(20)), busy_loop()
+        )
+        await b.close()
+        return out
+
+    first, second, small, started_while_blocked = asyncio.run(main())
+    assert started_while_blocked
+    assert first.tolist() == list(range(8))  # type: ignore[attr-defined]
+    assert second.tolist() == [8, 9, 10, 11]  # type: ignore[attr-defined]
+    assert small.tolist() == [20]  # type: ignore[attr-defined]
+    # The second call took what was queued when the first started: the two requests behind it.
+    assert score.calls == [8, 5]
 
 
 def test_a_failing_request_fails_alone() -> None:
