@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from filelock import FileLock
+
 from models.model_ref import ModelRef
 from models.onnx_export import (
     ONNX_FILENAME,
@@ -49,6 +51,9 @@ from services.registry_access import (
 
 # The record of a last-known-good copy: which model, what the registry vouched for, when.
 LAST_KNOWN_GOOD_RECORD = "current.json"
+# Beside the record: saves and reads of a slot take it in turn.
+LAST_KNOWN_GOOD_LOCK = ".lock"
+_SLOT_LOCK_TIMEOUT_S = 60.0
 
 
 class ModelStoreError(RuntimeError):
@@ -263,7 +268,10 @@ def save_last_known_good(model: LoadedModel, directory: Path, tracking_uri: str)
     vouched for: version, sha256 tag, the schema's digest, the registry, when. The record
     is replaced in one rename, so a reader finds the old copy or the new one, never half of
     either; bytes already kept are not written again, the record is (the registry vouched
-    for them once more). Returns the record's path."""
+    for them once more). Workers (and services) sharing the directory save one at a time
+    under the slot's file lock: two saving different versions at once (the alias moved
+    between their fetches) each deleted the other's copy, leaving a record without one.
+    Returns the record's path."""
     slot = _slot(directory, model.name, model.alias, model.version)
     schema_bytes = json.dumps(model.schema, indent=2).encode()
     record = {
@@ -277,22 +285,21 @@ def save_last_known_good(model: LoadedModel, directory: Path, tracking_uri: str)
     }
     record_path = slot / LAST_KNOWN_GOOD_RECORD
     copy = slot / model.sha256
-    if not _copy_intact(slot, record):
-        slot.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=slot))
-        try:
-            (staging / ONNX_FILENAME).write_bytes(model.content)
-            (staging / SCHEMA_FILENAME).write_bytes(schema_bytes)
-            shutil.rmtree(copy, ignore_errors=True)
-            # Another worker may have put the same bytes in place first: theirs is as good.
-            with contextlib.suppress(OSError):
+    slot.mkdir(parents=True, exist_ok=True)
+    with _slot_lock(slot):
+        if not _copy_intact(slot, record):
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=slot))
+            try:
+                (staging / ONNX_FILENAME).write_bytes(model.content)
+                (staging / SCHEMA_FILENAME).write_bytes(schema_bytes)
+                shutil.rmtree(copy, ignore_errors=True)
                 staging.rename(copy)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    _write_atomically(record_path, json.dumps(record, indent=2).encode())
-    for old in slot.iterdir():
-        if old.is_dir() and old.name != model.sha256 and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        _write_atomically(record_path, json.dumps(record, indent=2).encode())
+        for old in slot.iterdir():
+            if old.is_dir() and old.name != model.sha256 and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
     return record_path
 
 
@@ -305,6 +312,19 @@ def load_last_known_good(
     the registry is not used) goes into the result and into every error."""
     slot = _slot(directory, ref.name, ref.alias, ref.version)
     record_path = slot / LAST_KNOWN_GOOD_RECORD
+    if not record_path.exists():
+        raise RegistryUnavailableError(
+            f"{reason}; and there is no last-known-good copy of {ref} ({record_path} does "
+            "not exist: this host never served it)"
+        )
+    # The record and the copy it names are read together, while no save replaces them.
+    with _slot_lock(slot):
+        return _read_kept(slot, record_path, ref, tracking_uri, reason)
+
+
+def _read_kept(
+    slot: Path, record_path: Path, ref: ModelRef, tracking_uri: str, reason: str
+) -> LoadedModel:
     try:
         record = json.loads(record_path.read_text())
     except FileNotFoundError:
@@ -365,6 +385,10 @@ def load_last_known_good(
 def _slot(directory: Path, name: str, alias: str | None, version: str | None) -> Path:
     # An alias and a version are kept apart: `churn@champion` may later name another version.
     return Path(directory) / name / (f"alias-{alias}" if alias else f"version-{version}")
+
+
+def _slot_lock(slot: Path) -> FileLock:
+    return FileLock(str(slot / LAST_KNOWN_GOOD_LOCK), timeout=_SLOT_LOCK_TIMEOUT_S)
 
 
 def _copy_intact(slot: Path, record: dict[str, Any]) -> bool:

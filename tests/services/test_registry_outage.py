@@ -40,6 +40,7 @@ from models.registry_layout import CHAMPION_ALIAS, MODEL_ARTIFACT_DIR, SHA_TAG
 from services.launcher import ServiceProcess, start_service
 from services.metrics import LAST_KNOWN_GOOD_METRIC
 from services.model_store import (
+    LAST_KNOWN_GOOD_LOCK,
     LAST_KNOWN_GOOD_RECORD,
     LoadedModel,
     ModelIntegrityError,
@@ -279,7 +280,7 @@ def test_keeping_the_same_copy_again_writes_only_its_record(
     newer = dataclasses.replace(newer, sha256=sha256_bytes(newer.content))
     save_last_known_good(newer, tmp_path, own.tracking_uri)
     assert sorted(p.name for p in record.parent.iterdir()) == sorted(
-        [LAST_KNOWN_GOOD_RECORD, newer.sha256]
+        [LAST_KNOWN_GOOD_LOCK, LAST_KNOWN_GOOD_RECORD, newer.sha256]
     )
     assert json.loads(record.read_text())["version"] == "99"
 
