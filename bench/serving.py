@@ -1196,6 +1196,14 @@ under the same wrk load, 3 x 8 s, with probes injected through a `sitecustomize`
   floor with wrk on a CPU of its own (rows *wrk on its own CPU* above); the peers are
   compared on the shared rounds only, since pinning a two-process peer (MLServer) to one
   CPU would change what is compared.
+- Later, on a quieter host (the floor at 16,500 req/s, ours at 7,400), the inference log
+  turned out to be part of the tail after all: every 0.5 s its writer built the queued
+  single rows into Arrow tables 2,048 rows at a time, each build holding the GIL for
+  4.5 ms (measured in process), so every request in flight during one waited that long.
+  Two of ours up at once, differing only in the chunk (a temporary environment switch),
+  six alternating rounds of 8 s at 32 connections: 2,048-row chunks p99/p50 3.1-4.3x
+  (median 3.8x), 256-row chunks (0.55 ms each, followed by a pause as long) 2.4-2.9x
+  (median 2.5x), the same req/s. services/inference_log.py builds 256 rows at a time since.
 """
 
 
@@ -1223,6 +1231,16 @@ services/; the floor answered 4,000-5,500 req/s in those runs):
   the event loop, prometheus-client's multiprocess increments 8%, the pandas-free encoder
   and ONNX Runtime 11%.
 - 1,000-row requests cut into 256-row ONNX Runtime calls: 49-57 req/s; scored whole: 68-75.
+- 1,000-row Arrow requests at 4 connections (ours alone, quieter host, in-process ONNX
+  Runtime 338,000 rows/s): 230 req/s with the scoring thread 67% busy and, sampled with
+  py-spy, 37% of its time waiting for work: the drain handed it the next batch only once
+  the event loop had seen the previous result. Handing it the next batch while it computes
+  (services/batcher.py): 256 req/s, the thread 80% busy; more connections (8) the same. What
+  holds it back now is the GIL (the event loop 1.5 ms, the inference log 0.5 ms and ONNX
+  Runtime's string inputs 0.5 ms of each request); `sys.setswitchinterval` 1 ms or 0.2 ms
+  changed nothing. At that rate the inference log drops 0.3-0.5% of rows (counted in
+  `mlgate_inference_log_rows_total{outcome="dropped"}`; its queue of 100,000 rows is 0.4 s
+  of such traffic); raise `serving.inference_log_max_queued_rows` for bulk traffic.
 """
 
 
