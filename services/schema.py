@@ -49,6 +49,7 @@ _MSGSPEC_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 # many at once: per-request numpy arrays cost more than the rows they hold.
 EAGER_ROWS = 64
 _COLON = ord(":")
+_NUMPY_COUNT_BYTES = 16 * 1024
 
 
 def _category_labels(values: Sequence[str | None], missing: Sequence[int]) -> np.ndarray:
@@ -69,8 +70,11 @@ def _category_labels(values: Sequence[str | None], missing: Sequence[int]) -> np
 
 
 def _colons(body: bytes) -> int:
-    """How many `:` bytes a body holds; numpy counts them about ten times faster than
-    `bytes.count` (25 against 230 us in a 1,000-row body of 430 kB)."""
+    """How many `:` bytes a body holds. In a large body numpy counts them about ten times
+    faster than `bytes.count` (25 against 230 us in a 1,000-row body of 430 kB); in a
+    single row's 400 bytes `bytes.count` is the faster (0.2 against 1.2 us)."""
+    if len(body) < _NUMPY_COUNT_BYTES:
+        return body.count(b":")
     return int(np.count_nonzero(np.frombuffer(body, dtype=np.uint8) == _COLON))
 
 
