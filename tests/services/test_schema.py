@@ -219,6 +219,20 @@ def test_a_repeated_column_is_a_422_naming_it(body: bytes, named: str) -> None:
     assert info.value.payload["detail"][0]["type"] == "duplicate_key"
 
 
+def test_a_duplicated_key_in_a_large_body_is_a_422_naming_it() -> None:
+    """Bodies of 16 kB and more have their colons counted another way (numpy)."""
+    decoder = RequestDecoder(DATASET, ["b", "a"], ["p"], 1000, max_category_chars=MAX_CHARS)
+    row = b'{"a": 1, "b": 1, "p": "x"}'
+    rows = [row] * 999 + [b'{"a": 1, "b": 1, "p": "x", "b": 2}']
+    body = b'{"rows": [' + b", ".join(rows) + b"]}"
+    assert len(body) > 16 * 1024
+    assert decoder.decode(body.replace(b', "b": 2}', b"}")).n == 1000
+    with pytest.raises(RequestError) as info:
+        decoder.decode(body)
+    assert info.value.status == 422
+    assert "rows.999.b" in info.value.payload["error"]
+
+
 def test_colons_inside_strings_are_not_taken_for_duplicates(decoder: RequestDecoder) -> None:
     block = decoder.decode(b'{"rows": [{"a": 1, "b": 1, "p": "a:b"}, {"a": 2, "b": 1, "p": ":"}]}')
     assert block.build().labels[0].tolist() == ["a:b", ":"]
