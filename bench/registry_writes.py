@@ -5,7 +5,7 @@ with the alias file lock, and (b) team mode, the MLflow tracking server (basic a
 PostgreSQL with the PostgreSQL advisory lock, started here through services/stack.py in a
 temp dir on free 127.0.0.1 ports with a generated password, and stopped at the end. Eight
 writer processes (not threads: SQLite's file locking and the GIL behave per process) each
-write through flows/registry.py, as mlgate does:
+write through flows/registry.py and flows/alias_moves.py, as mlgate does:
 
 - tag: one model version tag (a gate verdict on a version);
 - run: one run with 10 params and 20 metrics (ensure the experiment, create, log, finish);
@@ -151,7 +151,7 @@ def classify(err: BaseException) -> str:
     from mlflow.exceptions import RestException
 
     from flows.alias_lock import AliasLockError
-    from flows.registry import AliasConflictError
+    from flows.alias_moves import AliasConflictError
 
     text = f"{type(err).__name__}: {err}"
     if isinstance(err, AliasConflictError):
@@ -193,12 +193,12 @@ def _write_run(client: Any, phase: Phase, index: int, n: int) -> None:
 
 
 def _write_alias(client: Any, phase: Phase, index: int, n: int) -> None:
-    from flows import registry
+    from flows import alias_moves, registry
 
     holder = registry.get_alias_version(client, MODEL, ALIAS)
     expected = str(holder.version) if holder else None
     mine = phase.versions[index]
-    registry.promote(
+    alias_moves.promote(
         client,
         phase.registry,
         MODEL,
@@ -300,7 +300,7 @@ def team_slices(root: Path) -> tuple[StackConfig, RegistryConfig, OrchestrationC
 def prepare_backend(registry_cfg: RegistryConfig) -> dict[int, tuple[str, str]]:
     """The model with two passing versions per writer, the experiment, and a first holder of
     the alias; the writers then find a store that is already migrated."""
-    from flows import registry
+    from flows import alias_moves, registry
 
     client = registry.connect(registry_cfg)
     registry.ensure_registered_model(client, MODEL)
@@ -316,7 +316,7 @@ def prepare_backend(registry_cfg: RegistryConfig) -> dict[int, tuple[str, str]]:
             await_creation_for=0,
         )
         versions.append(str(mv.version))
-    registry.promote(
+    alias_moves.promote(
         client, registry_cfg, MODEL, versions[0], reason="bench set-up", expected_from=None
     )
     return {i: (versions[2 * i], versions[2 * i + 1]) for i in range(WRITERS)}

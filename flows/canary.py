@@ -4,7 +4,7 @@ as its last step when `canary.enabled`.
 
 `services/` does not import `flows/`: the controller reaches the registry only through the
 `CanaryRegistry` protocol, which `MlflowCanaryRegistry` implements here with the same
-evidence-checked, compare-and-set `registry.promote` that a person's `mlgate promote` uses.
+evidence-checked, compare-and-set `alias_moves.promote` that a person's `mlgate promote` uses.
 The controller hands over the state and the result; the verdict's version tags
 (`gate.canary`, `canary.*`) are built here (`pass_tags`, `rollback_tags`,
 `superseded_tags`).
@@ -23,7 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from checks.result import CheckRow, GateResult, GateStatus
-from flows import registry
+from flows import alias_moves, registry
 from models.config import MlgateConfig
 from models.registry_layout import (
     CANARY_EVIDENCE_DIR,
@@ -136,7 +136,7 @@ class MlflowCanaryRegistry:
             self.client.set_model_version_tag(
                 self.name, version, registry.CANARY_EVIDENCE_TAG, f"{run.info.artifact_uri}/{path}"
             )
-        registry.record_canary(
+        alias_moves.record_canary(
             self.client,
             self.cfg.registry,
             self.name,
@@ -149,7 +149,7 @@ class MlflowCanaryRegistry:
         )
 
     def promote(self, version: str, *, expected_from: str | None, reason: str) -> None:
-        registry.promote(
+        alias_moves.promote(
             self.client,
             self.cfg.registry,
             self.name,
@@ -190,10 +190,10 @@ def begin_canary(
         mv = client.get_model_version(name, str(version))
     except Exception:
         raise registry.RegistryError(f"{name} has no version {version}") from None
-    missing = registry.missing_evidence(mv, offline_gates(cfg))
+    missing = alias_moves.missing_evidence(mv, offline_gates(cfg))
     if missing:
         if not force:
-            raise registry.EvidenceError(name, str(version), missing)
+            raise alias_moves.EvidenceError(name, str(version), missing)
         if not reason.strip():
             raise registry.RegistryError("--force needs --reason")
         who = actor or registry.current_actor(cfg.registry)

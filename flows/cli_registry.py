@@ -1,5 +1,5 @@
 """The registry commands of `mlgate`: gate tables, versions, and alias moves (promote,
-rollback, history, delete), all through the compare-and-set of `flows/registry.py`.
+rollback, history, delete), all through the compare-and-set of `flows/alias_moves.py`.
 
 `registry_app`'s commands are mounted at the top level (`mlgate promote`), `gates_app` and
 `models_app` as groups (`mlgate models list`), by `flows/cli.py`.
@@ -54,12 +54,12 @@ def gates_show(
 @models_app.command("list")
 def models_list(config: ConfigOpt = Path("mlgate.yaml"), as_json: JsonOpt = False) -> None:
     """Versions of the config's model with aliases, primary metric and gate statuses."""
-    from flows import registry
+    from flows import model_versions, registry
 
     cfg = _load(config)
     client = registry.connect(cfg.registry)
     name = cfg.registry.model_name
-    rows = registry.list_versions(client, name)
+    rows = model_versions.list_versions(client, name)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -122,12 +122,12 @@ def promote(
     as_json: JsonOpt = False,
 ) -> None:
     """Move an alias to a version that carries passing evidence for every required gate."""
-    from flows import registry
+    from flows import alias_moves, registry
 
     cfg = _load(config)
     client = registry.connect(cfg.registry)
     move = registry_call(
-        registry.promote,
+        alias_moves.promote,
         client,
         cfg.registry,
         name,
@@ -174,7 +174,7 @@ def rollback(
     --wait-served, until the services answer with it."""
     import time
 
-    from flows import registry
+    from flows import alias_moves, registry
     from services.served_wait import ServedWaitError, check_service_url, wait_until_served
 
     cfg = _load(config)
@@ -190,7 +190,9 @@ def rollback(
         )
     client = registry.connect(cfg.registry)
     started = time.monotonic()
-    move = registry_call(registry.rollback, client, cfg.registry, name, reason=reason, alias=alias)
+    move = registry_call(
+        alias_moves.rollback, client, cfg.registry, name, reason=reason, alias=alias
+    )
     if not urls:
         _print_move(move, as_json)
         return
@@ -202,7 +204,7 @@ def rollback(
         )
     except ServedWaitError as err:
         served, failure = err.served, err
-    registry_call(registry.record_served, client, move, served)
+    registry_call(alias_moves.record_served, client, move, served)
     if as_json:
         print(json.dumps({**move.__dict__, "served_s": served}, indent=2))
     else:
@@ -222,22 +224,22 @@ def history(
     as_json: JsonOpt = False,
 ) -> None:
     """Every alias move: when, who, from, to, why, forced or not."""
-    from flows import registry
+    from flows import alias_moves, registry
 
     cfg = _load(config)
-    rows = registry.alias_history(registry.connect(cfg.registry), name, alias)
+    rows = alias_moves.alias_history(registry.connect(cfg.registry), name, alias)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{name}: alias history (newest first)")
     # A column for the seconds a move took to reach the services, once one was measured
     # (`mlgate rollback --wait-served`).
-    measured = any(registry.SERVED_S_TAG in h for h in rows)
+    measured = any(alias_moves.SERVED_S_TAG in h for h in rows)
     columns = ("at", "kind", "alias", "from", "to", "who", "forced")
     for col in (*columns, *(["served in"] if measured else []), "reason"):
         table.add_column(col, overflow="fold")
     for h in rows:
-        served = h.get(registry.SERVED_S_TAG, "")
+        served = h.get(alias_moves.SERVED_S_TAG, "")
         table.add_row(
             h.get("at", ""),
             h.get(registry.KIND_TAG, ""),
@@ -259,11 +261,11 @@ def models_show(
     as_json: JsonOpt = False,
 ) -> None:
     """One version with its evidence, links and lineage (data -> run -> version -> moves)."""
-    from flows import registry
+    from flows import model_versions, registry
 
     cfg = _load(config)
     client = registry.connect(cfg.registry)
-    info = registry_call(registry.describe_version, client, ref)
+    info = registry_call(model_versions.describe_version, client, ref)
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return
@@ -317,11 +319,11 @@ def models_delete(
     config: ConfigOpt = Path("mlgate.yaml"),
 ) -> None:
     """Delete a version; refused for an alias holder unless forced. Recorded in the history."""
-    from flows import registry
+    from flows import alias_moves, registry
 
     cfg = _load(config)
     client = registry.connect(cfg.registry)
     registry_call(
-        registry.delete_version, client, cfg.registry, name, version, reason=reason, force=force
+        alias_moves.delete_version, client, cfg.registry, name, version, reason=reason, force=force
     )
     console.print(f"deleted {name} version {version}")

@@ -396,7 +396,7 @@ def main(config: Path = Path("mlgate.yaml")) -> int:
 def _run_demo(config: Path, headers: dict[str, str]) -> int:
     cfg = load_config(config)
     use_embedded_prefect(cfg.registry.store_dir)
-    from flows import registry
+    from flows import model_versions, registry
 
     first = _run_training("1. training flow on the bundled data", config)
     second = _run_training(
@@ -470,7 +470,7 @@ def _run_demo(config: Path, headers: dict[str, str]) -> int:
 
     console.print(Rule("summary"))
     client = registry.connect(cfg.registry)
-    versions = registry.list_versions(client, cfg.registry.model_name)
+    versions = model_versions.list_versions(client, cfg.registry.model_name)
     summary = Table(title=f"{cfg.registry.model_name}: newest versions")
     for col in ("version", "aliases", "outcome", "estimator", "metric", "gates"):
         summary.add_column(col)

@@ -37,7 +37,7 @@ from typing import Any, cast
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
-from flows import registry
+from flows import alias_moves, registry
 from flows.deployments import TRAINING_DEPLOYMENT
 from models.config import MlgateConfig, load_config
 from models.registry_layout import CHALLENGER_ALIAS, CHAMPION_ALIAS
@@ -195,7 +195,7 @@ def unrecorded_alias_moves(client: MlflowClient, model_name: str) -> list[str]:
         holder = registry.get_alias_version(client, model_name, alias)
         if holder is None:
             continue
-        stack = registry.holder_stack(registry.alias_history(client, model_name, alias))
+        stack = alias_moves.holder_stack(alias_moves.alias_history(client, model_name, alias))
         recorded = stack[-1] if stack else None
         if recorded != str(holder.version):
             problems.append(

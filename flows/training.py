@@ -25,7 +25,7 @@ from checks.champion import compare_to_champion
 from checks.data_quality import profile_reference
 from checks.parity import check_parity
 from checks.result import GateResult, GateStatus
-from flows import registry
+from flows import alias_moves, registry
 from flows.candidates import choose_candidate
 from flows.champion import read_champion, score_champion
 from flows.training_evidence import (
@@ -157,7 +157,7 @@ def finish_training(
     outcome = offline_outcome(evidence, run_id, str(mv.version) if mv else None)
     if mv is not None and outcome.accepted:
         canary_on = cfg.canary.enabled and outcome.champion_before is not None
-        registry.promote_candidate(
+        alias_moves.promote_candidate(
             client,
             cfg.registry,
             str(mv.version),

@@ -1,9 +1,9 @@
 """The registry's layout: every experiment, tag and artifact name mlgate writes to MLflow.
 
-This is the only module that spells them; the registry layer (`flows/registry.py`), the
-model store and the canary (`services/`), the benchmarks and the tests import them from
-here. Pure constants: changing one changes what is written, and what older runs can still
-be read by.
+This is the only module that spells them; the registry layer (`flows/registry.py` and the
+modules built on it), the model store and the canary (`services/`), the benchmarks and the
+tests import them from here. Pure constants: changing one changes what is written, and what
+older runs can still be read by.
 """
 
 # Experiments.

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from checks.result import GateStatus
-from flows import registry
+from flows import model_versions, registry
 from flows.cli import app
 from flows.demo import shifted_batch
 from flows.monitoring import (
@@ -81,7 +81,7 @@ def test_stable_traffic_never_triggers(env):
 def test_shifted_traffic_triggers_exactly_one_retraining(env):
     path, cfg, version, df = env
     client = registry.connect(cfg.registry)
-    versions_before = len(registry.list_versions(client, cfg.registry.model_name))
+    versions_before = len(model_versions.list_versions(client, cfg.registry.model_name))
     outcomes = []
     for i in range(4):
         at = NOW + timedelta(hours=i)
@@ -95,7 +95,7 @@ def test_shifted_traffic_triggers_exactly_one_retraining(env):
     assert outcomes[1].training and outcomes[1].training.startswith("training subflow")
     # The retrain ran on the configured data again: byte-identical model, nothing new.
     assert "identical to champion" in outcomes[1].training
-    assert len(registry.list_versions(client, cfg.registry.model_name)) == versions_before
+    assert len(model_versions.list_versions(client, cfg.registry.model_name)) == versions_before
     run = client.get_run(outcomes[0].run_id)
     assert run.data.metrics["psi.contract"] > 0.25
     assert {a.path for a in client.list_artifacts(outcomes[0].run_id, "evidence")} == {

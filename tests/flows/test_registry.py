@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows import registry
+from flows import alias_moves, registry
 from flows.cli import app
 from models.config import MlgateConfig, RegistryConfig, load_config
 from models.registry_layout import GATE_TAG_PREFIX, KIND_TAG
@@ -50,61 +50,61 @@ def test_promote_needs_passing_evidence(reg):
     bare = _version(client, cfg, {})
     failing = _version(client, cfg, {**PASSING, f"{GATE_TAG_PREFIX}champion": "fail"})
     good = _version(client, cfg, PASSING)
-    with pytest.raises(registry.EvidenceError) as err:
-        registry.promote(client, cfg, NAME, bare, reason="try")
+    with pytest.raises(alias_moves.EvidenceError) as err:
+        alias_moves.promote(client, cfg, NAME, bare, reason="try")
     assert err.value.missing == {"data": "missing", "parity": "missing", "champion": "missing"}
-    with pytest.raises(registry.EvidenceError, match="champion: fail"):
-        registry.promote(client, cfg, NAME, failing, reason="try")
+    with pytest.raises(alias_moves.EvidenceError, match="champion: fail"):
+        alias_moves.promote(client, cfg, NAME, failing, reason="try")
     assert registry.get_alias_version(client, NAME, "champion") is None
 
-    move = registry.promote(client, cfg, NAME, good, reason="passed every gate")
+    move = alias_moves.promote(client, cfg, NAME, good, reason="passed every gate")
     assert (move.from_version, move.to_version, move.forced) == (None, good, False)
 
-    forced = registry.promote(
+    forced = alias_moves.promote(
         client, cfg, NAME, failing, reason="hotfix, accepted risk", force=True
     )
     assert forced.forced and forced.from_version == good
-    newest = registry.alias_history(client, NAME, "champion")[0]
+    newest = alias_moves.alias_history(client, NAME, "champion")[0]
     assert newest["forced"] == "true" and newest["reason"] == "hotfix, accepted risk"
     assert newest["to_version"] == failing
     with pytest.raises(registry.RegistryError, match="reason"):
-        registry.promote(client, cfg, NAME, bare, reason=" ", force=True)
+        alias_moves.promote(client, cfg, NAME, bare, reason=" ", force=True)
 
 
 def test_rollback_follows_history_not_version_numbers(reg):
     cfg, client, _ = reg
     v1, v2, v3 = (_version(client, cfg, PASSING) for _ in range(3))
-    registry.promote(client, cfg, NAME, v3, reason="first")
-    registry.promote(client, cfg, NAME, v1, reason="second")
-    registry.promote(client, cfg, NAME, v2, reason="third")
-    assert registry.rollback(client, cfg, NAME, reason="bad canary").to_version == v1
-    assert registry.rollback(client, cfg, NAME, reason="still bad").to_version == v3
+    alias_moves.promote(client, cfg, NAME, v3, reason="first")
+    alias_moves.promote(client, cfg, NAME, v1, reason="second")
+    alias_moves.promote(client, cfg, NAME, v2, reason="third")
+    assert alias_moves.rollback(client, cfg, NAME, reason="bad canary").to_version == v1
+    assert alias_moves.rollback(client, cfg, NAME, reason="still bad").to_version == v3
     with pytest.raises(registry.RegistryError, match="no earlier holder"):
-        registry.rollback(client, cfg, NAME, reason="again")
+        alias_moves.rollback(client, cfg, NAME, reason="again")
     assert str(registry.get_alias_version(client, NAME, "champion").version) == v3
 
 
 def test_history_survives_deletion_and_holder_is_protected(reg):
     cfg, client, _ = reg
     v1, v2 = (_version(client, cfg, PASSING) for _ in range(2))
-    registry.promote(client, cfg, NAME, v1, reason="one")
-    registry.promote(client, cfg, NAME, v2, reason="two")
+    alias_moves.promote(client, cfg, NAME, v1, reason="one")
+    alias_moves.promote(client, cfg, NAME, v2, reason="two")
     with pytest.raises(registry.RegistryError, match="holds @champion"):
-        registry.delete_version(client, cfg, NAME, v2, reason="cleanup")
-    registry.delete_version(client, cfg, NAME, v1, reason="cleanup")
-    hist = registry.alias_history(client, NAME)
+        alias_moves.delete_version(client, cfg, NAME, v2, reason="cleanup")
+    alias_moves.delete_version(client, cfg, NAME, v1, reason="cleanup")
+    hist = alias_moves.alias_history(client, NAME)
     kinds = [(h[KIND_TAG], h["from_version"], h["to_version"]) for h in hist]
     assert kinds == [("delete", v1, "None"), ("promote", v1, v2), ("promote", "None", v1)]
     with pytest.raises(registry.RegistryError, match="was deleted"):
-        registry.rollback(client, cfg, NAME, reason="v1 is gone")
-    registry.delete_version(client, cfg, NAME, v2, reason="retire", force=True)
-    assert registry.alias_history(client, NAME)[0]["forced"] == "true"
+        alias_moves.rollback(client, cfg, NAME, reason="v1 is gone")
+    alias_moves.delete_version(client, cfg, NAME, v2, reason="retire", force=True)
+    assert alias_moves.alias_history(client, NAME)[0]["forced"] == "true"
 
 
 def test_threads_racing_on_one_alias_have_exactly_one_winner(reg):
     cfg, client, _ = reg
     base = _version(client, cfg, PASSING)
-    registry.promote(client, cfg, NAME, base, reason="base")
+    alias_moves.promote(client, cfg, NAME, base, reason="base")
     contenders = [_version(client, cfg, PASSING) for _ in range(6)]
     for round_no in range(2):
         holder = holder_now(client)
@@ -115,9 +115,9 @@ def test_threads_racing_on_one_alias_have_exactly_one_winner(reg):
             own = registry.connect(cfg)
             start.wait()
             try:
-                registry.promote(own, cfg, NAME, v, reason="race", expected_from=holder)
+                alias_moves.promote(own, cfg, NAME, v, reason="race", expected_from=holder)
                 return "won"
-            except registry.AliasConflictError as err:
+            except alias_moves.AliasConflictError as err:
                 assert "last moved to" in str(err)
                 return "lost"
 
@@ -125,8 +125,8 @@ def test_threads_racing_on_one_alias_have_exactly_one_winner(reg):
             results = list(pool.map(contend, others))
         assert results.count("won") == 1, (round_no, results)
     with pytest.raises(registry.RegistryError, match="already holds"):
-        registry.promote(client, cfg, NAME, holder_now(client), reason="no-op")
-    assert len(registry.alias_history(client, NAME, "champion")) == 3  # base + 1 per round
+        alias_moves.promote(client, cfg, NAME, holder_now(client), reason="no-op")
+    assert len(alias_moves.alias_history(client, NAME, "champion")) == 3  # base + 1 per round
 
 
 def holder_now(client) -> str:
@@ -138,16 +138,18 @@ def _contend_in_process(args: tuple[str, str, str]) -> str:
     cfg = load_config(config_path)
     client = registry.connect(cfg.registry)
     try:
-        registry.promote(client, cfg.registry, NAME, version, reason="race", expected_from=holder)
+        alias_moves.promote(
+            client, cfg.registry, NAME, version, reason="race", expected_from=holder
+        )
         return "won"
-    except registry.AliasConflictError:
+    except alias_moves.AliasConflictError:
         return "lost"
 
 
 def test_processes_racing_have_exactly_one_winner_and_no_lost_history(reg):
     cfg, client, path = reg
     base = _version(client, cfg, PASSING)
-    registry.promote(client, cfg, NAME, base, reason="base")
+    alias_moves.promote(client, cfg, NAME, base, reason="base")
     contenders = [_version(client, cfg, PASSING) for _ in range(4)]
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(4, mp_context=ctx) as pool:
@@ -156,9 +158,9 @@ def test_processes_racing_have_exactly_one_winner_and_no_lost_history(reg):
             jobs = [(str(path), v, holder) for v in contenders if v != holder]
             results = list(pool.map(_contend_in_process, jobs))
             assert results.count("won") == 1, results
-    hist = registry.alias_history(client, NAME, "champion")
+    hist = alias_moves.alias_history(client, NAME, "champion")
     assert len(hist) == 3
-    stack = registry.holder_stack(hist)
+    stack = alias_moves.holder_stack(hist)
     assert stack[-1] == str(registry.get_alias_version(client, NAME, "champion").version)
 
 
@@ -215,7 +217,7 @@ def test_promotion_notifies_through_apprise(tmp_path):
         cfg = load_config(path).registry
         client = registry.connect(cfg)
         v = _version(client, cfg, PASSING)
-        registry.promote(client, cfg, NAME, v, reason="notify me")
+        alias_moves.promote(client, cfg, NAME, v, reason="notify me")
     finally:
         server.shutdown()
     assert len(received) == 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import registry
+from flows import alias_moves, registry
 from models.config import RegistryConfig, load_config
 from models.registry_layout import GATE_TAG_PREFIX, RECOVERED_TAG
 from tests.conftest import REPO, write_config
@@ -32,7 +32,7 @@ PASSING = {f"{GATE_TAG_PREFIX}{g}": "pass" for g in ("data", "parity", "champion
 MOVER = """
 import os, signal, sys
 from mlflow import MlflowClient
-from flows import registry
+from flows import alias_moves, registry
 from models.config import load_config
 
 config_path, die, *versions = sys.argv[1:]
@@ -57,7 +57,9 @@ while True:
     i += 1
     if target == held:
         continue
-    registry.promote(client, cfg.registry, "churn", target, reason=f"move {i}", expected_from=held)
+    alias_moves.promote(
+        client, cfg.registry, "churn", target, reason=f"move {i}", expected_from=held
+    )
     print("moved", target, flush=True)
 """
 
@@ -88,7 +90,7 @@ def _holder(client) -> str | None:
 
 def _consistent(client) -> list[str]:
     """The recorded history replays to the alias's holder."""
-    stack = registry.holder_stack(registry.alias_history(client, NAME, "champion"))
+    stack = alias_moves.holder_stack(alias_moves.alias_history(client, NAME, "champion"))
     assert (stack[-1] if stack else None) == _holder(client), (stack, _holder(client))
     return stack
 
@@ -99,7 +101,7 @@ def world(tmp_path):
     cfg = load_config(path)
     client = registry.connect(cfg.registry)
     versions = [_version(client, cfg.registry) for _ in range(3)]
-    registry.promote(client, cfg.registry, NAME, versions[0], reason="first", expected_from=None)
+    alias_moves.promote(client, cfg.registry, NAME, versions[0], reason="first", expected_from=None)
     return cfg, client, path, versions
 
 
@@ -112,10 +114,10 @@ def test_a_mover_killed_after_the_alias_moved_leaves_the_move_in_history(world):
     assert _consistent(client) == [v1, v2]
     # A rollback works from that history (it used to refuse: "moved outside mlgate"), and
     # settles the intent on its way.
-    assert registry.rollback(client, cfg.registry, NAME, reason="undo").to_version == v1
+    assert alias_moves.rollback(client, cfg.registry, NAME, reason="undo").to_version == v1
     assert _consistent(client) == [v1]
     intent = next(
-        h for h in registry.alias_history(client, NAME, "champion") if h["to_version"] == v2
+        h for h in alias_moves.alias_history(client, NAME, "champion") if h["to_version"] == v2
     )
     run = client.get_run(intent["audit_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags[RECOVERED_TAG] == "completed"
@@ -126,7 +128,7 @@ def test_a_mover_killed_before_the_alias_moved_leaves_no_move_in_history(world):
     proc = _mover(path, "before", v2)
     assert proc.wait(timeout=120) == -signal.SIGKILL
     assert _holder(client) == v1 and _consistent(client) == [v1]
-    registry.promote(client, cfg.registry, NAME, v3, reason="next", expected_from=v1)
+    alias_moves.promote(client, cfg.registry, NAME, v3, reason="next", expected_from=v1)
     assert _consistent(client) == [v1, v3]
     exp = client.get_experiment_by_name(registry.AUDIT_EXPERIMENT)
     abandoned = [
@@ -158,7 +160,7 @@ def test_movers_killed_at_random_times_never_leave_an_unrecorded_move(world):
         )
     holder = _holder(client)
     target = next(v for v in versions if v != holder)
-    registry.promote(client, cfg.registry, NAME, target, reason="after", expected_from=holder)
+    alias_moves.promote(client, cfg.registry, NAME, target, reason="after", expected_from=holder)
     stack = _consistent(client)
     assert stack[-1] == target
     print(f"{moved} moves finished, {open_intents} kills left an intent open")

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from bench.traffic import Replayer
 from checks.result import GateStatus
-from flows import registry
+from flows import alias_moves, registry
 from flows.canary import MlflowCanaryRegistry
 from flows.cli import EXIT_ERROR, EXIT_USAGE, app
 from flows.training import TrainingOutcome, training_flow
@@ -111,7 +111,7 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
         assert state is not None and state.phase == "promoted"
         assert [s.percent for s in state.steps_done] == CANARY["steps"]
         # The flow moved @challenger, the canary moved @champion (with its evidence).
-        moves = registry.alias_history(registry.connect(cfg.registry), "churn", "champion")
+        moves = alias_moves.alias_history(registry.connect(cfg.registry), "churn", "champion")
         assert (moves[0]["from_version"], moves[0]["to_version"]) == ("1", "2")
         assert moves[0]["reason"].startswith("canary passed")
         mv = registry.connect(cfg.registry).get_model_version("churn", "2")
@@ -150,13 +150,13 @@ def test_training_flow_canary_promotes_then_an_aborted_one_is_rejected(
     assert clients.answered("canary", 200) > 0
 
     # Each verdict is in the audit experiment beside the alias moves, never as one of them.
-    audit = registry.alias_history(registry.connect(cfg.registry), "churn", "canary")
+    audit = alias_moves.alias_history(registry.connect(cfg.registry), "churn", "canary")
     assert [(h["mlgate.kind"], h["to_version"], h["reason"].split(":")[0]) for h in audit] == [
         ("canary", "3", "fail"),
         ("canary", "2", "pass"),
     ]
-    assert registry.holder_stack(
-        registry.alias_history(registry.connect(cfg.registry), "churn", "champion")
+    assert alias_moves.holder_stack(
+        alias_moves.alias_history(registry.connect(cfg.registry), "churn", "champion")
     ) == ["1", "2"]
 
     # The CLI on the same registry: status, a refused start, nothing left to abort.

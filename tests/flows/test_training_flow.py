@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from checks.result import GateStatus
-from flows import registry, training
+from flows import alias_moves, model_versions, registry, training
 from flows.cli import EXIT_REJECTED, EXIT_USAGE, app
 from flows.training import training_flow
 from models.config import load_config
@@ -70,7 +70,7 @@ def test_first_run_registers_champion_on_floor_alone(seed: Seed):
         registry.load_json_artifact(client, mv.run_id, CALIBRATOR_ARTIFACT)
     )
     assert calibrator.holdout["roc_auc"] == pytest.approx(run.data.metrics["roc_auc"], abs=1e-3)
-    history = registry.alias_history(client, "churn", "champion")
+    history = alias_moves.alias_history(client, "churn", "champion")
     assert history[0]["to_version"] == "1" and history[0]["from_version"] == "None"
     assert history[0]["actor"].startswith("prefect:training_flow")
 
@@ -99,12 +99,12 @@ def test_data_gate_failure_stops_before_training(config_path, tmp_path):
     bad = tmp_path / "nulls.parquet"
     df.to_parquet(bad)
     client = registry.connect(load_config(config_path).registry)
-    versions_before = len(registry.list_versions(client, "churn"))
+    versions_before = len(model_versions.list_versions(client, "churn"))
     out = training_flow(config_path=str(config_path), data_path=str(bad))
     assert not out.accepted and out.stopped_at == "data"
     assert [g.name for g in out.gates] == ["data"]
     assert "tenure" in out.gates[0].reason
-    assert len(registry.list_versions(client, "churn")) == versions_before
+    assert len(model_versions.list_versions(client, "churn")) == versions_before
     run = client.get_run(out.run_id)
     assert run.data.tags["gate.data"] == "fail" and run.info.status == "FINISHED"
 
@@ -159,11 +159,11 @@ def test_cli_init_then_config_loads(tmp_path):
 
 def test_retraining_an_identical_model_registers_nothing(config_path, first):
     client = registry.connect(load_config(config_path).registry)
-    before = len(registry.list_versions(client, "churn"))
+    before = len(model_versions.list_versions(client, "churn"))
     again = training_flow(config_path=str(config_path))
     assert again.accepted and "identical to champion" in again.reason
     assert again.gates[-1].metrics["delta"] == 0.0
-    assert len(registry.list_versions(client, "churn")) == before
+    assert len(model_versions.list_versions(client, "churn")) == before
     assert client.get_run(again.run_id).data.tags["identical_to_version"] == first.version
 
 
@@ -195,8 +195,8 @@ def test_a_crash_before_the_registry_writes_leaves_nothing(config_path, monkeypa
     client = registry.connect(cfg.registry)
     experiment = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
     runs_before = len(client.search_runs([experiment]))
-    versions_before = len(registry.list_versions(client, "churn"))
+    versions_before = len(model_versions.list_versions(client, "churn"))
     with pytest.raises(RuntimeError, match="disk full"):
         training_flow(config_path=str(config_path))
     assert len(client.search_runs([experiment])) == runs_before
-    assert len(registry.list_versions(client, "churn")) == versions_before
+    assert len(model_versions.list_versions(client, "churn")) == versions_before

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
+from flows import alias_moves
 from flows import registry as registry_layer
 from flows.cli import app
 from models.config import MlgateConfig, load_config
@@ -73,7 +74,7 @@ def own(
     )
     client.delete_registered_model_alias(name, CHAMPION_ALIAS)
     for version in (v1, str(v2.version)):
-        registry_layer.promote(
+        alias_moves.promote(
             client, cfg.registry, name, version, reason="alias follow test", force=True
         )
     return Own(config_path, cfg, client, name, workers)
@@ -194,16 +195,14 @@ def test_rollback_reaches_the_service_without_a_failed_request(
         assert set(versions[first_v1:]) == {"1"}
     assert len(traffic.answers) > 50
 
-    latest = registry_layer.alias_history(own.client, own.name, CHAMPION_ALIAS)[0]
+    latest = alias_moves.alias_history(own.client, own.name, CHAMPION_ALIAS)[0]
     assert latest[registry_layer.KIND_TAG] == "rollback"
     assert latest["to_version"] == "1"
-    assert float(latest[registry_layer.SERVED_S_TAG]) == pytest.approx(seconds, abs=0.006)
-    assert json.loads(latest[registry_layer.SERVED_BY_TAG]) == {
-        url: pytest.approx(seconds, abs=0.006)
-    }
+    assert float(latest[alias_moves.SERVED_S_TAG]) == pytest.approx(seconds, abs=0.006)
+    assert json.loads(latest[alias_moves.SERVED_BY_TAG]) == {url: pytest.approx(seconds, abs=0.006)}
     history = CliRunner().invoke(app, ["history", own.name, "--config", str(own.config_path)])
     assert history.exit_code == 0, history.output
-    assert f"{float(latest[registry_layer.SERVED_S_TAG]):.3f} s" in history.output
+    assert f"{float(latest[alias_moves.SERVED_S_TAG]):.3f} s" in history.output
 
     model = httpx.get(f"{url}/model", timeout=10.0).json()
     assert (model["version"], model["alias"], model["source"]) == ("1", CHAMPION_ALIAS, "registry")
@@ -242,7 +241,7 @@ def test_a_version_that_fails_its_sha256_check_leaves_the_old_model_serving(
         run_id=registry.run_id,
         tags={SHA_TAG: "0" * 64},
     )
-    registry_layer.promote(
+    alias_moves.promote(
         own.client, own.cfg.registry, own.name, str(bad.version), reason="broken", force=True
     )
     with Traffic(server.url, one_row(registry)) as traffic:
@@ -292,8 +291,8 @@ def test_a_service_that_never_answers_with_the_version_is_recorded_as_a_timeout(
     assert result.exit_code == 1, result.output
     assert f"served by {server.url} in" in result.output
     assert f"{dead} said unreachable" in result.output
-    latest = registry_layer.alias_history(own.client, own.name, CHAMPION_ALIAS)[0]
+    latest = alias_moves.alias_history(own.client, own.name, CHAMPION_ALIAS)[0]
     assert (latest[registry_layer.KIND_TAG], latest["to_version"]) == ("rollback", "1")
-    assert latest[registry_layer.SERVED_S_TAG] == "timeout"
-    served_by = json.loads(latest[registry_layer.SERVED_BY_TAG])
+    assert latest[alias_moves.SERVED_S_TAG] == "timeout"
+    served_by = json.loads(latest[alias_moves.SERVED_BY_TAG])
     assert served_by[dead] is None and 0 < served_by[server.url] < 1.5

@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 
 from bench.traffic import Replayer
+from flows import alias_moves
 from flows import registry as reg
 from flows.canary import MlflowCanaryRegistry
 from flows.cli_canary import canary_status
@@ -210,7 +211,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "warm-up": lambda: fit(split.train, "logistic_regression", C=5.0),
     }
     versions = {name: register_pipeline(client, cfg, make(), name) for name, make in specs.items()}
-    reg.promote(
+    alias_moves.promote(
         client,
         cfg.registry,
         cfg.registry.model_name,
@@ -559,7 +560,7 @@ def test_healthy_candidate_is_promoted_through_every_step_although_superseded_an
     tags = world.tags(healthy)
     assert tags["gate.canary"] == "pass"
     assert float(tags["canary.canary_requests"]) >= 4 * CANARY["min_requests"]
-    move = reg.alias_history(world.client, world.cfg.registry.model_name, "champion")[0]
+    move = alias_moves.alias_history(world.client, world.cfg.registry.model_name, "champion")[0]
     assert (move["from_version"], move["to_version"]) == (champion, healthy)
     assert move["reason"].startswith("canary passed")
     assert_target_consistent(world, state)

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from checks.result import GateStatus
-from flows import registry as registry_layer
+from flows import alias_moves
 from flows.cli import app
 from flows.shadow import shadow_report, shadow_state, start_shadow, stop_shadow
 from models.config import TrainConfig, env_override_name, load_config
@@ -205,9 +205,9 @@ def test_shadow_scores_beside_the_champion_and_reaches_a_verdict_on_live_labels(
     assert mv.tags["gate.shadow"] == result.status.value
     assert float(mv.tags["shadow.pairs"]) == REQUESTS
     if result.status is GateStatus.PASS:
-        assert registry_layer.missing_evidence(mv, ("shadow",)) == {}
+        assert alias_moves.missing_evidence(mv, ("shadow",)) == {}
     else:
-        assert registry_layer.missing_evidence(mv, ("shadow",)) == {"shadow": "fail"}
+        assert alias_moves.missing_evidence(mv, ("shadow",)) == {"shadow": "fail"}
 
     # Its table in `mlgate gates show`, after the version's other evidence.
     gates = CliRunner().invoke(

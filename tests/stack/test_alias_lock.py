@@ -9,7 +9,7 @@ import time
 import pytest
 from filelock import FileLock
 
-from flows import registry
+from flows import alias_moves, registry
 from flows.alias_lock import AliasLockError, advisory_lock, server_address
 from tests.stack.conftest import Team
 
@@ -54,6 +54,6 @@ def test_a_refused_connection_is_a_registry_error_without_the_password(team: Tea
 
 def test_lock_is_the_advisory_lock_in_team_mode_and_the_file_lock_otherwise(team: Team, tmp_path):
     team_cfg = team.host_config(tmp_path / "team")
-    assert not isinstance(registry._lock(team_cfg.registry, "churn", "champion"), FileLock)
+    assert not isinstance(alias_moves._lock(team_cfg.registry, "churn", "champion"), FileLock)
     embedded = team.host_config(tmp_path / "embedded", lock_dsn=None)
-    assert isinstance(registry._lock(embedded.registry, "churn", "champion"), FileLock)
+    assert isinstance(alias_moves._lock(embedded.registry, "churn", "champion"), FileLock)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from flows import registry
+from flows import alias_moves, registry
 from tests.stack.conftest import Team
 
 # The first test also waits for the stack to start (minutes on 2 busy cores).
@@ -59,7 +59,7 @@ def _host(index: int, team: Team, barriers: list[tuple[Any, Any]], results: Any)
         expected = str(holder.version) if holder else None
         read.wait(timeout=300)
         try:
-            move = registry.promote(
+            move = alias_moves.promote(
                 client,
                 cfg.registry,
                 name,
@@ -68,7 +68,7 @@ def _host(index: int, team: Team, barriers: list[tuple[Any, Any]], results: Any)
                 expected_from=expected,
                 actor=f"host-{index}",
             )
-        except registry.AliasConflictError as err:
+        except alias_moves.AliasConflictError as err:
             verdict, detail = "lost", str(err)
             candidates[name] = version
         except Exception as err:
@@ -124,7 +124,7 @@ def race(team: Team, admin) -> dict[tuple[str, int], list[tuple[int, str, str, s
     the alias would fail for all but one concurrent writer and hide the lost updates."""
     client, cfg = admin
     base = _passing_version(client, cfg, FILE_MODEL)
-    registry.promote(client, cfg.registry, FILE_MODEL, base, reason="base", expected_from=None)
+    alias_moves.promote(client, cfg.registry, FILE_MODEL, base, reason="base", expected_from=None)
     # Hosts fork from a server process that imported the registry layer once, instead of
     # four fresh interpreters importing MLflow side by side on two cores.
     ctx = mp.get_context("forkserver")
@@ -159,7 +159,7 @@ def test_four_hosts_racing_with_the_postgres_lock_have_one_winner_per_round(race
                 assert "last moved to" in detail
         winners.append(next((i, d, v) for i, verdict, d, v in verdicts if verdict == "won"))
 
-    history = list(reversed(registry.alias_history(client, PG_MODEL, "champion")))
+    history = list(reversed(alias_moves.alias_history(client, PG_MODEL, "champion")))
     assert [h["mlgate.kind"] for h in history] == ["promote"] * ROUNDS
     assert [h["audit_run_id"] for h in history] == [run_id for _, run_id, _ in winners]
     assert [h["actor"] for h in history] == [f"host-{i}" for i, _, _ in winners]
@@ -174,6 +174,6 @@ def test_file_locks_in_separate_dirs_let_every_host_win_the_same_race(race, admi
     every host passes its compare-and-set and each overwrites the others' moves."""
     client, _ = admin
     assert [v for _, v, _, _ in race[(FILE_MODEL, 0)]] == ["won"] * HOSTS, race[(FILE_MODEL, 0)]
-    history = list(reversed(registry.alias_history(client, FILE_MODEL, "champion")))
+    history = list(reversed(alias_moves.alias_history(client, FILE_MODEL, "champion")))
     base = history[0]["to_version"]
     assert [h["from_version"] for h in history] == ["None"] + [base] * HOSTS

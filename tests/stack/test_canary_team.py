@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from bench.traffic import Replayer
+from flows import alias_moves
 from flows import registry as reg
 from flows.canary import MlflowCanaryRegistry
 from models.config import MlgateConfig, TrainConfig, load_config
@@ -98,7 +99,9 @@ def models(team: Team, tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
         )
         versions.append(str(mv.version))
     name = cfg.registry.model_name
-    reg.promote(client, cfg.registry, name, versions[0], reason="set-up", expected_from=None)
+    alias_moves.promote(
+        client, cfg.registry, name, versions[0], reason="set-up", expected_from=None
+    )
     rows = json.loads(split.holdout[list(cfg.dataset.features)].to_json(orient="records"))
     bodies = [json.dumps({"rows": [r]}).encode() for r in rows]
     return {"root": root, "versions": versions, "bodies": bodies, "name": name}
@@ -164,7 +167,7 @@ def test_a_canary_promotes_through_the_server_while_another_hosts_controller_wai
 
         # Through the tracking server: the alias, its audit record and the verdict.
         assert str(reg.get_alias_version(client, name, "champion").version) == v2
-        moves = reg.alias_history(client, name, "champion")
+        moves = alias_moves.alias_history(client, name, "champion")
         assert (moves[0]["from_version"], moves[0]["to_version"]) == (v1, v2)
         assert moves[0]["reason"].startswith("canary passed")
         tags = client.get_model_version(name, v2).tags
@@ -181,10 +184,8 @@ def test_a_canary_promotes_through_the_server_while_another_hosts_controller_wai
             b_state.phase == "promoted" and "already holds @champion" in b_state.decision["reason"]
         )
         assert b_state.haproxy is None and b_state.canary is None and b_state.stable is None
-        assert [m["to_version"] for m in reg.alias_history(client, name, "champion")][:2] == [
-            v2,
-            v1,
-        ]
+        history = alias_moves.alias_history(client, name, "champion")
+        assert [m["to_version"] for m in history][:2] == [v2, v1]
         assert client.get_model_version(name, v2).tags["gate.canary"] == "pass"
     finally:
         for cfg in (a_cfg, b_cfg):

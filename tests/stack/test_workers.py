@@ -24,7 +24,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows import registry
+from flows import alias_moves, registry
 from flows.cli import app
 from flows.deploy import (
     NEVER_STARTED_AUTOMATION,
@@ -304,7 +304,7 @@ def test_training_runs_on_a_worker_and_registers_a_version_with_its_evidence(
     assert [g["name"] for g in evidence] == ["data", "parity", "behaviour", "champion"]
     assert aliases(client) == {CHAMPION_ALIAS: version, CHALLENGER_ALIAS: version}
     assert unrecorded_alias_moves(client, MODEL) == []
-    (move,) = registry.alias_history(client, MODEL, CHAMPION_ALIAS)
+    (move,) = alias_moves.alias_history(client, MODEL, CHAMPION_ALIAS)
     assert move["to_version"] == version and move["actor"].startswith("prefect:training_flow/")
 
 
@@ -355,7 +355,7 @@ def test_a_worker_killed_mid_run_crashes_the_run_and_training_is_resubmitted_onc
     cfg, team = workers.cfg, workers.team
     client = registry.connect(cfg.registry)
     before = aliases(client)
-    moves_before = len(registry.alias_history(client, MODEL))
+    moves_before = len(alias_moves.alias_history(client, MODEL))
     run_id = submit(workers, TRAINING_DEPLOYMENT)
     try:
         with prefect(cfg) as prefect_client:
@@ -394,7 +394,7 @@ def test_a_worker_killed_mid_run_crashes_the_run_and_training_is_resubmitted_onc
             # every move since the kill belongs to a finished run.
             assert unrecorded_alias_moves(client, MODEL) == []
             after = aliases(client)
-            moved = len(registry.alias_history(client, MODEL)) - moves_before
+            moved = len(alias_moves.alias_history(client, MODEL)) - moves_before
             assert after == before or moved > 0, (before, after)
 
             # Bounded: a crashed run already on its last attempt is reported, not resubmitted.
